@@ -1,0 +1,219 @@
+"""Typed, validated configuration.
+
+A configuration is a tree of frozen dataclasses (`Config` at the root). It is loaded from a YAML
+file under `configs/` and then overridden by `key.sub=value` strings from the command line:
+
+    cfg = load_config("configs/demo.yaml", ["data.batch_size=32", "data.pool.train_size=2000"])
+
+Validation happens at load time, never later: an unknown key fails naming the key and the valid
+keys nearby, a value of the wrong type names the key and the expected type, and a value outside a
+fixed set of choices (a `Literal`) names the choices. Values in override strings are parsed as YAML
+scalars (`true`, `3`, `0.5`, `[a, b]`, `null`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------
+
+DEFECT_KINDS = ("noise", "blur", "blank", "caption_swap", "duplicate", "lowres")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    """Sizes of the built-in `pool` splits (half MNIST, half Animal-MNIST in each)."""
+
+    train_size: int = 8000  # training pool the rater rates and selection prunes
+    validation_size: int = 1000  # small clean set the meta-gradient is taken on
+    test_size: int = 1000  # clean held-out set for evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesConfig:
+    """The procedural `shapes` source."""
+
+    size: int = 10000  # examples per split
+    resolution: int = 32  # generated images are resolution x resolution RGB
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestConfig:
+    """Column names and bad-input policy for user data (Parquet/CSV manifests, image folders)."""
+
+    image_column: str = "image"  # path to the image, relative to the manifest file
+    caption_column: str = "caption"
+    id_column: Optional[str] = None  # None: ids are the row index
+    on_bad_sample: Literal["skip", "error"] = "skip"
+    max_image_pixels: int = 64_000_000  # larger images are rejected as bad samples
+
+
+@dataclasses.dataclass(frozen=True)
+class CorruptConfig:
+    """Defect injection for benchmarks (`alchemist_jax.data.corrupt`)."""
+
+    fraction: float = 0.0  # fraction of the training pool to corrupt; 0 disables
+    kinds: tuple[str, ...] = DEFECT_KINDS
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from and how they become batches."""
+
+    source: str = "pool"  # built-in name, manifest file, image folder or TFDS directory
+    split: str = "train"
+    validation_source: Optional[str] = None  # None: the same source's "validation" split
+    resolution: int = 28  # images are resized / center-cropped to resolution x resolution
+    channels: Literal[1, 3] = 1
+    max_text_length: int = 77  # CLIP context length; the built-in pool is fine with 32
+    batch_size: int = 64
+    seed: int = 0
+    pool: PoolConfig = PoolConfig()
+    shapes: ShapesConfig = ShapesConfig()
+    manifest: ManifestConfig = ManifestConfig()
+    corrupt: CorruptConfig = CorruptConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Root configuration of an alchemist_jax run."""
+
+    data: DataConfig = DataConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Loads a YAML config file (or the defaults when `path` is None) and applies overrides.
+
+    Args:
+      path: a YAML file whose nested mappings mirror `Config`; missing keys keep their defaults.
+      overrides: strings `dotted.key=value`, applied in order after the file.
+    Raises:
+      ConfigError: unreadable file, unknown key, wrong type or invalid choice (message names it).
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        tree = loaded or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return _build(Config, tree, prefix="")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for logging and run metadata)."""
+    return dataclasses.asdict(config)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "<root>"
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key {where!r} must be a section (mapping), got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(repr(prefix + n) for n in near)}?" if near else ""
+            raise ConfigError(
+                f"unknown config key {prefix + str(key)!r}.{hint} "
+                f"Valid keys in {where!r}: {', '.join(sorted(fields))}"
+            )
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"config key {key!r} must be one of {', '.join(map(repr, choices))}; got {value!r}"
+            )
+        return value
+    if origin is tuple:
+        (item_type, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r} expects float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r} expects int, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} expects bool (true/false), got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r} expects str, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for config key {key!r}")
