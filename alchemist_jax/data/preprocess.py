@@ -1,0 +1,79 @@
+"""From an example to model inputs: resize / center-crop, scale to [-1, 1], tokenize.
+
+`Preprocessor` is the per-example transform the grain pipelines map over a source. Its output is a
+dict of numpy arrays only (strings stay behind), ready to be stacked into a batch:
+  - `id`: int64 ()
+  - `image`: float32 (R, R, C) in [-1, 1], when the example has pixels
+  - `tokens`: int32 (L,) CLIP ids padded with 49407; `token_mask`: bool (L,), when it has a caption
+  - `label`: int64 (), when the source has labels
+  - `latent`, `text_embedding`: float32, passed through unchanged (precomputed inputs)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from alchemist_jax.data.tokenizer import Tokenizer
+
+
+def resize_center_crop(image: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+    """Resizes the shorter side to `resolution` and crops the centre square.
+
+    Args:
+      image: uint8 (H, W, C) with C in {1, 3}.
+      resolution: output side R.
+      channels: output C (1: luminance, 3: RGB; gray input is repeated).
+    Returns:
+      uint8 (R, R, channels).
+    """
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    pil = pil.convert("L" if channels == 1 else "RGB")
+    width, height = pil.size
+    if (width, height) != (resolution, resolution):
+        scale = resolution / min(width, height)
+        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        pil = pil.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left = (new_size[0] - resolution) // 2
+        top = (new_size[1] - resolution) // 2
+        pil = pil.crop((left, top, left + resolution, top + resolution))
+    out = np.asarray(pil, dtype=np.uint8)
+    return out[..., None] if channels == 1 else out
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1] (0 -> -1, 255 -> 1)."""
+    return image.astype(np.float32) / 127.5 - 1.0
+
+
+class Preprocessor:
+    """Example -> model inputs (see the module docstring for the output fields).
+
+    Args:
+      resolution: images become (resolution, resolution, channels).
+      channels: 1 or 3.
+      max_text_length: CLIP context length L (77 for real data; shorter is fine for the pool).
+    """
+
+    def __init__(self, resolution: int, channels: int, max_text_length: int):
+        self.resolution = resolution
+        self.channels = channels
+        self.tokenizer = Tokenizer(max_text_length)
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+        out = {"id": np.int64(example["id"])}
+        if "image" in example:
+            pixels = resize_center_crop(np.asarray(example["image"]), self.resolution,
+                                        self.channels)
+            out["image"] = to_unit_range(pixels)
+        if "caption" in example:
+            tokens, mask = self.tokenizer([example["caption"]])
+            out["tokens"], out["token_mask"] = tokens[0], mask[0]
+        if "label" in example:
+            out["label"] = np.int64(example["label"])
+        for key in ("latent", "text_embedding"):
+            if key in example:
+                out[key] = np.asarray(example[key], np.float32)
+        return out

@@ -1,0 +1,105 @@
+"""A look at a source before using it: counts, image sizes, caption lengths, a contact sheet."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from alchemist_jax.data.sources import Source
+from alchemist_jax.data.tokenizer import Tokenizer
+
+
+def summarize(source: Source, *, max_examples: int = 20_000, seed: int = 0) -> dict[str, Any]:
+    """Statistics of `source`, read from all examples or a seeded sample of `max_examples`.
+
+    Returns a JSON-serialisable dict: `count` (exact), `examined`, `image_shapes` (shape string ->
+    count), `pixel_mean` / `pixel_std` (uint8 scale), `caption_words` and `caption_tokens`
+    (min / mean / max; tokens include start and end), `labels` (label -> count, if any),
+    `origins` (the examples' `source` field -> count, if any).
+    """
+    indices = _sample_indices(len(source), max_examples, seed)
+    tokenizer = Tokenizer()
+    shapes, labels, origins = collections.Counter(), collections.Counter(), collections.Counter()
+    words, tokens, pixel_sum, pixel_sq, pixel_count = [], [], 0.0, 0.0, 0
+    for index in tqdm(indices, desc=f"summarizing {source.name}", unit="ex", leave=False):
+        example = source[int(index)]
+        if "image" in example:
+            image = np.asarray(example["image"], np.float64)
+            shapes["x".join(map(str, image.shape))] += 1
+            pixel_sum += image.sum()
+            pixel_sq += np.square(image).sum()
+            pixel_count += image.size
+        if "caption" in example:
+            words.append(len(example["caption"].split()))
+            tokens.append(len(tokenizer.ids(example["caption"])))
+        if "label" in example:
+            labels[int(example["label"])] += 1
+        if "source" in example:
+            origins[str(example["source"])] += 1
+    stats: dict[str, Any] = {"name": source.name, "count": len(source), "examined": len(indices)}
+    if pixel_count:
+        mean = pixel_sum / pixel_count
+        stats.update(image_shapes=dict(shapes), pixel_mean=round(mean, 3),
+                     pixel_std=round(float(np.sqrt(pixel_sq / pixel_count - mean**2)), 3))
+    for key, values in (("caption_words", words), ("caption_tokens", tokens)):
+        if values:
+            stats[key] = {"min": int(min(values)), "mean": round(float(np.mean(values)), 2),
+                          "max": int(max(values))}
+    if labels:
+        stats["labels"] = {str(k): v for k, v in sorted(labels.items())}
+    if origins:
+        stats["origins"] = dict(sorted(origins.items()))
+    return stats
+
+
+def contact_sheet(source: Source, path: str | Path, *, rows: int = 6, cols: int = 6,
+                  seed: int = 0) -> Path:
+    """Writes a PNG grid of `rows * cols` random examples with their captions (and id)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    indices = _sample_indices(len(source), rows * cols, seed)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.1, rows * 2.5))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, index in zip(np.ravel(axes), indices):
+        example = source[int(index)]
+        if "image" in example:
+            image = np.asarray(example["image"])
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
+                      vmin=0, vmax=255, interpolation="nearest")
+        title = textwrap.fill(example.get("caption", ""), 24)
+        ax.set_title(f"#{int(example['id'])}\n{title}", fontsize=6.5)
+    fig.suptitle(f"{source.name}: {len(source)} examples (random sample, seed {seed})",
+                 fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(stats: dict[str, Any], path: str | Path) -> None:
+    """Writes `stats` as indented JSON, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(stats, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _sample_indices(n: int, k: int, seed: int) -> np.ndarray:
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
