@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[alchemist-jax] %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # TFDS's per-file chatter
     from alchemist_jax.data.cache import DataUnavailableError
 
     try:

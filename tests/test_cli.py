@@ -50,3 +50,26 @@ def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_prepare_then_load_round_trip(tmp_path, capsys):
+    from alchemist_jax import data
+    from alchemist_jax.config import DataConfig, PoolConfig
+
+    out = tmp_path / "tfds"
+    assert cli.main(["prepare", "--source", "pool", "--splits", "train,test", "--out", str(out),
+                     "data.pool.train_size=60", "data.pool.test_size=20"]) == 0
+    assert "wrote TFDS dataset" in capsys.readouterr().out
+    config = DataConfig(pool=PoolConfig(train_size=60, test_size=20))
+    for split, size in (("train", 60), ("test", 20)):
+        original, prepared = data.load("pool", split, config=config), data.load(out, split)
+        assert len(prepared) == size and np.array_equal(prepared.ids, original.ids)
+        for i in range(size):
+            a, b = original[i], prepared[i]
+            assert set(a) == set(b)
+            assert a["id"] == b["id"] and a["caption"] == b["caption"]
+            assert a["label"] == b["label"] and a["source"] == b["source"]
+            assert np.array_equal(a["image"], b["image"]) and b["image"].dtype == np.uint8
+    # A second run refuses to overwrite, with one line.
+    assert cli.main(["prepare", "--source", "pool", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
