@@ -358,7 +358,7 @@ def test_a_missing_column_raises_manifest_error(tmp_path, suffix, missing, confi
         ManifestSource(path, CONFIG)
     message = str(raised.value)
     assert "\n" not in message
-    assert f"column {missing!r} (manifest.{config_key}) not found" in message
+    assert f"column {missing!r} (data.manifest.{config_key}) not found" in message
     assert str(path) in message and f"columns are: {', '.join(columns)}" in message
 
 

@@ -387,7 +387,7 @@ class ManifestSource(_CheckedSource):
             if optional:
                 return None
             raise ManifestError(
-                f"{self.name}: column {name!r} (manifest.{config_key}) not found; "
+                f"{self.name}: column {name!r} (data.manifest.{config_key}) not found; "
                 f"columns are: {', '.join(table.column_names)}"
             )
         column = table.column(name)
