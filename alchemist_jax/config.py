@@ -84,6 +84,7 @@ class DataConfig:
     max_text_length: int = 77  # CLIP context length; the built-in pool is fine with 32
     batch_size: int = 64
     seed: int = 0
+    read_threads: int = 0  # grain prefetch threads; 0 suits in-memory data, raise for files
     pool: PoolConfig = PoolConfig()
     shapes: ShapesConfig = ShapesConfig()
     manifest: ManifestConfig = ManifestConfig()
@@ -91,10 +92,42 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The T2I diffusion model (a DiT) used as proxy and downstream model.
+
+    `preset` names a size (see `alchemist_jax.models.PRESETS`); any field set here overrides it.
+    """
+
+    preset: Literal["tiny", "small", "base"] = "tiny"
+    patch_size: Optional[int] = None
+    width: Optional[int] = None  # transformer width D
+    depth: Optional[int] = None  # DiT blocks
+    heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    text_width: Optional[int] = None  # CLIP-style text encoder
+    text_depth: Optional[int] = None
+    text_heads: Optional[int] = None
+    text_trainable: bool = True  # False: the text encoder is frozen at its initialisation
+    caption_dropout: float = 0.1  # drop the caption with this probability (for CFG)
+
+
+@dataclasses.dataclass(frozen=True)
+class RaterConfig:
+    """The rater: image features f and caption embedding e, head on [f, e, f*e]."""
+
+    width: int = 128  # feature width of f and e
+    hidden: int = 256  # hidden width of the heads
+    temperature: float = 1.0  # w = B * softmax(u / temperature) * b
+    batch_head: bool = False  # the paper's group MLP on batch mean/variance -> b
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Root configuration of an alchemist_jax run."""
 
     data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    rater: RaterConfig = RaterConfig()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ Sharding is per process: process `shard_index` of `shard_count` reads the source
 with `i % shard_count == shard_index` (by default `jax.process_index()` of
 `jax.process_count()`).
 
+`read_threads` (default 0) sets grain's prefetch threads; see `_read_options`.
+
 The iterators resume exactly: `state = it.get_state()` after any number of batches, then
 `fresh.set_state(state)` on an iterator built with the same arguments yields the same next
 batches.
@@ -47,6 +49,7 @@ def train_iterator(
     transform: Transform | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    read_threads: int = 0,
 ) -> grain.DatasetIterator:
     """An endless iterator of training batches from this process's shard of `source`.
 
@@ -63,7 +66,7 @@ def train_iterator(
         shard.shuffle(seed=seed)  # shuffle before repeat: each epoch gets its own order
         .repeat()
         .map(_with_id(transform))
-        .to_iter_dataset()  # prefetches transformed examples in threads
+        .to_iter_dataset(_read_options(read_threads))
         .batch(batch_size, drop_remainder=True, batch_fn=_stack)
     )
     return iter(dataset)
@@ -76,6 +79,7 @@ def eval_iterator(
     transform: Transform | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    read_threads: int = 0,
 ) -> grain.DatasetIterator:
     """One ordered pass over this process's shard of `source`, in batches of fixed shape.
 
@@ -105,10 +109,20 @@ def eval_iterator(
     dataset = (
         grain.MapDataset.range(batch_count * batch_size)
         .map(row)
-        .to_iter_dataset()
+        .to_iter_dataset(_read_options(read_threads))
         .batch(batch_size, batch_fn=_stack)
     )
     return iter(dataset)
+
+
+def _read_options(read_threads: int) -> grain.ReadOptions:
+    """Thread prefetch of transformed examples. 0 reads in the consumer's thread: fastest for
+    in-memory sources and cheap transforms (on 2 cores grain's default of 16 threads was 18x
+    slower than 0 on the built-in pool); raise it for transforms that decode files."""
+    if read_threads < 0:
+        raise ValueError(f"read_threads must be >= 0, got {read_threads}")
+    return grain.ReadOptions(num_threads=read_threads,
+                             prefetch_buffer_size=max(1, 64 * read_threads))
 
 
 def _process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
