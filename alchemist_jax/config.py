@@ -122,12 +122,46 @@ class RaterConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RateConfig:
+    """Learning the rater (`alchemist-jax rate`): meta-gradients through a population of proxies.
+
+    One meta-step: every proxy takes `meta_every` real training steps on rater-weighted batches;
+    the last `inner_steps` of them are unrolled into the meta-gradient of the validation loss
+    (mode `unrolled`), which is averaged over the population and applied to the rater.
+    """
+
+    mode: Literal["unrolled", "lookahead", "penalty"] = "unrolled"
+    steps: int = 1500  # meta-steps
+    inner_steps: int = 4  # K, unrolled inner steps per meta-step (lookahead: 1)
+    meta_every: Optional[int] = None  # M >= K proxy steps per meta-step; None: M = K
+    population: int = 4  # P proxies, trained side by side (jax.vmap)
+    reset_every: int = 500  # meta-steps between re-initialisations of a proxy (0: never)
+    warm_start_steps: int = 0  # plain steps before meta-learning; resets restart from there
+    inner_lr: float = 1e-3  # proxy learning rate (Adam, eps 1e-3, eps_root 1e-12)
+    inner_eps: float = 1e-3
+    lookahead_lr: float = 0.1  # lookahead: lr of the virtual SGD step
+    penalty_start: float = 1.0  # penalty: lambda = start - decay * validation epochs (no floor)
+    penalty_decay: float = 0.03
+    rater_lr: float = 1e-3  # Adam
+    rater_clip: float = 1.0  # global-norm clipping of the meta-gradient
+    ema_decay: float = 0.99  # EMA of rater parameters, used for scoring
+    val_batch_size: int = 256
+    remat: Literal["none", "full", "dots"] = "full"
+    mixed_mode: bool = False  # unrolled: MixFlow-MG custom VJP of the inner step
+    validation_fraction: float = 0.1  # random validation split when no validation set exists
+    checkpoint_every: int = 250  # meta-steps
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Root configuration of an alchemist_jax run."""
 
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     rater: RaterConfig = RaterConfig()
+    rate: RateConfig = RateConfig()
 
 
 # ----------------------------------------------------------------------------------------------

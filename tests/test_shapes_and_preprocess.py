@@ -83,3 +83,16 @@ def test_preprocessor_output():
 def test_shapes_bad_split(split):
     with pytest.raises(ValueError, match="valid splits: train, validation, test"):
         shapes.ShapesSource(split)
+
+
+def test_materialize_equals_per_example_preprocessing():
+    source = data.load("pool", "validation")
+    transform = preprocess.Preprocessor(resolution=20, channels=1, max_text_length=16)
+    arrays = preprocess.materialize(source, transform, chunk=300)
+    assert len(arrays) == len(source) and np.array_equal(arrays.ids, source.ids)
+    assert np.array_equal(arrays.labels, source.labels)
+    for i in (0, 299, 300, len(source) - 1):
+        expected, got = transform(source[i]), arrays[i]
+        assert set(got) == set(expected)
+        for key in expected:
+            assert np.array_equal(got[key], expected[key]), key

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
+from alchemist_jax.data.sources import ArraySource, Source
 from alchemist_jax.data.tokenizer import Tokenizer
 
 
@@ -77,3 +79,33 @@ class Preprocessor:
             if key in example:
                 out[key] = np.asarray(example[key], np.float32)
         return out
+
+
+def materialize(source: Source, preprocessor: Preprocessor, chunk: int = 4096) -> ArraySource:
+    """Preprocesses every example of `source` once, into memory.
+
+    For pools that fit in host memory (the built-in pool: 8,000 examples, 25 MB) this takes the
+    image decoding and tokenization out of the training loop; batches are then gathered from
+    arrays. Captions are tokenized in chunks (4x faster than one by one).
+
+    Returns:
+      An ArraySource with the same ids and labels whose examples hold the fields of
+      `preprocessor(example)` (`image` float32 (R, R, C), `tokens`, `token_mask`, ...).
+    """
+    fields: dict[str, list[np.ndarray]] = {}
+    for start in tqdm(range(0, len(source), chunk), desc=f"preprocessing {source.name}",
+                      unit="chunk", leave=False):
+        examples = [source[i] for i in range(start, min(start + chunk, len(source)))]
+        captions = [example.pop("caption") for example in examples if "caption" in example]
+        rows = [preprocessor(example) for example in examples]
+        if captions:
+            if len(captions) != len(examples):
+                raise ValueError(f"{source.name}: some examples have no caption")
+            tokens, mask = preprocessor.tokenizer(captions)
+            for row, row_tokens, row_mask in zip(rows, tokens, mask):
+                row["tokens"], row["token_mask"] = row_tokens, row_mask
+        for key in rows[0]:
+            fields.setdefault(key, []).append(np.stack([row[key] for row in rows]))
+    arrays = {key: np.concatenate(parts) for key, parts in fields.items()}
+    ids, labels = arrays.pop("id"), arrays.pop("label", None)
+    return ArraySource(f"{source.name}+preprocessed", ids, None, None, labels, extra=arrays)
