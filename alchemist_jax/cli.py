@@ -64,6 +64,16 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     print(f"wrote TFDS dataset {path} ({counts}); load it with data.source={path}")
 
 
+def _cmd_rate(args: argparse.Namespace) -> None:
+    from alchemist_jax import rate
+
+    cfg = config_lib.load_config(args.config, args.overrides)
+    final = rate.rate(cfg, args.workdir)
+    print(json.dumps(final, indent=2))
+    print(f"rater, proxies and metrics in {args.workdir} (checkpoints/, metrics.jsonl, "
+          "tensorboard/, curves.png)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alchemist-jax",
@@ -92,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--name", default="alchemist_dataset", help="TFDS dataset name")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     prepare.set_defaults(run=_cmd_prepare)
+
+    rate = commands.add_parser(
+        "rate", help="learn the rater with meta-gradients through a population of proxies")
+    _add_config_arguments(rate)
+    rate.add_argument("--workdir", type=Path, required=True,
+                      help="run folder; rerunning the same command there resumes the run")
+    rate.set_defaults(run=_cmd_rate)
     return parser
 
 

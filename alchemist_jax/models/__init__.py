@@ -1,0 +1,157 @@
+"""The models, and the pure functions of parameter pytrees that the meta-gradient engine calls.
+
+- `DiT` (`dit.py`): the text-to-image rectified-flow model, used as proxy and downstream model; it
+  owns a CLIP-style `TextEncoder` (`text_encoder.py`) unless captions come precomputed.
+- `Rater` (`rater.py`): per-sample instance logits and training weights.
+- `flow.py`: the per-example flow-matching loss and the guided Euler sampler.
+
+Functional pattern (Flax NNX): `init_proxy` / `init_rater` build a module once and split it into
+`(graphdef, params, rest)`; `params` (an `nnx.State` pytree of every `nnx.Param`) is what gets
+differentiated, stacked (`jax.vmap` over a population) or cast (float64); `rest` holds any other
+state and is passed through unchanged. The `*_fn` factories return pure functions that `nnx.merge`
+inside, so they compose with `jax.grad` (also of `jax.grad`), `jax.vmap`, `jax.jit` and `lax.scan`:
+
+    graphdef, params, rest = init_proxy(cfg.model, batch, jax.random.key(0), 77)
+    loss_fn = proxy_loss_fn(graphdef, rest, cfg.model.caption_dropout)
+    losses = loss_fn(params, batch, rng)  # (B,)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from alchemist_jax.config import ModelConfig, RaterConfig
+from alchemist_jax.models.dit import DiT, visual_input
+from alchemist_jax.models.flow import flow_matching_loss, flow_matching_loss_at, sample
+from alchemist_jax.models.rater import Rater
+from alchemist_jax.models.text_encoder import TextEncoder
+
+__all__ = [
+    "DiT", "TextEncoder", "Rater", "PRESETS", "resolve_model_config", "init_proxy", "init_rater",
+    "proxy_loss_fn", "rater_weight_fn", "rater_score_fn", "count_params", "flow_matching_loss",
+    "flow_matching_loss_at", "sample", "visual_input",
+]
+
+# Architecture sizes. tiny: the built-in demo on 2 CPU cores (28x28x1 images, 7x7 patches of 4);
+# small: DiT-S-like; base: DiT-B with a CLIP ViT-B/32-sized text encoder.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(patch_size=4, width=64, depth=2, heads=4, mlp_ratio=2.0, text_width=64,
+                 text_depth=1, text_heads=4),
+    "small": dict(patch_size=2, width=384, depth=12, heads=6, mlp_ratio=4.0, text_width=384,
+                  text_depth=6, text_heads=6),
+    "base": dict(patch_size=2, width=768, depth=12, heads=12, mlp_ratio=4.0, text_width=512,
+                 text_depth=12, text_heads=8),
+}
+
+Params = nnx.State  # the `nnx.Param` part of a split module: the pytree that is differentiated
+
+
+def resolve_model_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The DiT architecture: the preset's sizes, overridden by every field of `cfg` that is set.
+
+    Returns a dict with patch_size, width, depth, heads, mlp_ratio, text_width, text_depth,
+    text_heads and text_trainable (keyword arguments of `DiT`).
+    """
+    resolved = dict(PRESETS[cfg.preset])
+    for name in resolved:
+        value = getattr(cfg, name)
+        if value is not None:
+            resolved[name] = value
+    resolved["text_trainable"] = cfg.text_trainable
+    return resolved
+
+
+def _text_embedding_dim(example_batch: dict) -> int | None:
+    """Dt when captions come as precomputed `text_embedding` (B, L, Dt), else None (tokens)."""
+    if "text_embedding" in example_batch:
+        return int(np.shape(example_batch["text_embedding"])[-1])
+    if "tokens" not in example_batch:
+        raise ValueError("the example batch has no caption: need `tokens` (+ `token_mask`) or "
+                         "`text_embedding`")
+    return None
+
+
+def init_proxy(model_cfg: ModelConfig, example_batch: dict, rng: jax.Array,
+               max_text_length: int) -> tuple[nnx.GraphDef, Params, nnx.State]:
+    """Builds a DiT for batches shaped like `example_batch` and splits it.
+
+    Args:
+      model_cfg: preset and overrides (`resolve_model_config`).
+      example_batch: fixes the input channels (`latent` if present, else `image`) and the caption
+        kind (precomputed `text_embedding`, else `tokens`).
+      rng: a PRNG key for the initial parameters.
+      max_text_length: the longest token sequence (text encoder position table). With
+        precomputed captions the caption length is that of the example's `text_embedding`.
+    Returns:
+      (graphdef, params, rest): `params` holds every trainable `nnx.Param`; `rest` everything
+      else, including a frozen text encoder (`model_cfg.text_trainable=False`), so that frozen
+      weights get no gradient, no optimizer state and no meta-gradient work at all.
+    """
+    embedding_dim = _text_embedding_dim(example_batch)
+    text_length = (max_text_length if embedding_dim is None
+                   else int(np.shape(example_batch["text_embedding"])[1]))
+    model = DiT(channels=int(np.shape(visual_input(example_batch))[-1]), text_length=text_length,
+                text_embedding_dim=embedding_dim, rngs=nnx.Rngs(rng),
+                **resolve_model_config(model_cfg))
+    if model_cfg.text_trainable or model.text_encoder is None:
+        return nnx.split(model, nnx.Param, ...)
+    trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text_encoder")))
+    return nnx.split(model, trainable, ...)
+
+
+def init_rater(rater_cfg: RaterConfig, example_batch: dict, rng: jax.Array,
+               max_text_length: int) -> tuple[nnx.GraphDef, Params, nnx.State]:
+    """Builds a Rater for batches shaped like `example_batch` and splits it.
+
+    `max_text_length` is accepted for symmetry with `init_proxy`: the rater pools captions with a
+    masked mean (no position table), so it accepts any caption length. The temperature of
+    `rater_cfg` is not part of the module (pass it to `rater_weight_fn`).
+    Returns:
+      (graphdef, params, rest) as in `init_proxy`.
+    """
+    del max_text_length
+    model = Rater(channels=int(np.shape(visual_input(example_batch))[-1]), width=rater_cfg.width,
+                  hidden=rater_cfg.hidden, text_embedding_dim=_text_embedding_dim(example_batch),
+                  batch_head=rater_cfg.batch_head, rngs=nnx.Rngs(rng))
+    return nnx.split(model, nnx.Param, ...)
+
+
+def proxy_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, caption_dropout: float
+                  ) -> Callable[[Params, dict, jax.Array], jax.Array]:
+    """`loss_fn(params, batch, rng) -> (B,)`: per-example flow-matching losses of the proxy with
+    parameters `params` (`flow_matching_loss`); pure, deterministic given `rng`."""
+
+    def loss_fn(params: Params, batch: dict, rng: jax.Array) -> jax.Array:
+        return flow_matching_loss(nnx.merge(graphdef, params, rest), batch, rng, caption_dropout)
+
+    return loss_fn
+
+
+def rater_weight_fn(graphdef: nnx.GraphDef, rest: nnx.State, temperature: float
+                    ) -> Callable[[Params, dict], jax.Array]:
+    """`rater_fn(params, batch) -> (B,)`: training weights B * softmax(u / temperature) * b."""
+
+    def rater_fn(params: Params, batch: dict) -> jax.Array:
+        return nnx.merge(graphdef, params, rest).weights(batch, temperature)
+
+    return rater_fn
+
+
+def rater_score_fn(graphdef: nnx.GraphDef, rest: nnx.State
+                   ) -> Callable[[Params, dict], jax.Array]:
+    """`score_fn(params, batch) -> (B,)`: instance logits u, independent of the batch's other rows
+    (the stored rating of each sample)."""
+
+    def score_fn(params: Params, batch: dict) -> jax.Array:
+        return nnx.merge(graphdef, params, rest).scores(batch)
+
+    return score_fn
+
+
+def count_params(params: Params) -> int:
+    """Total number of scalars in a parameter pytree."""
+    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))

@@ -1,0 +1,92 @@
+"""The rater: a per-sample weight for the proxy's training loss, learned by meta-gradients.
+
+Image features f (B, Dr): two 3x3 stride-2 convolutions, mean pool over space, Linear; any H, W, C
+(the input is `latent` when present, else `image`). Caption embedding e (B, Dr): masked mean of the
+rater's own token embedding table (CLIP vocabulary), then Linear; or, for a rater built for
+precomputed captions, Linear of the masked mean of `text_embedding`. Joint features
+h = [f, e, f * e] (B, 3 Dr) feed:
+  - the instance head: MLP -> instance logit u (B,), unbounded. `scores` returns u; it is computed
+    row by row (no batch statistics), so a sample's score does not depend on its batch.
+  - the optional batch head (the paper's "group MLP"): MLP on [mean_B(h), var_B(h)] -> scalar z,
+    b = 2 * sigmoid(z) in (0, 2), with the last layer zero-initialised so b = 1 at initialisation.
+Training weights: w = B * softmax(u / temperature) * b, so w > 0 and sum(w) = B * b (B without the
+batch head): the weighted mean loss keeps the scale of the plain mean loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alchemist_jax.data.tokenizer import VOCAB_SIZE
+from alchemist_jax.models.dit import precomputed_caption, visual_input
+from alchemist_jax.models.text_encoder import masked_mean
+
+
+class Rater(nnx.Module):
+    """Per-sample rater (see the module docstring).
+
+    Args:
+      channels: C of the rated input (image or latent).
+      width: Dr, the size of f and e.
+      hidden: hidden width of the heads.
+      text_embedding_dim: None: captions are token ids (own embedding table over the CLIP
+        vocabulary). An int Dt: captions are precomputed `text_embedding` (B, L, Dt).
+      batch_head: build the batch head (b); without it b = 1.
+      vocab_size: token vocabulary (CLIP: 49,408).
+    """
+
+    def __init__(self, *, channels: int, width: int, hidden: int,
+                 text_embedding_dim: int | None = None, batch_head: bool = False,
+                 rngs: nnx.Rngs, vocab_size: int = VOCAB_SIZE):
+        self.conv1 = nnx.Conv(channels, width // 2, (3, 3), strides=2, rngs=rngs)
+        self.conv2 = nnx.Conv(width // 2, width, (3, 3), strides=2, rngs=rngs)
+        self.image_proj = nnx.Linear(width, width, rngs=rngs)
+        if text_embedding_dim is None:
+            self.token_embedding = nnx.Param(
+                nnx.initializers.normal(1.0)(rngs.params(), (vocab_size, width)))
+            caption_width = width
+        else:
+            self.token_embedding = None
+            caption_width = text_embedding_dim
+        self.text_proj = nnx.Linear(caption_width, width, rngs=rngs)
+        self.instance_head = nnx.Sequential(nnx.Linear(3 * width, hidden, rngs=rngs), jax.nn.silu,
+                                            nnx.Linear(hidden, 1, rngs=rngs))
+        if batch_head:
+            self.batch_head = nnx.Sequential(
+                nnx.Linear(6 * width, hidden, rngs=rngs), jax.nn.silu,
+                nnx.Linear(hidden, 1, kernel_init=nnx.initializers.zeros, rngs=rngs))
+        else:
+            self.batch_head = None
+
+    def features(self, batch: dict) -> jax.Array:
+        """h = [f, e, f * e]: (B, 3 Dr), each row computed from that row of the batch only."""
+        x = visual_input(batch)
+        x = jax.nn.silu(self.conv1(x))
+        x = jax.nn.silu(self.conv2(x))
+        f = self.image_proj(x.mean(axis=(1, 2)))
+        if self.token_embedding is None:
+            captions, mask = precomputed_caption(batch)
+        else:
+            if "text_embedding" in batch:
+                raise ValueError("the rater was built for token captions; the batch carries a "
+                                 "precomputed `text_embedding`")
+            captions = jnp.take(self.token_embedding[...], batch["tokens"], axis=0)
+            mask = batch["token_mask"]
+        e = self.text_proj(masked_mean(captions, mask))
+        return jnp.concatenate([f, e, f * e], axis=-1)
+
+    def scores(self, batch: dict) -> jax.Array:
+        """Instance logits u: (B,), unbounded; independent of the other rows of the batch."""
+        return self.instance_head(self.features(batch))[:, 0]
+
+    def weights(self, batch: dict, temperature: float) -> jax.Array:
+        """Training weights w = B * softmax(u / temperature) * b: (B,), positive, sum B * b."""
+        h = self.features(batch)
+        u = self.instance_head(h)[:, 0]
+        w = u.shape[0] * jax.nn.softmax(u / temperature)
+        if self.batch_head is None:
+            return w
+        stats = jnp.concatenate([h.mean(axis=0), h.var(axis=0)])
+        return w * 2 * jax.nn.sigmoid(self.batch_head(stats)[0])

@@ -1,0 +1,543 @@
+"""Learning the rater (`alchemist-jax rate`): the story of one rating run, top to bottom.
+
+  data      training pool (optionally with injected defects) and a clean validation set,
+            preprocessed once into memory; grain iterators with resumable state
+  models    P proxy DiTs (stacked, trained side by side with jax.vmap) and one rater
+  steps     pure functions jitted once on a mesh with explicit shardings and donated state:
+            `meta_step` (K unrolled proxy steps + the rater's meta-gradient update),
+            `proxy_steps` (plain weighted steps), `reset_proxy` (staggered re-initialisation)
+  loop      meta-steps with a progress bar, metrics to JSONL + TensorBoard, periodic AUROC
+            when the defects are known, orbax checkpoints (state + iterator positions) from
+            which a rerun of the same command resumes, curves as PNG at the end
+
+The state is a dict of pytrees:
+  step (), rng (key data), rater / rater_ema (rater params), rater_opt (optax state),
+  proxy / proxy_opt (leading axis P), warm_proxy (P, ...) the restart point of resets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pyarrow as pa
+import yaml
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from alchemist_jax import config as config_lib
+from alchemist_jax import meta, models
+from alchemist_jax.data import BUILTIN_SOURCES, corrupt, load, pipeline, preprocess
+from alchemist_jax.data.sources import ArraySource, Source
+from alchemist_jax.evaluation import defect_auroc
+
+log = logging.getLogger("alchemist_jax.rate")
+
+# Batch fields the models read; everything else (ids, labels) stays on the host.
+MODEL_INPUTS = ("image", "tokens", "token_mask", "latent", "text_embedding")
+
+
+# ==============================================================================================
+# Data
+# ==============================================================================================
+
+
+@dataclasses.dataclass
+class RatingData:
+    """What a rating run reads: preprocessed arrays of the pool and the validation set, and,
+    when defects were injected, the truth (`defects` per pool index, None = clean) and the
+    caption class of each pool sample (the label a swapped caption names), for AUROC."""
+
+    train: ArraySource
+    validation: ArraySource
+    defects: np.ndarray | None
+    caption_classes: np.ndarray | None
+
+
+def load_rating_data(cfg: config_lib.Config, workdir: Path) -> RatingData:
+    """Loads the pool (+ defects) and validation set named by `cfg.data` and preprocesses them.
+
+    The validation set is `data.validation_source` if set; else the same source's
+    `validation` split for built-ins and TFDS datasets; else (manifests, image folders) a
+    random `rate.validation_fraction` of the pool, held out from it (seed `rate.seed`).
+    """
+    data_cfg = cfg.data
+    pool = load(data_cfg.source, data_cfg.split, config=data_cfg, report_dir=workdir)
+    if data_cfg.validation_source is not None:
+        validation = load(data_cfg.validation_source, "validation", config=data_cfg,
+                          report_dir=workdir)
+    elif data_cfg.source in BUILTIN_SOURCES or _has_split(data_cfg.source, "validation"):
+        validation = load(data_cfg.source, "validation", config=data_cfg)
+    else:
+        pool, validation = _random_split(pool, cfg.rate.validation_fraction, cfg.rate.seed)
+    defects = caption_classes = None
+    if data_cfg.corrupt.fraction > 0:
+        pool, truth = corrupt(pool, data_cfg.corrupt.fraction, data_cfg.corrupt.kinds,
+                              seed=data_cfg.corrupt.seed,
+                              truth_path=workdir / "defects.parquet")
+        defects = pool.defects
+        caption_classes = _caption_classes(pool, truth)
+    transform = preprocess.Preprocessor(data_cfg.resolution, data_cfg.channels,
+                                        data_cfg.max_text_length)
+    return RatingData(preprocess.materialize(pool, transform),
+                      preprocess.materialize(validation, transform), defects, caption_classes)
+
+
+def _has_split(path: str, split: str) -> bool:
+    """Whether `path` is a TFDS dataset directory with `split`."""
+    from alchemist_jax.data.tfds_dataset import is_tfds_dir
+
+    if not Path(path).is_dir() or not is_tfds_dir(Path(path)):
+        return False
+    try:
+        load(path, split)
+    except ValueError:
+        return False
+    return True
+
+
+def _random_split(pool: Source, fraction: float, seed: int) -> tuple[Source, Source]:
+    if not 0 < fraction < 1:
+        raise ValueError(f"rate.validation_fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    held_out = max(1, round(fraction * len(pool)))
+    return (_Subset(pool, np.sort(order[held_out:]), "pool"),
+            _Subset(pool, np.sort(order[:held_out]), "validation"))
+
+
+class _Subset(Source):
+    """The examples of `base` at `indices`."""
+
+    def __init__(self, base: Source, indices: np.ndarray, part: str):
+        self.base, self.indices = base, indices
+        self.name = f"{base.name}[{part}]"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.base[int(self.indices[self._check_index(index)])]
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.base.ids[self.indices]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        labels = self.base.labels
+        return None if labels is None else labels[self.indices]
+
+
+def _caption_classes(pool: Source, truth: pa.Table) -> np.ndarray | None:
+    """The class each caption names: the sample's label, or for a swapped caption the label of
+    the sample it was copied from (scores are normalised within caption classes)."""
+    labels = pool.labels
+    if labels is None:
+        return None
+    index_of = {int(i): n for n, i in enumerate(pool.ids)}
+    classes = labels.copy()
+    for n, (kind, donor) in enumerate(zip(truth.column("defect").to_pylist(),
+                                          truth.column("source_id").to_pylist())):
+        if kind == "caption_swap":
+            classes[n] = labels[index_of[donor]]
+    return classes
+
+
+def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key: value for key, value in batch.items() if key in MODEL_INPUTS}
+
+
+# ==============================================================================================
+# Steps (pure functions, jitted once)
+# ==============================================================================================
+
+
+@dataclasses.dataclass
+class RatingProgram:
+    """The jitted steps of a rating run and the shardings they were compiled for."""
+
+    init_state: Callable[[jax.Array], dict]
+    meta_step: Callable[..., tuple[dict, dict]]
+    proxy_steps: Callable[..., dict]
+    reset_proxy: Callable[[dict, jax.Array], dict]
+    score: Callable[[Any, dict], jax.Array]
+    state_sharding: Any
+    train_sharding: NamedSharding  # (P, S, B, ...) batches: B split over the data axis
+    val_sharding: NamedSharding  # (B, ...) batches
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh over every device, axis `data` (Auto axis types: shardings are hints)."""
+    return jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def inner_optimizer(rate_cfg: config_lib.RateConfig) -> optax.GradientTransformation:
+    """The proxies' optimizer: Adam with eps 1e-3 and eps_root 1e-12 (METHOD.md §8)."""
+    return optax.adam(rate_cfg.inner_lr, eps=rate_cfg.inner_eps, eps_root=1e-12)
+
+
+def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.sharding.Mesh,
+                  ) -> RatingProgram:
+    """Builds the models and jits the steps for batches shaped like `example_batch`."""
+    rate_cfg = cfg.rate
+    population = rate_cfg.population
+    key = jax.random.key(rate_cfg.seed)
+    proxy_graph, _, proxy_rest = models.init_proxy(cfg.model, example_batch, key,
+                                                   cfg.data.max_text_length)
+    rater_graph, _, rater_rest = models.init_rater(cfg.rater, example_batch, key,
+                                                   cfg.data.max_text_length)
+    loss_fn = models.proxy_loss_fn(proxy_graph, proxy_rest, cfg.model.caption_dropout)
+    rater_fn = models.rater_weight_fn(rater_graph, rater_rest, cfg.rater.temperature)
+    score_fn = models.rater_score_fn(rater_graph, rater_rest)
+    inner_opt = inner_optimizer(rate_cfg)
+    rater_opt = optax.chain(optax.clip_by_global_norm(rate_cfg.rater_clip),
+                            optax.adam(rate_cfg.rater_lr))
+
+    def init_proxy_params(k):
+        return models.init_proxy(cfg.model, example_batch, k, cfg.data.max_text_length)[1]
+
+    def init_state(k: jax.Array) -> dict:
+        rater_key, proxy_key, k = jax.random.split(k, 3)
+        rater = models.init_rater(cfg.rater, example_batch, rater_key,
+                                  cfg.data.max_text_length)[1]
+        proxies = jax.vmap(init_proxy_params)(jax.random.split(proxy_key, population))
+        return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(k),
+                "rater": rater, "rater_ema": rater, "rater_opt": rater_opt.init(rater),
+                "proxy": proxies, "proxy_opt": jax.vmap(inner_opt.init)(proxies),
+                "warm_proxy": proxies}
+
+    def next_key(state: dict) -> tuple[dict, jax.Array]:
+        k, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        return {**state, "rng": jax.random.key_data(k)}, sub
+
+    def meta_step(state: dict, train_batches: dict, val_batch: dict, penalty_lambda):
+        state, k = next_key(state)
+
+        def one_proxy(proxy, proxy_opt, batches, proxy_key):
+            return meta.meta_gradient(
+                state["rater"], proxy, proxy_opt, batches, val_batch, proxy_key,
+                rater_fn=rater_fn, loss_fn=loss_fn, inner_opt=inner_opt, mode=rate_cfg.mode,
+                remat=rate_cfg.remat, mixed_mode=rate_cfg.mixed_mode,
+                lookahead_lr=rate_cfg.lookahead_lr, penalty_lambda=penalty_lambda)
+
+        grads, aux = jax.vmap(one_proxy)(state["proxy"], state["proxy_opt"], train_batches,
+                                         jax.random.split(k, population))
+        grads = jax.tree.map(lambda g: g.mean(axis=0), grads)  # population average
+        updates, opt_state = rater_opt.update(grads, state["rater_opt"], state["rater"])
+        rater = optax.apply_updates(state["rater"], updates)
+        ema = optax.incremental_update(rater, state["rater_ema"], 1.0 - rate_cfg.ema_decay)
+        weights = aux["weights"]  # (P, K, B)
+        batch = weights.shape[-1]
+        probs = weights / weights.sum(-1, keepdims=True)
+        entropy = -(probs * jnp.log(jnp.maximum(probs, 1e-30))).sum(-1) / jnp.log(batch)
+        ess = weights.sum(-1) ** 2 / (weights**2).sum(-1) / batch
+        metrics = {"meta_loss": aux["meta_loss"].mean(), "proxy_loss": aux["inner_losses"].mean(),
+                   "weight_entropy": entropy.mean(), "weight_ess": ess.mean(),
+                   "weight_max": weights.max(-1).mean(),
+                   "rater_grad_norm": optax.tree.norm(grads)}
+        state = {**state, "step": state["step"] + 1, "rater": rater, "rater_ema": ema,
+                 "rater_opt": opt_state, "proxy": aux["proxy_params"],
+                 "proxy_opt": aux["inner_opt_state"]}
+        return state, metrics
+
+    def proxy_steps(state: dict, batches: dict, use_rater: bool) -> dict:
+        """Plain steps of every proxy on (P, S, B, ...) batches, weighted by the current rater
+        (`use_rater`) or uniformly (warm start)."""
+        state, k = next_key(state)
+        rater = jax.lax.stop_gradient(state["rater"])
+
+        def one_proxy(proxy, proxy_opt, proxy_batches, proxy_key):
+            def step(carry, inputs):
+                params, opt_state = carry
+                batch, index = inputs
+                weights = rater_fn(rater, batch) if use_rater else 1.0
+
+                def objective(p):
+                    return jnp.mean(weights * loss_fn(p, batch,
+                                                      jax.random.fold_in(proxy_key, index)))
+
+                grads = jax.grad(objective)(params)
+                updates, opt_state = inner_opt.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), None
+
+            steps = jax.tree.leaves(proxy_batches)[0].shape[0]
+            (proxy, proxy_opt), _ = jax.lax.scan(step, (proxy, proxy_opt),
+                                                 (proxy_batches, jnp.arange(steps)))
+            return proxy, proxy_opt
+
+        proxy, proxy_opt = jax.vmap(one_proxy)(state["proxy"], state["proxy_opt"], batches,
+                                               jax.random.split(k, population))
+        return {**state, "proxy": proxy, "proxy_opt": proxy_opt}
+
+    def reset_proxy(state: dict, index: jax.Array) -> dict:
+        """Restarts proxy `index` from its warm-start point with a fresh optimizer state."""
+        pick = lambda tree: jax.tree.map(lambda x: x[index], tree)  # noqa: E731
+        fresh = pick(state["warm_proxy"])
+        fresh_opt = inner_opt.init(fresh)
+        put = lambda stacked, one: jax.tree.map(  # noqa: E731
+            lambda s, o: s.at[index].set(o), stacked, one)
+        return {**state, "proxy": put(state["proxy"], fresh),
+                "proxy_opt": put(state["proxy_opt"], fresh_opt)}
+
+    replicated = NamedSharding(mesh, P())
+    state_shape = jax.eval_shape(init_state, key)
+    state_sharding = jax.tree.map(lambda _: replicated, state_shape)
+    train_sharding = NamedSharding(mesh, P(None, None, "data"))
+    val_sharding = NamedSharding(mesh, P("data"))
+    return RatingProgram(
+        init_state=jax.jit(init_state, out_shardings=state_sharding),
+        meta_step=jax.jit(meta_step, in_shardings=(state_sharding, train_sharding,
+                                                    val_sharding, replicated),
+                          out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
+        proxy_steps=jax.jit(proxy_steps, static_argnums=(2,),
+                            in_shardings=(state_sharding, train_sharding),
+                            out_shardings=state_sharding, donate_argnums=(0,)),
+        reset_proxy=jax.jit(reset_proxy, in_shardings=(state_sharding, replicated),
+                            out_shardings=state_sharding, donate_argnums=(0,)),
+        score=jax.jit(score_fn, in_shardings=(replicated, val_sharding),
+                      out_shardings=replicated),
+        state_sharding=state_sharding, train_sharding=train_sharding,
+        val_sharding=val_sharding)
+
+
+# ==============================================================================================
+# Loop
+# ==============================================================================================
+
+
+class _Batches:
+    """Draws (P, S, B, ...) proxy batches and (B_val, ...) validation batches from grain
+    iterators whose positions go into checkpoints."""
+
+    def __init__(self, data: RatingData, cfg: config_lib.Config):
+        rate_cfg, batch = cfg.rate, cfg.data.batch_size
+        self.population = rate_cfg.population
+        self.train = pipeline.train_iterator(data.train, batch * self.population,
+                                             seed=cfg.data.seed,
+                                             read_threads=cfg.data.read_threads)
+        self.validation = pipeline.train_iterator(data.validation, rate_cfg.val_batch_size,
+                                                  seed=cfg.data.seed + 1,
+                                                  read_threads=cfg.data.read_threads)
+
+    def proxy_batches(self, steps: int) -> dict[str, np.ndarray]:
+        draws = [_device_batch(next(self.train)) for _ in range(steps)]
+        stacked = {k: np.stack([d[k] for d in draws]) for k in draws[0]}  # (S, P*B, ...)
+        return {k: np.swapaxes(v.reshape(steps, self.population, -1, *v.shape[2:]), 0, 1)
+                for k, v in stacked.items()}
+
+    def validation_batch(self) -> dict[str, np.ndarray]:
+        return _device_batch(next(self.validation))
+
+    def get_state(self) -> dict:
+        return {"train": self.train.get_state(), "validation": self.validation.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.train.set_state(state["train"])
+        self.validation.set_state(state["validation"])
+
+
+def validate_rate_config(cfg: config_lib.Config) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    r = cfg.rate
+    if r.mode == "lookahead" and r.inner_steps != 1:
+        raise config_lib.ConfigError("rate.mode=lookahead needs rate.inner_steps=1 "
+                                     f"(got {r.inner_steps})")
+    if r.meta_every is not None and r.meta_every < r.inner_steps:
+        raise config_lib.ConfigError(f"rate.meta_every ({r.meta_every}) must be >= "
+                                     f"rate.inner_steps ({r.inner_steps})")
+    for key in ("steps", "inner_steps", "population", "val_batch_size", "checkpoint_every",
+                "log_every"):
+        if getattr(r, key) < 1:
+            raise config_lib.ConfigError(f"rate.{key} must be >= 1, got {getattr(r, key)}")
+    devices = jax.device_count()
+    for key, size in (("data.batch_size", cfg.data.batch_size),
+                      ("rate.val_batch_size", r.val_batch_size)):
+        if size % devices:
+            raise config_lib.ConfigError(f"{key}={size} must be divisible by the {devices} "
+                                         "devices of the mesh")
+
+
+def score_source(program: RatingProgram, rater_params, source: ArraySource,
+                 batch_size: int) -> np.ndarray:
+    """Batch-independent rater scores u (N,) float32 of every example of `source`, in order."""
+    scores = np.empty(len(source), np.float32)
+    position = 0
+    for batch in pipeline.eval_iterator(source, batch_size, shard_index=0, shard_count=1):
+        u = np.asarray(program.score(rater_params, _device_batch(batch)))
+        real = batch["mask"]
+        scores[position:position + real.sum()] = u[real]
+        position += int(real.sum())
+    return scores
+
+
+def rater_auroc(program: RatingProgram, state: dict, data: RatingData,
+                batch_size: int) -> dict[str, float]:
+    """AUROC of the EMA rater's scores, clean vs each defect kind, within caption classes."""
+    scores = score_source(program, state["rater_ema"], data.train, batch_size)
+    return defect_auroc(scores, data.defects, data.caption_classes)
+
+
+def rate(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None = None,
+         ) -> dict[str, Any]:
+    """Runs (or resumes) a rating run in `workdir`; returns the final metrics.
+
+    `stop_after` ends the run after that many meta-steps in this call (used to test resuming:
+    an interrupted run, rerun, ends with the same rater as an uninterrupted one).
+    """
+    validate_rate_config(cfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_config(cfg, workdir)
+    rate_cfg = cfg.rate
+    inner, cycle = rate_cfg.inner_steps, rate_cfg.meta_every or rate_cfg.inner_steps
+
+    data = load_rating_data(cfg, workdir)
+    log.info("pool %d examples, validation %d; %s, K=%d, P=%d, %d meta-steps",
+             len(data.train), len(data.validation), rate_cfg.mode, inner,
+             rate_cfg.population, rate_cfg.steps)
+    batches = _Batches(data, cfg)
+    mesh = make_mesh()
+    example = _device_batch(data.train[0])
+    example = {k: np.stack([v] * cfg.data.batch_size) for k, v in example.items()}
+    program = build_program(cfg, example, mesh)
+
+    manager = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    state = program.init_state(jax.random.key(rate_cfg.seed))
+    if manager.latest_step() is not None:
+        state, iterator_state = _restore(manager, state)
+        batches.set_state(iterator_state)
+        log.info("resumed from meta-step %d", int(state["step"]))
+    elif rate_cfg.warm_start_steps:
+        state = program.proxy_steps(state, batches.proxy_batches(rate_cfg.warm_start_steps),
+                                    False)
+        state = {**state, "warm_proxy": state["proxy"]}
+
+    metrics_log = MetricsLog(workdir)
+    start = int(state["step"])
+    end = rate_cfg.steps if stop_after is None else min(rate_cfg.steps, start + stop_after)
+    last: dict[str, float] = {}
+    progress = tqdm(range(start, end), desc=f"rate ({rate_cfg.mode})", unit="step",
+                    initial=start, total=rate_cfg.steps)
+    for step in progress:
+        if cycle > inner:
+            state = program.proxy_steps(state, batches.proxy_batches(cycle - inner), True)
+        val_epochs = step * rate_cfg.val_batch_size / len(data.validation)
+        penalty_lambda = np.float32(meta.penalty_lambda_at(
+            val_epochs, rate_cfg.penalty_start, rate_cfg.penalty_decay))
+        state, metrics = program.meta_step(state, batches.proxy_batches(inner),
+                                           batches.validation_batch(), penalty_lambda)
+        for p in _proxies_to_reset(step + 1, rate_cfg.reset_every, rate_cfg.population):
+            state = program.reset_proxy(state, jnp.int32(p))
+        done = step + 1
+        if done % rate_cfg.log_every == 0 or done == end:
+            last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if rate_cfg.mode == "penalty":
+                last["penalty_lambda"] = float(penalty_lambda)
+            if data.defects is not None and (done % rate_cfg.checkpoint_every == 0
+                                             or done == rate_cfg.steps):
+                last.update({f"auroc/{k}": v for k, v in rater_auroc(
+                    program, state, data, rate_cfg.val_batch_size).items()})
+            metrics_log.write(done, last)
+            progress.set_postfix(meta=f"{last['meta_loss']:.4f}",
+                                 proxy=f"{last['proxy_loss']:.4f}",
+                                 H=f"{last['weight_entropy']:.3f}")
+        if done % rate_cfg.checkpoint_every == 0 or done == end:
+            _save(manager, done, state, batches.get_state())
+    progress.close()
+    manager.wait_until_finished()
+    metrics_log.close()
+    if int(state["step"]) == rate_cfg.steps:
+        metrics_log.plot(workdir / "curves.png")
+    return last
+
+
+def _proxies_to_reset(done: int, reset_every: int, population: int) -> list[int]:
+    """Proxy p restarts when (done + p * reset_every / P) is a multiple of reset_every: the
+    population is staggered so that no two proxies restart at once."""
+    if reset_every <= 0:
+        return []
+    return [p for p in range(population)
+            if (done + p * reset_every // population) % reset_every == 0]
+
+
+def _save(manager: ocp.CheckpointManager, step: int, state: dict, iterators: dict) -> None:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               iterators=ocp.args.JsonSave(iterators)))
+
+
+def _restore(manager: ocp.CheckpointManager, like: dict) -> tuple[dict, dict]:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), iterators=ocp.args.JsonRestore()))
+    return restored["state"], restored["iterators"]
+
+
+def _write_config(cfg: config_lib.Config, workdir: Path) -> None:
+    """Stores the resolved config; a rerun in the same workdir must use the same one."""
+    path = workdir / "config.yaml"
+    text = yaml.safe_dump(json.loads(json.dumps(config_lib.to_dict(cfg))), sort_keys=False)
+    if path.exists() and path.read_text() != text:
+        raise config_lib.ConfigError(
+            f"{path} holds a different config: resume with the same config and overrides, "
+            "or use a new --workdir")
+    tmp = path.with_name(".config.yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Metrics to `metrics.jsonl` (appended; a resumed run continues it) and TensorBoard."""
+
+    def __init__(self, workdir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.path = workdir / "metrics.jsonl"
+        self.writer = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def plot(self, path: Path) -> None:
+        """Loss, weight entropy and (if measured) AUROC curves as one PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        rows = list({r["step"]: r for r in rows}.values())  # a resumed run may repeat steps
+        panels = [("meta_loss", "proxy_loss"), ("weight_entropy", "weight_ess"),
+                  tuple(k for k in rows[-1] if k.startswith("auroc/"))]
+        panels = [p for p in panels if p]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+        for ax, keys in zip(np.atleast_1d(axes), panels):
+            for key in keys:
+                points = [(r["step"], r[key]) for r in rows if key in r]
+                ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
+            ax.set_xlabel("meta-step")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.stem}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
