@@ -176,6 +176,10 @@ class RatingProgram:
     val_sharding: NamedSharding  # (B, ...) batches
 
 
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
 def make_mesh() -> jax.sharding.Mesh:
     """A 1-D mesh over every device, axis `data` (Auto axis types: shardings are hints)."""
     return jax.make_mesh((jax.device_count(),), ("data",),
@@ -245,7 +249,7 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
         metrics = {"meta_loss": aux["meta_loss"].mean(), "proxy_loss": aux["inner_losses"].mean(),
                    "weight_entropy": entropy.mean(), "weight_ess": ess.mean(),
                    "weight_max": weights.max(-1).mean(),
-                   "rater_grad_norm": optax.tree.norm(grads)}
+                   "rater_grad_norm": _global_norm(grads)}
         state = {**state, "step": state["step"] + 1, "rater": rater, "rater_ema": ema,
                  "rater_opt": opt_state, "proxy": aux["proxy_params"],
                  "proxy_opt": aux["inner_opt_state"]}

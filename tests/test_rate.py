@@ -13,6 +13,7 @@ TINY = [
     "data.pool.train_size=96", "data.pool.validation_size=32", "data.batch_size=8",
     "data.max_text_length=16", "data.corrupt.fraction=0.3",
     "model.width=32", "model.depth=1", "model.heads=2", "model.text_width=32",
+    "model.patch_size=7", "model.text_trainable=false",
     "model.text_depth=1", "model.text_heads=2",
     "rater.width=16", "rater.hidden=32",
     "rate.population=2", "rate.inner_steps=2", "rate.steps=4", "rate.val_batch_size=16",

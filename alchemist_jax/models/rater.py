@@ -1,6 +1,7 @@
 """The rater: a per-sample weight for the proxy's training loss, learned by meta-gradients.
 
-Image features f (B, Dr): two 3x3 stride-2 convolutions, mean pool over space, Linear; any H, W, C
+Image features f (B, Dr): two 3x3 stride-2 convolutions (Dr/4 and Dr/2 channels: cheap, since the
+rater runs in every inner step), mean pool over space, Linear; any H, W, C
 (the input is `latent` when present, else `image`). Caption embedding e (B, Dr): masked mean of the
 rater's own token embedding table (CLIP vocabulary), then Linear; or, for a rater built for
 precomputed captions, Linear of the masked mean of `text_embedding`. Joint features
@@ -40,9 +41,9 @@ class Rater(nnx.Module):
     def __init__(self, *, channels: int, width: int, hidden: int,
                  text_embedding_dim: int | None = None, batch_head: bool = False,
                  rngs: nnx.Rngs, vocab_size: int = VOCAB_SIZE):
-        self.conv1 = nnx.Conv(channels, width // 2, (3, 3), strides=2, rngs=rngs)
-        self.conv2 = nnx.Conv(width // 2, width, (3, 3), strides=2, rngs=rngs)
-        self.image_proj = nnx.Linear(width, width, rngs=rngs)
+        self.conv1 = nnx.Conv(channels, width // 4, (3, 3), strides=2, rngs=rngs)
+        self.conv2 = nnx.Conv(width // 4, width // 2, (3, 3), strides=2, rngs=rngs)
+        self.image_proj = nnx.Linear(width // 2, width, rngs=rngs)
         if text_embedding_dim is None:
             self.token_embedding = nnx.Param(
                 nnx.initializers.normal(1.0)(rngs.params(), (vocab_size, width)))
