@@ -144,7 +144,7 @@ def test_tiny_preset_parameter_counts():
     # Most of it is the text encoder's CLIP token table (49,408 x 64).
     assert params["text_encoder"]["token_embedding"].shape == (49_408, 64)
     rater = jax.eval_shape(lambda k: init_rater(RaterConfig(), batch, k, 32)[1], key)
-    assert count_params(rater) == 6_530_561
+    assert count_params(rater) == 6_466_689
 
 
 def test_output_shapes_pixels_latents_and_precomputed_text(proxy, trained_like, apply, variant):
@@ -354,7 +354,7 @@ def test_rater_on_latents_and_precomputed_text(variant):
     batch = variant[1]
     graphdef, params, rest = init_rater(RATER, batch, jax.random.key(0), L)
     assert "token_embedding" not in params
-    assert params["conv1"]["kernel"].shape == (3, 3, 4, 16)  # reads the latent's 4 channels
+    assert params["conv1"]["kernel"].shape == (3, 3, 4, 8)  # the latent's 4 channels -> width/4
     u = jit(rater_score_fn(graphdef, rest))(params, batch)
     assert u.shape == (B,) and np.all(np.isfinite(np.asarray(u)))
 
