@@ -64,9 +64,22 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     print(f"wrote TFDS dataset {path} ({counts}); load it with data.source={path}")
 
 
+def _use_compilation_cache() -> None:
+    """Persists compiled XLA programs in the data cache (a rerun skips the ~minute of compiling
+    the meta-step), unless the user chose a cache with JAX_COMPILATION_CACHE_DIR."""
+    import jax
+
+    from alchemist_jax.data.cache import cache_dir
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compile"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _cmd_rate(args: argparse.Namespace) -> None:
     from alchemist_jax import rate
 
+    _use_compilation_cache()
     cfg = config_lib.load_config(args.config, args.overrides)
     final = rate.rate(cfg, args.workdir)
     print(json.dumps(final, indent=2))

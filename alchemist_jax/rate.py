@@ -427,7 +427,8 @@ def rate(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None 
     elif rate_cfg.warm_start_steps:
         state = program.proxy_steps(state, batches.proxy_batches(rate_cfg.warm_start_steps),
                                     False)
-        state = {**state, "warm_proxy": state["proxy"]}
+        # A copy: the state is donated to the next step, and one buffer cannot be donated twice.
+        state = {**state, "warm_proxy": jax.tree.map(jnp.copy, state["proxy"])}
 
     metrics_log = MetricsLog(workdir)
     start = int(state["step"])
