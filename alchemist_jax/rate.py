@@ -432,6 +432,10 @@ def rate(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None 
 
     metrics_log = MetricsLog(workdir)
     start = int(state["step"])
+    if start >= rate_cfg.steps:
+        log.info("the run in %s is complete (%d meta-steps)", workdir, start)
+        metrics_log.close()
+        return metrics_log.last()
     end = rate_cfg.steps if stop_after is None else min(rate_cfg.steps, start + stop_after)
     last: dict[str, float] = {}
     progress = tqdm(range(start, end), desc=f"rate ({rate_cfg.mode})", unit="step",
@@ -520,6 +524,11 @@ class MetricsLog:
 
     def close(self) -> None:
         self.writer.close()
+
+    def last(self) -> dict[str, float]:
+        """The last metrics written (empty if none)."""
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        return {k: v for k, v in json.loads(lines[-1]).items() if k != "step"} if lines else {}
 
     def plot(self, path: Path) -> None:
         """Loss, weight entropy and (if measured) AUROC curves as one PNG."""

@@ -57,6 +57,7 @@ def test_rate_writes_outputs_and_resumes_identically(tmp_path):
     rate.rate(cfg, split, stop_after=3)  # interrupted after 3 meta-steps (checkpoint at 2)
     assert not (split / "curves.png").exists()
     rate.rate(cfg, split)  # the same command again resumes and finishes
+    assert rate.rate(cfg, split) == pytest.approx(final, rel=1e-5)  # once more: nothing to do
     (step_a, state_a), (step_b, state_b) = _final_rater(full), _final_rater(split)
     assert step_a == step_b == 4
     for a, b in zip(_leaves(state_a), _leaves(state_b)):

@@ -7,7 +7,9 @@ Measured side by side in one run (the machines are shared and noisy, so ratios m
      without remat, with remat and with the mixed-mode VJP (target: K=16 / K=1 <= 2.0 with remat);
   3. compile time of the meta-step.
 
-Usage: python tools/bench_meta.py [--batch 64] [--repeats 5] [--out docs/BENCHMARKS.md]
+The model and rater are those of the config (default configs/demo.yaml: the demo's tiny DiT).
+
+Usage: python tools/bench_meta.py [--config configs/demo.yaml] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import optax
 
 from alchemist_jax import meta, models
-from alchemist_jax.config import ModelConfig, RaterConfig
+from alchemist_jax.config import load_config
 
 SECTION = "## Meta-gradient engine (`tools/bench_meta.py`)"
 
@@ -54,21 +56,20 @@ def _time(compiled, args, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--text-length", type=int, default=32)
+    parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
     args = parser.parse_args()
+    cfg = load_config(args.config)
+    args.batch, args.text_length = cfg.data.batch_size, cfg.data.max_text_length
 
     batch = _batch(args.batch, args.text_length, 0)
     key = jax.random.key(0)
-    proxy_graph, proxy, proxy_rest = models.init_proxy(ModelConfig(), batch, key,
-                                                       args.text_length)
-    rater_graph, rater, rater_rest = models.init_rater(RaterConfig(), batch, key,
-                                                       args.text_length)
-    loss_fn = models.proxy_loss_fn(proxy_graph, proxy_rest, 0.1)
-    rater_fn = models.rater_weight_fn(rater_graph, rater_rest, 1.0)
-    inner_opt = meta.default_inner_optimizer(1e-3)
+    proxy_graph, proxy, proxy_rest = models.init_proxy(cfg.model, batch, key, args.text_length)
+    rater_graph, rater, rater_rest = models.init_rater(cfg.rater, batch, key, args.text_length)
+    loss_fn = models.proxy_loss_fn(proxy_graph, proxy_rest, cfg.model.caption_dropout)
+    rater_fn = models.rater_weight_fn(rater_graph, rater_rest, cfg.rater.temperature)
+    inner_opt = meta.default_inner_optimizer(cfg.rate.inner_lr)
     opt_state = inner_opt.init(proxy)
 
     def train_steps(params, opt_state, batches, rng):
@@ -127,9 +128,11 @@ def write_report(args, rows_time, rows_memory, proxy_params: int, rater_params: 
         SECTION, "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), jax {jax.__version__}; "
-        f"`tiny` DiT ({proxy_params:,} parameters, 28x28x1, {args.text_length} tokens), rater "
-        f"{rater_params:,} parameters, batch {args.batch}, inner Adam (eps 1e-3, eps_root "
-        f"1e-12), median of {args.repeats}. Command: `python tools/bench_meta.py`.", "",
+        f"the DiT and rater of `{args.config}` ({proxy_params:,} trainable proxy parameters, "
+        f"28x28x1, {args.text_length} tokens; rater {rater_params:,} parameters), batch "
+        f"{args.batch}, validation batch = batch, inner Adam (eps 1e-3, eps_root 1e-12), "
+        f"median of {args.repeats}. Command: `python tools/bench_meta.py --config "
+        f"{args.config}`.", "",
         "| K | meta-step (ms) | K train steps (ms) | ratio (target <= 3.5) | compile (s) |",
         "|---|---|---|---|---|",
         *[f"| {k} | {m:.1f} | {t:.1f} | {r:.2f} | {c:.1f} |" for k, m, t, r, c in rows_time],
