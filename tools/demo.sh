@@ -9,6 +9,6 @@ OUT="${1:-$REPO_ROOT/runs/demo}"
 shift || true
 say "1/2 data summary and contact sheet of the built-in pool -> $OUT"
 "$VENV/bin/alchemist-jax" data-summary --config "$REPO_ROOT/configs/demo.yaml" --out "$OUT" "$@"
-say "2/2 rating the pool with meta-gradients (about 6-10 minutes on 2 CPU cores) -> $OUT/rate"
+say "2/2 rating the pool with meta-gradients (about 10-15 minutes on 2 CPU cores) -> $OUT/rate"
 "$VENV/bin/alchemist-jax" rate --config "$REPO_ROOT/configs/demo.yaml" --workdir "$OUT/rate" "$@"
 say "done: $OUT/contact_sheet.png, $OUT/rate/curves.png, $OUT/rate/metrics.jsonl"
