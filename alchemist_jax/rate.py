@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +37,7 @@ from tqdm import tqdm
 from alchemist_jax import config as config_lib
 from alchemist_jax import meta, models
 from alchemist_jax.data import BUILTIN_SOURCES, corrupt, load, pipeline, preprocess
+from alchemist_jax.data.cache import atomic_save_figure, atomic_write_bytes
 from alchemist_jax.data.sources import ArraySource, Source
 from alchemist_jax.evaluation import defect_auroc
 
@@ -502,9 +502,7 @@ def _write_config(cfg: config_lib.Config, workdir: Path) -> None:
         raise config_lib.ConfigError(
             f"{path} holds a different config: resume with the same config and overrides, "
             "or use a new --workdir")
-    tmp = path.with_name(".config.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 class MetricsLog:
@@ -551,7 +549,4 @@ class MetricsLog:
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.stem}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
+        atomic_save_figure(path, fig, dpi=100)

@@ -153,7 +153,6 @@ def directional_fd(f, h=1e-4):
 @pytest.mark.parametrize("k_steps", [1, 3])
 @pytest.mark.parametrize("opt_name", list(INNER_OPTS))
 def test_unrolled_matches_finite_differences(opt_name, k_steps):
-    inner_opt = INNER_OPTS[opt_name]
     rater, proxy, train, val, rng = make_problem(k_steps)
     fn = jitted(opt_name)
     opt_state = warm_opt_state(opt_name, proxy)

@@ -26,11 +26,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageFilter
 
 from alchemist_jax.config import DEFECT_KINDS
-from alchemist_jax.data.cache import atomic_write_bytes
+from alchemist_jax.data.cache import atomic_write_parquet
 from alchemist_jax.data.sources import Source
 
 NOISE_STD = 100.0  # on the 0..255 scale
@@ -90,9 +89,7 @@ def corrupt(
     corrupted = CorruptedSource(source, defects, donors, seed)
     truth = corrupted.truth()
     if truth_path is not None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(truth, sink)
-        atomic_write_bytes(Path(truth_path), sink.getvalue().to_pybytes())
+        atomic_write_parquet(Path(truth_path), truth)
     return corrupted, truth
 
 

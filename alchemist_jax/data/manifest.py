@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
 from alchemist_jax.config import ManifestConfig
+from alchemist_jax.data.cache import atomic_write_parquet
 from alchemist_jax.data.sources import Source
 
 logger = logging.getLogger("alchemist_jax.data")
@@ -263,7 +263,7 @@ class _CheckedSource(Source):
         message = f"{self.name}: {num_bad} bad samples skipped of {num_rows}"
         if report_dir is not None:
             report = Path(report_dir) / BAD_SAMPLES_FILE
-            _write_parquet_atomically(self._bad_samples, report)
+            atomic_write_parquet(report, self._bad_samples)
             message += f"; see {report}"
         logger.log(logging.WARNING if num_bad else logging.INFO, message)
 
@@ -297,20 +297,6 @@ class _CheckedSource(Source):
     def bad_samples(self) -> pa.Table:
         """The skipped rows, in `BAD_SAMPLES_SCHEMA` (file, row, path, reason)."""
         return self._bad_samples
-
-
-def _write_parquet_atomically(table: pa.Table, target: Path) -> None:
-    """Writes `table` to a temporary file next to `target`, then renames it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                         suffix=".tmp")
-    os.close(handle)
-    try:
-        pq.write_table(table, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from alchemist_jax.data.cache import atomic_save_figure, atomic_write_bytes
 from alchemist_jax.data.sources import Source
 from alchemist_jax.data.tokenizer import Tokenizer
 
@@ -83,20 +83,13 @@ def contact_sheet(source: Source, path: str | Path, *, rows: int = 6, cols: int 
                  fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(path, fig, dpi=110)
     return path
 
 
 def write_json(stats: dict[str, Any], path: str | Path) -> None:
     """Writes `stats` as indented JSON, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(Path(path), (json.dumps(stats, indent=2) + "\n").encode())
 
 
 def _sample_indices(n: int, k: int, seed: int) -> np.ndarray:
