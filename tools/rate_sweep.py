@@ -7,7 +7,7 @@ accelerator they share it; on a CPU give each its own cores). The final AUROC pe
 as a section of docs/RESULTS.md.
 
     python tools/rate_sweep.py --modes unrolled:1 unrolled:4 unrolled:8 lookahead penalty \
-        --seeds 0 1 --root runs/sweep -- rate.steps=1500
+        --seeds 0 1 --root runs/sweep --proxy-steps 1600
 """
 
 from __future__ import annotations
@@ -27,21 +27,34 @@ from pathlib import Path
 KINDS = ("all", "noise", "blank", "blur", "lowres", "caption_swap", "duplicate")
 
 
-def mode_overrides(mode: str) -> list[str]:
-    """`unrolled:K`, `lookahead` or `penalty` -> config overrides."""
-    if mode.startswith("unrolled"):
-        k = mode.partition(":")[2] or "4"
-        return ["rate.mode=unrolled", f"rate.inner_steps={k}"]
-    if mode == "lookahead":
-        return ["rate.mode=lookahead", "rate.inner_steps=1"]
-    if mode == "penalty":
-        return ["rate.mode=penalty"]
-    raise SystemExit(f"unknown mode {mode!r}: use unrolled:K, lookahead or penalty")
+def mode_overrides(mode: str, proxy_steps: int | None) -> list[str]:
+    """`unrolled:K`, `lookahead` or `penalty[:K]` -> config overrides.
+
+    With `proxy_steps`, every mode gets the same number of proxy training steps: the run has
+    proxy_steps / K meta-steps, resets every half of them and measures AUROC every eighth.
+    """
+    name, _, k = mode.partition(":")
+    if name == "unrolled":
+        overrides, k = ["rate.mode=unrolled"], int(k or 4)
+    elif name == "lookahead" and not k:
+        overrides, k = ["rate.mode=lookahead"], 1
+    elif name == "penalty":
+        overrides, k = ["rate.mode=penalty"], int(k or 2)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}: use unrolled:K, lookahead or penalty[:K]")
+    overrides.append(f"rate.inner_steps={k}")
+    if proxy_steps:
+        steps = proxy_steps // k
+        overrides += [f"rate.steps={steps}", f"rate.reset_every={max(1, steps // 2)}",
+                      f"rate.checkpoint_every={max(1, steps // 8)}"]
+    return overrides
 
 
-def run_one(config: str, root: Path, mode: str, seed: int, extra: list[str]) -> dict:
+def run_one(config: str, root: Path, mode: str, seed: int, proxy_steps: int | None,
+            extra: list[str]) -> dict:
     workdir = root / f"{mode.replace(':', '_k')}_seed{seed}"
-    overrides = mode_overrides(mode) + [f"rate.seed={seed}", f"data.seed={seed}"] + extra
+    overrides = (mode_overrides(mode, proxy_steps) + [f"rate.seed={seed}", f"data.seed={seed}"]
+                 + extra)
     command = [sys.executable, "-m", "alchemist_jax.cli", "rate", "--config", config,
                "--workdir", str(workdir), *overrides]
     start = time.perf_counter()
@@ -106,6 +119,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--root", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--proxy-steps", type=int, default=None,
+                        help="equal proxy training steps for every mode: rate.steps = N / K")
     parser.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
     parser.add_argument("--title", default="Rater AUROC by meta-gradient mode")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
@@ -114,7 +129,7 @@ def main() -> None:
     jobs = [(mode, seed) for mode in args.modes for seed in args.seeds]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         results = list(pool.map(lambda job: run_one(args.config, args.root, *job,
-                                                    args.overrides), jobs))
+                                                    args.proxy_steps, args.overrides), jobs))
     import jax
 
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
