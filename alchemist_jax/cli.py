@@ -87,6 +87,65 @@ def _cmd_rate(args: argparse.Namespace) -> None:
           "tensorboard/, curves.png)")
 
 
+def _load(args: argparse.Namespace, **shortcuts) -> config_lib.Config:
+    """The config of `--config` + overrides; flags such as `--scorer` are shortcuts for their
+    config key (`shortcuts`: key -> flag value, None when the flag was not given)."""
+    extra = [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
+    return config_lib.load_config(args.config, [*args.overrides, *extra])
+
+
+def _cmd_score(args: argparse.Namespace) -> None:
+    from alchemist_jax import scoring
+
+    _use_compilation_cache()
+    cfg = _load(args, **{"score.scorer": args.scorer})
+    summary = scoring.run(cfg, args.out, rater_dir=args.rater)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_select(args: argparse.Namespace) -> None:
+    from alchemist_jax import selection
+
+    cfg = _load(args, **{"select.policy": args.policy, "select.keep": args.keep})
+    summary = selection.run(cfg, args.ratings, args.out)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from alchemist_jax import train
+
+    _use_compilation_cache()
+    if args.selection is not None and args.weights is not None:
+        raise ValueError("give --selection or --weights, not both")
+    cfg = _load(args)
+    final = train.run(cfg, args.workdir, selection=args.selection, weights=args.weights)
+    print(json.dumps(final, indent=2))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from alchemist_jax import evaluation
+
+    _use_compilation_cache()
+    cfg = _load(args)
+    metrics = evaluation.run(cfg, args.model, args.out)
+    print(json.dumps(metrics, indent=2))
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from alchemist_jax import report
+
+    path = report.build(args.workdir)
+    print(f"report: {path}")
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> None:
+    from alchemist_jax import pipeline
+
+    _use_compilation_cache()
+    cfg = _load(args)
+    pipeline.run(cfg, args.workdir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alchemist-jax",
@@ -122,6 +181,59 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--workdir", type=Path, required=True,
                       help="run folder; rerunning the same command there resumes the run")
     rate.set_defaults(run=_cmd_rate)
+
+    score = commands.add_parser(
+        "score", help="write one score per sample id of the pool (ratings.parquet); resumable")
+    _add_config_arguments(score)
+    score.add_argument("--out", type=Path, required=True, help="the ratings.parquet to write")
+    score.add_argument("--scorer", default=None,
+                       help=f"shortcut for score.scorer ({', '.join(config_lib.SCORERS)})")
+    score.add_argument("--rater", type=Path, default=None,
+                       help="scorer `rater`: the workdir of an `alchemist-jax rate` run")
+    score.set_defaults(run=_cmd_score)
+
+    select = commands.add_parser(
+        "select", help="choose the training subset from ratings (selection.parquet)")
+    _add_config_arguments(select)
+    select.add_argument("--ratings", type=Path, required=True, help="a ratings.parquet")
+    select.add_argument("--out", type=Path, required=True, help="the selection.parquet to write")
+    select.add_argument("--policy", default=None,
+                        help=f"shortcut for select.policy ({', '.join(config_lib.POLICIES)})")
+    select.add_argument("--keep", type=float, default=None,
+                        help="shortcut for select.keep (fraction of the pool kept)")
+    select.set_defaults(run=_cmd_select)
+
+    train = commands.add_parser(
+        "train", help="train the T2I model on a selection, with weights, or on the full pool")
+    _add_config_arguments(train)
+    train.add_argument("--workdir", type=Path, required=True,
+                       help="run folder; rerunning the same command there resumes the run")
+    train.add_argument("--selection", type=Path, default=None,
+                       help="selection.parquet: train on these ids only")
+    train.add_argument("--weights", type=Path, default=None,
+                       help="ratings.parquet: sample the pool with probability from the scores")
+    train.set_defaults(run=_cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="test loss, FCD, text alignment and a sample grid of a trained model")
+    _add_config_arguments(evaluate)
+    evaluate.add_argument("--model", type=Path, required=True,
+                          help="the workdir of an `alchemist-jax train` run")
+    evaluate.add_argument("--out", type=Path, required=True,
+                          help="folder for metrics.json and samples.png")
+    evaluate.set_defaults(run=_cmd_evaluate)
+
+    report = commands.add_parser(
+        "report", help="build DIR/report/index.html from a pipeline run folder")
+    report.add_argument("--workdir", type=Path, required=True, help="a pipeline run folder")
+    report.set_defaults(run=_cmd_report)
+
+    pipeline = commands.add_parser(
+        "pipeline", help="rate, score, select, train every arm, evaluate and report")
+    _add_config_arguments(pipeline)
+    pipeline.add_argument("--workdir", type=Path, required=True,
+                          help="run folder; rerunning resumes every finished stage")
+    pipeline.set_defaults(run=_cmd_pipeline)
     return parser
 
 

@@ -79,6 +79,7 @@ class DataConfig:
     source: str = "pool"  # built-in name, manifest file, image folder or TFDS directory
     split: str = "train"
     validation_source: Optional[str] = None  # None: the same source's "validation" split
+    validation_fraction: float = 0.1  # random validation split when the source has none
     resolution: int = 28  # images are resized / center-cropped to resolution x resolution
     channels: Literal[1, 3] = 1
     max_text_length: int = 77  # CLIP context length; the built-in pool is fine with 32
@@ -148,10 +149,90 @@ class RateConfig:
     val_batch_size: int = 256
     remat: Literal["none", "full", "dots"] = "full"
     mixed_mode: bool = False  # unrolled: MixFlow-MG custom VJP of the inner step
-    validation_fraction: float = 0.1  # random validation split when no validation set exists
     checkpoint_every: int = 250  # meta-steps
     log_every: int = 10
     seed: int = 0
+
+
+SCORERS = ("rater", "loss", "el2n", "grand", "clarity", "edge_density", "low_frequency")
+POLICIES = ("filter", "shift_gsample", "gsample", "topk", "bottomk", "random", "block",
+            "threshold", "weighted", "cdf_accept")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """The scoring pass (`alchemist-jax score`): one score per sample id, higher = better."""
+
+    scorer: Literal["rater", "loss", "el2n", "grand", "clarity", "edge_density",
+                    "low_frequency"] = "rater"
+    batch_size: int = 256
+    chunk_size: int = 4096  # samples per atomically written chunk (the unit of resuming)
+    proxy_steps: int = 1000  # loss: steps of the proxy trained on the validation set
+    early_steps: int = 100  # el2n / grand: steps of the early-training proxy
+    draws: int = 4  # loss / el2n / grand: fixed (t, noise) draws averaged per sample
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Choosing the training subset from ratings (`alchemist-jax select`)."""
+
+    policy: Literal["filter", "shift_gsample", "gsample", "topk", "bottomk", "random", "block",
+                    "threshold", "weighted", "cdf_accept"] = "filter"
+    keep: float = 0.5  # R: fraction of the pool kept (exactly round(R * N) ids)
+    group_by: Literal["auto", "label", "caption", "kmeans", "none"] = "auto"  # ranking clusters
+    clusters: int = 20  # kmeans: number of clusters of caption embeddings
+    drop: float = 0.25  # filter: lowest-scored fraction dropped before the random fill
+    head: Optional[float] = None  # shift_gsample: top fraction dropped; None: min(.25, .95 - R)
+    mu: float = 0.54  # (shift_)gsample: mean rank percentile of the Gaussian (0 = best)
+    sigma: float = 0.25  # (shift_)gsample: its spread in rank percentiles
+    start: float = 0.0  # block: rank percentile where the window starts
+    threshold: Optional[float] = None  # threshold: keep scores >= it (None: the keep quantile)
+    temperature: float = 1.0  # weighted / cdf_accept: sharpness of the score-based sampling
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Downstream training of the T2I model (`alchemist-jax train`), same DiT as the proxy."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 1e-3  # AdamW peak, after linear warmup, cosine decay to 10%
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 100  # validation loss (fixed draws) logged every this many steps
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluation of a trained T2I model on the clean held-out test split."""
+
+    test_source: Optional[str] = None  # None: the data source's "test" split
+    test_size: Optional[int] = None  # evaluate on the first N test samples; None: all
+    loss_draws: int = 4  # fixed (t, noise) draws per test sample for the test loss
+    sample_steps: int = 20  # Euler steps of the sampler
+    guidance_scale: float = 3.0
+    classifier_steps: int = 1500  # training steps of the feature classifier (cached)
+    grid_captions: int = 8  # captions in the PNG grid of samples
+    grid_samples: int = 8  # samples per caption in the grid
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The whole pipeline (`alchemist-jax pipeline`, `./tools/demo.sh`): rate, score, select,
+    train every arm for each seed, evaluate, report."""
+
+    arms: tuple[str, ...] = ("alchemist", "alchemist_shift_gsample", "release", "topk",
+                             "random", "full")
+    seeds: tuple[int, ...] = (0,)  # downstream seeds (training order and initialisation)
+    keep: float = 0.5
+    budget: Literal["steps", "epochs", "both"] = "steps"  # epochs: steps scale with subset size
+    penalty_steps: Optional[int] = None  # steps of the `release` (penalty) rater; None: rate.steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +243,11 @@ class Config:
     model: ModelConfig = ModelConfig()
     rater: RaterConfig = RaterConfig()
     rate: RateConfig = RateConfig()
+    score: ScoreConfig = ScoreConfig()
+    select: SelectConfig = SelectConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 # ----------------------------------------------------------------------------------------------

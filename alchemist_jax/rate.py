@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import pyarrow as pa
 import yaml
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -36,9 +35,10 @@ from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
 from alchemist_jax import meta, models
-from alchemist_jax.data import BUILTIN_SOURCES, corrupt, load, pipeline, preprocess
+from alchemist_jax.data import load_splits, pipeline, preprocess
+
 from alchemist_jax.data.cache import atomic_save_figure, atomic_write_bytes
-from alchemist_jax.data.sources import ArraySource, Source
+from alchemist_jax.data.sources import ArraySource
 from alchemist_jax.evaluation import defect_auroc
 
 log = logging.getLogger("alchemist_jax.rate")
@@ -65,92 +65,15 @@ class RatingData:
 
 
 def load_rating_data(cfg: config_lib.Config, workdir: Path) -> RatingData:
-    """Loads the pool (+ defects) and validation set named by `cfg.data` and preprocesses them.
-
-    The validation set is `data.validation_source` if set; else the same source's
-    `validation` split for built-ins and TFDS datasets; else (manifests, image folders) a
-    random `rate.validation_fraction` of the pool, held out from it (seed `rate.seed`).
-    """
+    """Loads the pool (+ defects) and validation set of `cfg.data` (`data.load_splits`) and
+    preprocesses them into memory; writes `workdir/defects.parquet` when defects are injected."""
     data_cfg = cfg.data
-    pool = load(data_cfg.source, data_cfg.split, config=data_cfg, report_dir=workdir)
-    if data_cfg.validation_source is not None:
-        validation = load(data_cfg.validation_source, "validation", config=data_cfg,
-                          report_dir=workdir)
-    elif data_cfg.source in BUILTIN_SOURCES or _has_split(data_cfg.source, "validation"):
-        validation = load(data_cfg.source, "validation", config=data_cfg)
-    else:
-        pool, validation = _random_split(pool, cfg.rate.validation_fraction, cfg.rate.seed)
-    defects = caption_classes = None
-    if data_cfg.corrupt.fraction > 0:
-        pool, truth = corrupt(pool, data_cfg.corrupt.fraction, data_cfg.corrupt.kinds,
-                              seed=data_cfg.corrupt.seed,
-                              truth_path=workdir / "defects.parquet")
-        defects = pool.defects
-        caption_classes = _caption_classes(pool, truth)
+    splits = load_splits(data_cfg, report_dir=workdir)
     transform = preprocess.Preprocessor(data_cfg.resolution, data_cfg.channels,
                                         data_cfg.max_text_length)
-    return RatingData(preprocess.materialize(pool, transform),
-                      preprocess.materialize(validation, transform), defects, caption_classes)
-
-
-def _has_split(path: str, split: str) -> bool:
-    """Whether `path` is a TFDS dataset directory with `split`."""
-    from alchemist_jax.data.tfds_dataset import is_tfds_dir
-
-    if not Path(path).is_dir() or not is_tfds_dir(Path(path)):
-        return False
-    try:
-        load(path, split)
-    except ValueError:
-        return False
-    return True
-
-
-def _random_split(pool: Source, fraction: float, seed: int) -> tuple[Source, Source]:
-    if not 0 < fraction < 1:
-        raise ValueError(f"rate.validation_fraction must be in (0, 1), got {fraction}")
-    order = np.random.default_rng(seed).permutation(len(pool))
-    held_out = max(1, round(fraction * len(pool)))
-    return (_Subset(pool, np.sort(order[held_out:]), "pool"),
-            _Subset(pool, np.sort(order[:held_out]), "validation"))
-
-
-class _Subset(Source):
-    """The examples of `base` at `indices`."""
-
-    def __init__(self, base: Source, indices: np.ndarray, part: str):
-        self.base, self.indices = base, indices
-        self.name = f"{base.name}[{part}]"
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.base[int(self.indices[self._check_index(index)])]
-
-    @property
-    def ids(self) -> np.ndarray:
-        return self.base.ids[self.indices]
-
-    @property
-    def labels(self) -> np.ndarray | None:
-        labels = self.base.labels
-        return None if labels is None else labels[self.indices]
-
-
-def _caption_classes(pool: Source, truth: pa.Table) -> np.ndarray | None:
-    """The class each caption names: the sample's label, or for a swapped caption the label of
-    the sample it was copied from (scores are normalised within caption classes)."""
-    labels = pool.labels
-    if labels is None:
-        return None
-    index_of = {int(i): n for n, i in enumerate(pool.ids)}
-    classes = labels.copy()
-    for n, (kind, donor) in enumerate(zip(truth.column("defect").to_pylist(),
-                                          truth.column("source_id").to_pylist())):
-        if kind == "caption_swap":
-            classes[n] = labels[index_of[donor]]
-    return classes
+    return RatingData(preprocess.materialize(splits.train, transform),
+                      preprocess.materialize(splits.validation, transform), splits.defects,
+                      splits.caption_classes)
 
 
 def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

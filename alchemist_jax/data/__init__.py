@@ -24,8 +24,8 @@ from alchemist_jax.data.sources import ArraySource, Source
 BUILTIN_SOURCES = ("mnist", "animals", "shapes", "pool")
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 
-__all__ = ["ArraySource", "BUILTIN_SOURCES", "Preprocessor", "Source", "corrupt",
-           "eval_iterator", "load", "train_iterator"]
+__all__ = ["ArraySource", "BUILTIN_SOURCES", "Preprocessor", "Source", "Splits", "corrupt",
+           "eval_iterator", "load", "load_splits", "load_test", "train_iterator"]
 
 
 def load(name_or_path: str | Path, split: str = "train", *, config: DataConfig = DataConfig(),
@@ -64,3 +64,6 @@ def load(name_or_path: str | Path, split: str = "train", *, config: DataConfig =
     from alchemist_jax.data.manifest import ImageFolderSource
 
     return ImageFolderSource(path, config.manifest, report_dir=report_dir)
+
+
+from alchemist_jax.data.splits import Splits, load_splits, load_test  # noqa: E402  (uses load)

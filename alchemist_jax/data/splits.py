@@ -1,0 +1,147 @@
+"""The splits every command of a run agrees on: the training pool (with injected defects when
+configured), the clean validation set and the clean test set.
+
+    splits = load_splits(cfg.data, report_dir=workdir)
+    splits.train, splits.validation, splits.truth, splits.caption_classes
+    test = load_test(cfg.data, cfg.evaluate.test_source)
+
+Validation set: `data.validation_source` if set; else the source's own `validation` split
+(built-ins, TFDS datasets that have one); else a random `data.validation_fraction` of the source,
+held out from the pool (seed `data.seed`). Defects are injected into the pool only, after the
+split, so the validation set stays clean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from alchemist_jax.config import DataConfig
+from alchemist_jax.data import load
+from alchemist_jax.data.corrupt import corrupt
+from alchemist_jax.data.sources import Source
+
+
+@dataclasses.dataclass
+class Splits:
+    """The training pool and the validation set of a run.
+
+    `truth` is the defect table of `corrupt` (one row per pool index: id, defect, source_id) or
+    None without injected defects; `caption_classes` (N,) is the class each pool caption names
+    (the label, or for a swapped caption the label of its donor), None without labels or defects.
+    """
+
+    train: Source
+    validation: Source
+    truth: pa.Table | None
+    caption_classes: np.ndarray | None
+
+    @property
+    def defects(self) -> list[str | None] | None:
+        """Defect kind per pool index (None = clean), or None without injected defects."""
+        return None if self.truth is None else self.truth.column("defect").to_pylist()
+
+
+def load_splits(config: DataConfig, report_dir: str | Path | None = None) -> Splits:
+    """Opens the pool and validation set named by `config` (see the module docstring); writes
+    `report_dir/defects.parquet` (and `bad_samples.parquet` for user data) when given."""
+    report_dir = None if report_dir is None else Path(report_dir)
+    pool = load(config.source, config.split, config=config, report_dir=report_dir)
+    if config.validation_source is not None:
+        validation = load(config.validation_source, "validation", config=config,
+                          report_dir=report_dir)
+    elif has_split(config.source, "validation"):
+        validation = load(config.source, "validation", config=config)
+    else:
+        pool, validation = random_split(pool, config.validation_fraction, config.seed)
+    if config.corrupt.fraction <= 0:
+        return Splits(pool, validation, None, None)
+    pool, truth = corrupt(pool, config.corrupt.fraction, config.corrupt.kinds,
+                          seed=config.corrupt.seed,
+                          truth_path=None if report_dir is None else report_dir / "defects.parquet")
+    return Splits(pool, validation, truth, _caption_classes(pool, truth))
+
+
+def load_test(config: DataConfig, test_source: str | None = None) -> Source:
+    """The clean held-out test set: `test_source` (its `test` split if it is a dataset with
+    splits), else the `test` split of `config.source`.
+
+    Raises:
+      ValueError: no test set — the source has no `test` split and none was given.
+    """
+    if test_source is not None:
+        return load(test_source, "test", config=config)
+    if not has_split(config.source, "test"):
+        raise ValueError(f"data source {config.source!r} has no test split: set "
+                         "evaluate.test_source to a clean held-out set")
+    return load(config.source, "test", config=config)
+
+
+def has_split(name_or_path: str, split: str) -> bool:
+    """Whether the source has a named `split`: always for built-ins, for TFDS directories when
+    they hold it, never for manifests and image folders (one split each)."""
+    from alchemist_jax.data import BUILTIN_SOURCES
+    from alchemist_jax.data.tfds_dataset import is_tfds_dir
+
+    if name_or_path in BUILTIN_SOURCES:
+        return True
+    path = Path(name_or_path)
+    if not path.is_dir() or not is_tfds_dir(path):
+        return False
+    try:
+        load(path, split)
+    except ValueError:
+        return False
+    return True
+
+
+def random_split(pool: Source, fraction: float, seed: int) -> tuple[Source, Source]:
+    """(rest, held out): a random `fraction` of `pool` held out, both in index order."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.validation_fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    held_out = max(1, round(fraction * len(pool)))
+    return (Subset(pool, np.sort(order[held_out:]), "pool"),
+            Subset(pool, np.sort(order[:held_out]), "validation"))
+
+
+class Subset(Source):
+    """The examples of `base` at `indices`, in that order."""
+
+    def __init__(self, base: Source, indices: np.ndarray, part: str):
+        self.base, self.indices = base, np.asarray(indices, np.int64)
+        self.name = f"{base.name}[{part}]"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.base[int(self.indices[self._check_index(index)])]
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.base.ids[self.indices]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        labels = self.base.labels
+        return None if labels is None else labels[self.indices]
+
+
+def _caption_classes(pool: Source, truth: pa.Table) -> np.ndarray | None:
+    """The class each caption names: the sample's label, or for a swapped caption the label of
+    the sample it was copied from (scores are normalised within caption classes)."""
+    labels = pool.labels
+    if labels is None:
+        return None
+    index_of = {int(i): n for n, i in enumerate(pool.ids)}
+    classes = labels.copy()
+    for n, (kind, donor) in enumerate(zip(truth.column("defect").to_pylist(),
+                                          truth.column("source_id").to_pylist())):
+        if kind == "caption_swap":
+            classes[n] = labels[index_of[donor]]
+    return classes
