@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -287,6 +288,33 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as plain nested dicts (for logging and run metadata)."""
     return dataclasses.asdict(config)
+
+
+def to_yaml(config: Any) -> str:
+    """The config as YAML text (tuples as lists), readable by `load_config`."""
+    return yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False)
+
+
+def write_run_config(config: Config, workdir: Path, sections: typing.Sequence[str]) -> None:
+    """Stores the resolved config as `workdir/config.yaml`; a rerun in the same workdir (which
+    resumes) must agree on the `sections` that shape its results (e.g. data, model, rate), while
+    the others (say, evaluation settings) may change between runs.
+
+    Raises:
+      ConfigError: the workdir holds a config that differs in one of `sections` (named).
+    """
+    from alchemist_jax.data.cache import atomic_write_bytes
+
+    path = Path(workdir) / "config.yaml"
+    if path.exists():
+        stored = yaml.safe_load(path.read_text()) or {}
+        current = yaml.safe_load(to_yaml(config))
+        changed = [name for name in sections if stored.get(name) != current.get(name)]
+        if changed:
+            raise ConfigError(
+                f"{path} holds a different config (section {', '.join(changed)}): resume with "
+                "the same config and overrides, or use a new --workdir")
+    atomic_write_bytes(path, to_yaml(config).encode())
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import yaml
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -37,7 +36,7 @@ from alchemist_jax import config as config_lib
 from alchemist_jax import meta, models
 from alchemist_jax.data import load_splits, pipeline, preprocess
 
-from alchemist_jax.data.cache import atomic_save_figure, atomic_write_bytes
+from alchemist_jax.data.cache import atomic_save_figure
 from alchemist_jax.data.sources import ArraySource
 from alchemist_jax.evaluation import defect_auroc
 
@@ -325,7 +324,7 @@ def rate(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None 
     validate_rate_config(cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_config(cfg, workdir)
+    config_lib.write_run_config(cfg, workdir, ("data", "model", "rater", "rate"))
     rate_cfg = cfg.rate
     inner, cycle = rate_cfg.inner_steps, rate_cfg.meta_every or rate_cfg.inner_steps
 
@@ -415,17 +414,6 @@ def _restore(manager: ocp.CheckpointManager, like: dict) -> tuple[dict, dict]:
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), iterators=ocp.args.JsonRestore()))
     return restored["state"], restored["iterators"]
-
-
-def _write_config(cfg: config_lib.Config, workdir: Path) -> None:
-    """Stores the resolved config; a rerun in the same workdir must use the same one."""
-    path = workdir / "config.yaml"
-    text = yaml.safe_dump(json.loads(json.dumps(config_lib.to_dict(cfg))), sort_keys=False)
-    if path.exists() and path.read_text() != text:
-        raise config_lib.ConfigError(
-            f"{path} holds a different config: resume with the same config and overrides, "
-            "or use a new --workdir")
-    atomic_write_bytes(path, text.encode())
 
 
 class MetricsLog:
