@@ -1,0 +1,197 @@
+"""The whole pipeline (`alchemist-jax pipeline`, `./tools/demo.sh`), stage by stage:
+
+  rate      learn each rater the arms need: `exact` (cfg.rate as configured) and, for the
+            paper-faithful `release` arm, `penalty` (the released first-order scheme)
+  score     one score per pool id from each rater's EMA parameters -> ratings/<rater>.parquet
+  select    each arm's subset of the pool -> selections/<arm>.parquet (+ .json summary)
+  train     a fresh T2I model per arm and seed -> train/<run>/seed<S>/ (equal steps; with
+            pipeline.budget epochs|both also equal epochs for arms of another size: <arm>-epochs)
+  evaluate  test loss, FCD, text alignment and a sample grid -> eval/<run>/seed<S>/
+  report    results.json, report/index.html; the final table is printed
+
+Every stage skips the work already on disk (each writes its outputs atomically, the rating and
+training runs resume from their checkpoints), so rerunning the same command after an interruption
+continues where it stopped. The run folder layout is documented in docs/PIPELINE.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alchemist_jax import config as config_lib
+from alchemist_jax import evaluation, rate, report, scoring, selection, train
+from alchemist_jax.data import load_splits, load_test, preprocess
+from alchemist_jax.data.cache import atomic_write_bytes, atomic_write_parquet
+
+log = logging.getLogger("alchemist_jax.pipeline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One way of choosing the downstream training set.
+
+    rater: `exact` / `penalty` (whose ratings the policy ranks) or None.
+    policy: a selection policy (`config.POLICIES`), or None for a fixed subset: the whole pool
+      (`clean_only` False) or its clean samples (True, needs injected defects: the oracle).
+    """
+
+    rater: str | None
+    policy: str | None
+    clean_only: bool = False
+
+
+ARMS: dict[str, Arm] = {
+    "alchemist": Arm("exact", "filter"),
+    "alchemist_shift_gsample": Arm("exact", "shift_gsample"),
+    "release": Arm("penalty", "shift_gsample"),
+    "topk": Arm("exact", "topk"),
+    "random": Arm(None, "random"),
+    "full": Arm(None, None),
+    "oracle": Arm(None, None, clean_only=True),
+}
+
+# A rerun must agree on these sections (the pipeline section may change: more seeds or arms).
+RESULT_SECTIONS = ("data", "model", "rater", "rate", "score", "select", "train", "evaluate")
+
+
+def rater_config(cfg: config_lib.Config, rater: str) -> config_lib.Config:
+    """The config of rater `exact` (cfg as given) or `penalty` (mode penalty, with
+    pipeline.penalty_steps meta-steps when set)."""
+    if rater == "exact":
+        return cfg
+    steps = cfg.pipeline.penalty_steps or cfg.rate.steps
+    return dataclasses.replace(cfg, rate=dataclasses.replace(
+        cfg.rate, mode="penalty", steps=steps, checkpoint_every=min(cfg.rate.checkpoint_every,
+                                                                    steps)))
+
+
+def validate(cfg: config_lib.Config, has_defects: bool) -> None:
+    """Pipeline-level checks with one-line messages naming the key."""
+    unknown = [arm for arm in cfg.pipeline.arms if arm not in ARMS]
+    if unknown:
+        raise config_lib.ConfigError(
+            f"pipeline.arms: unknown arm {', '.join(map(repr, unknown))}; valid arms: "
+            f"{', '.join(ARMS)}")
+    if not cfg.pipeline.arms or not cfg.pipeline.seeds:
+        raise config_lib.ConfigError("pipeline.arms and pipeline.seeds must not be empty")
+    if "oracle" in cfg.pipeline.arms and not has_defects:
+        raise config_lib.ConfigError("pipeline.arms: `oracle` needs injected defects "
+                                     "(data.corrupt.fraction > 0) to know the clean samples")
+    if not 0 < cfg.pipeline.keep <= 1:
+        raise config_lib.ConfigError(f"pipeline.keep must be in (0, 1], got {cfg.pipeline.keep}")
+
+
+def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
+    """Runs (or resumes) every stage in `workdir`; returns the rows of results.json."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_lib.write_run_config(cfg, workdir, RESULT_SECTIONS)
+    started = time.perf_counter()
+    splits = load_splits(cfg.data, report_dir=workdir)
+    validate(cfg, splits.truth is not None)
+    arms = {name: ARMS[name] for name in cfg.pipeline.arms}
+
+    raters = sorted({arm.rater for arm in arms.values() if arm.rater}, key=["exact",
+                                                                           "penalty"].index)
+    for rater in raters:
+        _stage(f"rate ({rater})")
+        rate.rate(rater_config(cfg, rater), workdir / "rate" / rater)
+        ratings = workdir / "ratings" / f"{rater}.parquet"
+        if not ratings.exists():
+            _stage(f"score ({rater})")
+            scoring.run(dataclasses.replace(cfg, score=dataclasses.replace(
+                cfg.score, scorer="rater")), ratings, rater_dir=workdir / "rate" / rater)
+
+    _stage("select")
+    pool_ids = splits.train.ids
+    subsets = {name: _select(cfg, name, arm, splits, workdir) for name, arm in arms.items()}
+
+    transform = preprocess.Preprocessor(cfg.data.resolution, cfg.data.channels,
+                                        cfg.data.max_text_length)
+    pool = preprocess.materialize(splits.train, transform)
+    validation = preprocess.materialize(splits.validation, transform)
+    test = load_test(cfg.data, cfg.evaluate.test_source)
+    if cfg.evaluate.test_size is not None:
+        from alchemist_jax.data.splits import Subset
+
+        test = Subset(test, np.arange(min(cfg.evaluate.test_size, len(test))), "evaluated")
+    test = preprocess.materialize(test, transform)
+    classifier = evaluation.feature_classifier(cfg)
+    index_of = {int(i): n for n, i in enumerate(pool_ids)}
+
+    rows = []
+    budget_size = round(cfg.pipeline.keep * len(pool_ids))
+    for seed in cfg.pipeline.seeds:
+        for name, ids in subsets.items():
+            for budget in _budgets(cfg.pipeline.budget):
+                steps = cfg.train.steps
+                if budget == "epochs":
+                    steps = max(1, round(cfg.train.steps * len(ids) / budget_size))
+                run_name = name if steps == cfg.train.steps else f"{name}-epochs"
+                _stage(f"train {run_name} seed {seed} ({len(ids)} samples, {steps} steps)")
+                train_dir = workdir / "train" / run_name / f"seed{seed}"
+                train_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+                    cfg.train, steps=steps, seed=seed))
+                trained = train.train_model(
+                    train_cfg, pool.take(np.array([index_of[int(i)] for i in ids])), train_dir,
+                    steps=steps, seed=seed, validation=validation, desc=f"train {run_name}")
+                eval_dir = workdir / "eval" / run_name / f"seed{seed}"
+                metrics_path = eval_dir / "metrics.json"
+                if metrics_path.exists():
+                    metrics = json.loads(metrics_path.read_text())
+                else:
+                    metrics = evaluation.evaluate_model(cfg, trained, test, classifier, eval_dir)
+                rows.append({"arm": name, "run": run_name, "budget": budget, "seed": seed,
+                             "steps": steps, "train_size": len(ids),
+                             **{k: metrics.get(k) for k in ("test_loss", "fcd", "alignment")}})
+
+    atomic_write_bytes(workdir / "results.json", json.dumps(rows, indent=1).encode())
+    _stage("report")
+    path = report.build(workdir)
+    print(report.results_table_markdown(rows))
+    print(f"\nreport: {path}  ({(time.perf_counter() - started) / 60:.1f} min)")
+    return rows
+
+
+def _budgets(budget: str) -> tuple[str, ...]:
+    return ("steps", "epochs") if budget == "both" else (budget,)
+
+
+def _stage(name: str) -> None:
+    log.info("== %s", name)
+
+
+def _select(cfg: config_lib.Config, name: str, arm: Arm, splits, workdir: Path) -> np.ndarray:
+    """The ids arm `name` trains on (read back from selections/<name>.parquet when present)."""
+    out = workdir / "selections" / f"{name}.parquet"
+    if out.exists():
+        return pq.read_table(out).column("id").to_numpy()
+    pool_ids = splits.train.ids
+    if arm.policy is None:
+        keep = np.ones(len(pool_ids), bool)
+        if arm.clean_only:
+            keep = np.array([kind is None for kind in splits.defects])
+        ids = np.sort(pool_ids[keep])
+        atomic_write_parquet(out, pa.table({"id": pa.array(ids, pa.int64())}))
+        return ids
+    select_cfg = dataclasses.replace(cfg.select, policy=arm.policy, keep=cfg.pipeline.keep)
+    arm_cfg = dataclasses.replace(cfg, select=select_cfg)
+    if arm.rater is None:  # random: the policy ignores the scores
+        ratings = workdir / "ratings" / "uniform.parquet"
+        if not ratings.exists():
+            atomic_write_parquet(ratings, pa.table({
+                "id": pa.array(pool_ids, pa.int64()),
+                "score": pa.array(np.zeros(len(pool_ids), np.float32))}))
+    else:
+        ratings = workdir / "ratings" / f"{arm.rater}.parquet"
+    summary = selection.run(arm_cfg, ratings, out)
+    log.info("%s: kept %d of %d", name, summary["count"], summary["pool_size"])
+    return pq.read_table(out).column("id").to_numpy()
