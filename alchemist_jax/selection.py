@@ -1,0 +1,635 @@
+"""Choosing the training subset from ratings (`alchemist-jax select`).
+
+    selected = select(scores, ids, policy="filter", keep=0.5, seed=0, groups=groups, drop=0.25)
+    groups, names = cluster_groups(pool, "auto", clusters=20, seed=0)
+    selected, summary = select_for_source(cfg.select, scores, ids, pool)
+    summary = run(cfg, Path("ratings.parquet"), Path("selection.parquet"))
+
+Scores are higher = better. Within a group of n samples, samples are ranked best first (ties
+broken by id) and the rank percentile of the sample at rank r (0-based) is u = r / n, in [0, 1),
+0 = best. Every policy runs inside each group (caption class, exact caption or k-means cluster of
+caption embeddings; one group = global ranking) and every group keeps its share of the pool: the
+round(keep * N) samples are allocated to the groups in proportion to their sizes by the largest
+remainder method (ties to the earlier group), so the total is exact. Policies (METHOD.md §4, §8):
+
+  filter         drop the lowest-scored `drop` fraction, then draw the group's share uniformly at
+                 random from the rest (the measured best rule, within clusters)
+  shift_gsample  drop the top `head` fraction (None: min(0.25, 0.95 - keep)), then draw the share
+                 without replacement with probability ∝ exp(-(u - mu)² / 2 sigma²), u computed
+                 over the whole group before the drop (Gumbel top-k: exact counts)
+  gsample        the same Gaussian draw without the drop
+  topk, bottomk  the best / worst share
+  random         a uniformly random share
+  block          the contiguous rank window of the share's size starting at percentile `start`
+  threshold      every sample with score >= `threshold`; None: per group, the score of its
+                 share's last sample (the group's keep quantile)
+  weighted       draw the share without replacement with probability ∝ exp(z / temperature),
+                 z = the score's z-score within its group (Gumbel top-k)
+  cdf_accept     accept each sample independently with probability min(1, c·F^(1/temperature)),
+                 F = the empirical CDF of its score within its group, c calibrated so the group's
+                 expected count is its share (needs no global sort: runs shard by shard)
+
+Exactly round(keep * N) ids come out of every policy but two: `threshold` gives the number of
+scores >= the threshold (with None: each group's share plus ties at its cut), `cdf_accept` a random
+count whose expectation is exactly round(keep * N). Everything is deterministic from `seed`; each
+group draws from its own generator seeded by (seed, group position), and results do not depend on
+the order of the input rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from alchemist_jax.config import POLICIES, Config, SelectConfig
+from alchemist_jax.data.cache import atomic_write_bytes, atomic_write_parquet
+from alchemist_jax.data.sources import ArraySource, Source
+from alchemist_jax.evaluation import normalize_within_groups
+
+# The parameters of each policy (SelectConfig fields) and their defaults.
+POLICY_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "filter": ("drop",),
+    "shift_gsample": ("head", "mu", "sigma"),
+    "gsample": ("mu", "sigma"),
+    "topk": (),
+    "bottomk": (),
+    "random": (),
+    "block": ("start",),
+    "threshold": ("threshold",),
+    "weighted": ("temperature",),
+    "cdf_accept": ("temperature",),
+}
+PARAMETER_DEFAULTS: dict[str, Any] = {
+    name: getattr(SelectConfig(), name)
+    for name in sorted({n for names in POLICY_PARAMETERS.values() for n in names})
+}
+GROUPINGS = ("auto", "label", "caption", "kmeans", "none")
+HISTOGRAM_BINS = 20
+PARQUET_METADATA_KEY = b"alchemist_jax.selection"
+_TOLERANCE = 1e-9  # float slack when comparing fractions such as keep + drop to 1
+
+
+# ==============================================================================================
+# Selection (pure)
+# ==============================================================================================
+
+
+def resolve_params(policy: str, keep: float, **params: Any) -> dict[str, Any]:
+    """The parameters `policy` uses, defaults filled in (SelectConfig's) and validated.
+
+    `head=None` becomes max(0, min(0.25, 0.95 - keep)). Parameters of other policies are accepted
+    and ignored, so a whole SelectConfig can be passed.
+
+    Raises:
+      ValueError: an unknown policy or parameter name, a value out of range, or a `drop` /
+        `head` / `start` that leaves fewer than `keep` of the pool to choose from.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown selection policy {policy!r}; valid policies: "
+                         f"{', '.join(POLICIES)}")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"select.keep must be in (0, 1], got {keep}")
+    unknown = sorted(set(params) - set(PARAMETER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown selection parameter {', '.join(map(repr, unknown))}; valid "
+                         f"parameters: {', '.join(PARAMETER_DEFAULTS)}")
+    values = {**PARAMETER_DEFAULTS, **params}
+    resolved = {name: values[name] for name in POLICY_PARAMETERS[policy]}
+    if "head" in resolved and resolved["head"] is None:
+        resolved["head"] = max(0.0, min(0.25, 0.95 - keep))
+    for name in ("drop", "head", "start"):
+        if name in resolved:
+            if not 0.0 <= resolved[name] < 1.0:
+                raise ValueError(f"select.{name} must be in [0, 1), got {resolved[name]}")
+            if keep > 1.0 - resolved[name] + _TOLERANCE:
+                raise ValueError(
+                    f"select.{name}={resolved[name]} leaves {1 - resolved[name]:.3g} of the pool "
+                    f"to choose from, less than select.keep={keep}; need keep <= 1 - {name}")
+    for name in ("sigma", "temperature"):
+        if name in resolved and not resolved[name] > 0:
+            raise ValueError(f"select.{name} must be > 0, got {resolved[name]}")
+    return resolved
+
+
+def allocate(total: int, sizes: np.ndarray) -> np.ndarray:
+    """Splits `total` samples among groups of `sizes` (G,) in proportion to their sizes, by the
+    largest remainder method (ties go to the earlier group). Returns int64 (G,) summing to
+    `total`, each at most its group's size (given 0 <= total <= sizes.sum())."""
+    sizes = np.asarray(sizes, np.int64)
+    pool = int(sizes.sum())
+    base, remainders = np.divmod(total * sizes, pool)
+    shares = base.copy()
+    shares[np.argsort(-remainders, kind="stable")[: total - int(base.sum())]] += 1
+    return shares
+
+
+def select(scores: np.ndarray, ids: np.ndarray, *, policy: str, keep: float, seed: int,
+           groups: np.ndarray | None = None, **params: Any) -> np.ndarray:
+    """The ids chosen by `policy` (see the module docstring), sorted ascending.
+
+    Args:
+      scores: float (N,), higher = better.
+      ids: int64 (N,), unique.
+      policy: one of `config.POLICIES`.
+      keep: fraction of the pool to keep, in (0, 1]: round(keep * N) ids (`threshold`,
+        `cdf_accept`: see the module docstring).
+      seed: seeds every random draw.
+      groups: int (N,) cluster of each sample, or None for one global ranking.
+      **params: the policy's parameters, named like the SelectConfig fields (drop, head, mu,
+        sigma, start, threshold, temperature); missing ones take SelectConfig's defaults.
+    Returns:
+      int64 (K,) selected ids, ascending.
+    Raises:
+      ValueError: see `resolve_params`; also mismatched lengths, duplicate ids, NaN or infinite
+        scores, an empty pool or a keep that rounds to no sample.
+    """
+    scores, ids, groups = _check_inputs(scores, ids, groups)
+    resolved = resolve_params(policy, keep, **params)
+    total = round(keep * len(ids))
+    if total == 0:
+        raise ValueError(f"select.keep={keep} of {len(ids)} samples keeps no sample")
+    by_id = np.argsort(ids, kind="stable")  # canonical order: results ignore the row order
+    scores, ids, groups = scores[by_id], ids[by_id], groups[by_id]
+    members_of = _group_members(groups)
+    shares = allocate(total, np.array([len(m) for m in members_of]))
+    chosen = [
+        ids[members[_POLICIES[policy](scores[members], int(share),
+                                      np.random.default_rng((seed, position)), **resolved)]]
+        for position, (members, share) in enumerate(zip(members_of, shares))
+    ]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def cdf_acceptance(scores: np.ndarray, expected: int, temperature: float) -> np.ndarray:
+    """Acceptance probabilities p (n,) = min(1, c·F(s)^(1/temperature)), F(s) = the fraction of
+    `scores` (n,) that are <= s, with c chosen so that sum(p) = `expected` (0 <= expected <= n).
+    Lower temperatures concentrate acceptance on the best scores; higher ones approach the same
+    probability expected / n for every sample."""
+    scores = np.asarray(scores, np.float64)
+    n = len(scores)
+    if expected == 0:
+        return np.zeros(n)
+    cdf = np.searchsorted(np.sort(scores), scores, side="right") / n
+    weights = cdf ** (1.0 / temperature)
+    # Water-filling: the j largest weights saturate at 1 and c·w sums to expected - j on the
+    # rest; the valid j is the one whose c keeps the saturated >= 1 and the others <= 1.
+    descending = np.sort(weights)[::-1]
+    tails = np.cumsum(descending[::-1])[::-1]
+    saturated = np.arange(min(expected, n))
+    factors = (expected - saturated) / tails[saturated]
+    below = factors * descending[saturated] <= 1 + _TOLERANCE
+    above = np.r_[True, factors[1:] * descending[saturated[1:] - 1] >= 1 - _TOLERANCE]
+    factor = factors[np.flatnonzero(below & above)[0]]
+    return np.minimum(1.0, factor * weights)
+
+
+def _check_inputs(scores, ids, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, np.float64)
+    ids = np.asarray(ids)
+    if scores.ndim != 1 or ids.ndim != 1 or len(scores) != len(ids):
+        raise ValueError(f"scores {scores.shape} and ids {ids.shape} must be 1-D of one length")
+    if len(ids) == 0:
+        raise ValueError("there are no scores to select from")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got {ids.dtype}")
+    _check_unique(ids, "ids")
+    _check_finite(scores, "scores")
+    if groups is None:
+        groups = np.zeros(len(ids), np.int64)
+    groups = np.asarray(groups)
+    if groups.shape != ids.shape:
+        raise ValueError(f"groups {groups.shape} must have the shape of ids {ids.shape}")
+    return scores, ids.astype(np.int64), groups
+
+
+def _check_unique(ids: np.ndarray, what: str) -> None:
+    values, counts = np.unique(ids, return_counts=True)
+    if len(values) != len(ids):
+        repeated = values[counts > 1]
+        raise ValueError(f"{what}: {len(repeated)} ids occur more than once "
+                         f"(e.g. id {int(repeated[0])})")
+
+
+def _check_finite(scores: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        raise ValueError(f"{what}: {int(np.isnan(scores).sum())} scores are NaN and "
+                         f"{int(np.isinf(scores).sum())} infinite; every score must be finite")
+
+
+def _group_members(groups: np.ndarray) -> list[np.ndarray]:
+    """Positions of each group's members (ascending), groups in sorted order of their values."""
+    values, inverse = np.unique(groups, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(inverse, minlength=len(values)))[:-1])
+
+
+def _best_first(scores: np.ndarray) -> np.ndarray:
+    """Positions ordered best (highest score) first; ties keep position order."""
+    return np.argsort(-scores, kind="stable")
+
+
+def _gumbel_top_k(log_weights: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` positions drawn without replacement with probability ∝ exp(log_weights)."""
+    keys = log_weights + rng.gumbel(size=len(log_weights))
+    return np.argsort(-keys, kind="stable")[:count]
+
+
+# Per-group policies: (scores (n,), share, rng, **params) -> positions (into the group) chosen.
+
+
+def _filter(scores, share, rng, *, drop):
+    ranking = _best_first(scores)
+    dropped = min(round(drop * len(scores)), len(scores) - share)
+    return rng.choice(ranking[: len(scores) - dropped], size=share, replace=False)
+
+
+def _gaussian(scores, share, rng, *, mu, sigma, head=0.0):
+    n = len(scores)
+    ranking = _best_first(scores)
+    skipped = min(round(head * n), n - share)
+    percentiles = np.arange(skipped, n) / n
+    log_weights = -((percentiles - mu) ** 2) / (2 * sigma**2)
+    return ranking[skipped:][_gumbel_top_k(log_weights, share, rng)]
+
+
+def _topk(scores, share, rng):
+    return _best_first(scores)[:share]
+
+
+def _bottomk(scores, share, rng):
+    return _best_first(scores)[len(scores) - share:]
+
+
+def _random(scores, share, rng):
+    return rng.choice(len(scores), size=share, replace=False)
+
+
+def _block(scores, share, rng, *, start):
+    first = min(round(start * len(scores)), len(scores) - share)
+    return _best_first(scores)[first: first + share]
+
+
+def _threshold(scores, share, rng, *, threshold):
+    if threshold is None:
+        if share == 0:
+            return np.zeros(0, np.int64)
+        threshold = np.sort(scores)[::-1][share - 1]
+    return np.flatnonzero(scores >= threshold)
+
+
+def _weighted(scores, share, rng, *, temperature):
+    return _gumbel_top_k(normalize_within_groups(scores, None) / temperature, share, rng)
+
+
+def _cdf_accept(scores, share, rng, *, temperature):
+    return np.flatnonzero(rng.random(len(scores)) < cdf_acceptance(scores, share, temperature))
+
+
+_POLICIES: dict[str, Callable[..., np.ndarray]] = {
+    "filter": _filter, "shift_gsample": _gaussian, "gsample": _gaussian, "topk": _topk,
+    "bottomk": _bottomk, "random": _random, "block": _block, "threshold": _threshold,
+    "weighted": _weighted, "cdf_accept": _cdf_accept,
+}
+
+
+# ==============================================================================================
+# Summary (pure)
+# ==============================================================================================
+
+
+def rank_percentiles(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Global rank percentile (N,) of each sample in [0, 1), 0 = best; ties ranked by id."""
+    scores, ids = np.asarray(scores, np.float64), np.asarray(ids)
+    percentiles = np.empty(len(scores))
+    percentiles[np.lexsort((ids, -scores))] = np.arange(len(scores)) / len(scores)
+    return percentiles
+
+
+def summarize(scores: np.ndarray, ids: np.ndarray, selected: np.ndarray,
+              groups: np.ndarray | None, names: list[str] | None,
+              policy_params: dict[str, Any]) -> dict[str, Any]:
+    """What a selection kept.
+
+    Args:
+      scores, ids: (N,) the pool's scores and ids.
+      selected: (K,) the chosen ids (a subset of `ids`).
+      groups: int (N,) cluster of each sample (values index `names`), or None (one group).
+      names: the cluster names, or None (named by their group values; "all" without groups).
+      policy_params: recorded as `params`.
+    Returns:
+      {"count", "pool_size", "cluster_keep_rates": {name: kept / size},
+       "rank_histogram": {"edges": 21 floats over [0, 1], "counts": 20 ints} of the chosen ids'
+       global rank percentiles (0 = best), "params"}.
+    """
+    ids = np.asarray(ids)
+    chosen = np.isin(ids, selected)
+    if groups is None:
+        groups, names = np.zeros(len(ids), np.int64), ["all"]
+    groups = np.asarray(groups)
+    rates = {}
+    for value in np.unique(groups):
+        members = groups == value
+        name = str(value) if names is None else names[int(value)]
+        rates[name] = float(chosen[members].mean())
+    counts, edges = np.histogram(rank_percentiles(scores, ids)[chosen], bins=HISTOGRAM_BINS,
+                                 range=(0.0, 1.0))
+    return {
+        "count": int(chosen.sum()),
+        "pool_size": len(ids),
+        "cluster_keep_rates": rates,
+        "rank_histogram": {"edges": [round(float(e), 6) for e in edges],
+                           "counts": [int(c) for c in counts]},
+        "params": dict(policy_params),
+    }
+
+
+# ==============================================================================================
+# Clusters of the pool
+# ==============================================================================================
+
+
+def cluster_groups(source: Source, group_by: str, clusters: int,
+                   seed: int) -> tuple[np.ndarray, list[str]]:
+    """The ranking clusters of every sample of `source`.
+
+    Args:
+      source: the pool.
+      group_by: `label` (source.labels), `caption` (identical caption text), `kmeans` (k-means++
+        seeded k-means over caption vectors: the mean-pooled `text_embedding` when the examples
+        carry one, else L2-normalised TF-IDF of their CLIP BPE tokens), `none` (one group) or
+        `auto` (label when the source has labels; else caption when there are at most N / 5
+        distinct captions; else kmeans).
+      clusters: k of kmeans (fewer when there are fewer distinct caption vectors).
+      seed: seeds kmeans.
+    Returns:
+      (groups int64 (N,) in 0..G-1 in source order, names: G unique cluster names).
+    Raises:
+      ValueError: labels asked of a source without labels, captions of one without captions.
+    """
+    _, groups, names = _grouping(source, group_by, clusters, seed)
+    return groups, names
+
+
+def _grouping(source: Source, group_by: str, clusters: int,
+              seed: int) -> tuple[str, np.ndarray, list[str]]:
+    """(the grouping used — `auto` resolved —, groups, names); see `cluster_groups`."""
+    if group_by not in GROUPINGS:
+        raise ValueError(f"unknown select.group_by {group_by!r}; valid: {', '.join(GROUPINGS)}")
+    size = len(source)
+    if group_by == "none":
+        return "none", np.zeros(size, np.int64), ["all"]
+    if group_by == "label" or (group_by == "auto" and source.labels is not None):
+        labels = source.labels
+        if labels is None:
+            raise ValueError(f"select.group_by=label: data source {source.name!r} has no labels")
+        values, groups = np.unique(labels, return_inverse=True)
+        return "label", groups.astype(np.int64), [f"label {v}" for v in values]
+    captions, embeddings = _caption_fields(source)
+    if group_by == "caption" or (group_by == "auto" and captions is not None
+                                 and len(set(captions)) <= size / 5):
+        if captions is None:
+            raise ValueError(f"select.group_by=caption: data source {source.name!r} has no "
+                             "captions")
+        values, groups = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
+        return "caption", groups.astype(np.int64), [str(v) for v in values]
+    if clusters < 1:
+        raise ValueError(f"select.clusters must be at least 1, got {clusters}")
+    if embeddings is not None:
+        rows, inverse, counts = np.unique(embeddings, axis=0, return_inverse=True,
+                                          return_counts=True)
+        features = rows
+    elif captions is not None:
+        texts, inverse, counts = np.unique(np.asarray(captions, dtype=object),
+                                           return_inverse=True, return_counts=True)
+        features = tfidf([str(t) for t in texts], counts)
+    else:
+        raise ValueError(f"select.group_by={group_by}: data source {source.name!r} has neither "
+                         "captions nor text embeddings to cluster")
+    groups = kmeans(features, clusters, seed, weights=counts)[inverse.ravel()]
+    return "kmeans", groups, _cluster_names(groups, captions)
+
+
+def _caption_fields(source: Source) -> tuple[list[str] | None, np.ndarray | None]:
+    """(captions or None, float (N, D) mean-pooled text embeddings or None), in source order."""
+    first = source[0] if len(source) else {}
+    if isinstance(source, ArraySource) and "text_embedding" not in first:
+        return source.captions, None
+    if "caption" not in first and "text_embedding" not in first:
+        return None, None
+    captions, embeddings = [], []
+    for index in tqdm(range(len(source)), desc=f"reading captions of {source.name}",
+                      unit="ex", leave=False):
+        example = source[index]
+        if "caption" in first:
+            captions.append(example["caption"])
+        if "text_embedding" in first:
+            embedding = np.asarray(example["text_embedding"], np.float64)
+            embeddings.append(embedding.reshape(-1, embedding.shape[-1]).mean(axis=0))
+    return (captions if "caption" in first else None,
+            np.stack(embeddings) if "text_embedding" in first else None)
+
+
+def _cluster_names(groups: np.ndarray, captions: list[str] | None) -> list[str]:
+    """`cluster j`, followed by the cluster's most frequent caption when there are captions."""
+    if captions is None:
+        return [f"cluster {j}" for j in range(groups.max() + 1)]
+    common = [Counter() for _ in range(groups.max() + 1)]
+    for group, caption in zip(groups, captions):
+        common[group][caption] += 1
+    return [f"cluster {j}: {c.most_common(1)[0][0]}" for j, c in enumerate(common)]
+
+
+def tfidf(texts: list[str], counts: np.ndarray | None = None, max_length: int = 77):
+    """L2-normalised TF-IDF vectors of `texts` over their CLIP BPE token ids.
+
+    Args:
+      texts: U captions (tokenized with `data.tokenizer.Tokenizer(max_length)`; the start and end
+        tokens are not counted).
+      counts: (U,) how many pool samples carry each text (document frequencies count samples);
+        None: one each.
+    Returns:
+      scipy.sparse CSR float64 (U, V) over the V token ids that occur; idf = ln((1 + N) /
+      (1 + df)) + 1 with N = sum(counts).
+    """
+    import scipy.sparse
+
+    from alchemist_jax.data.tokenizer import END_ID, START_ID, Tokenizer
+
+    counts = np.ones(len(texts)) if counts is None else np.asarray(counts, np.float64)
+    tokens, mask = Tokenizer(max_length)(texts)
+    content = mask & (tokens != START_ID) & (tokens != END_ID)
+    rows = np.nonzero(content)[0]
+    _, columns = np.unique(tokens[content], return_inverse=True)
+    term_counts = scipy.sparse.csr_matrix(
+        (np.ones(len(rows)), (rows, columns)), shape=(len(texts), columns.max(initial=-1) + 1))
+    present = term_counts.copy()
+    present.data[:] = 1.0
+    idf = np.log((1 + counts.sum()) / (1 + present.T @ counts)) + 1
+    weighted = term_counts.multiply(idf[None, :]).tocsr()
+    norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(axis=1)).ravel())
+    return scipy.sparse.diags(1.0 / np.where(norms > 0, norms, 1.0)) @ weighted
+
+
+def kmeans(features, k: int, seed: int, weights: np.ndarray | None = None,
+           iterations: int = 100) -> np.ndarray:
+    """Weighted k-means (Lloyd) with k-means++ initialisation.
+
+    Args:
+      features: float (N, D), a numpy array or a scipy.sparse matrix.
+      k: clusters wanted; fewer come out when there are fewer distinct rows.
+      seed: seeds the k-means++ draws.
+      weights: (N,) positive sample weights (e.g. how often each distinct row occurs); None: 1.
+      iterations: at most this many Lloyd steps (stops earlier when assignments settle).
+    Returns:
+      int64 (N,) cluster of each row, in 0..G-1 (G <= k, no empty cluster).
+    """
+    import scipy.sparse
+
+    def dense(matrix):
+        return matrix.toarray() if scipy.sparse.issparse(matrix) else np.asarray(matrix)
+
+    rng = np.random.default_rng(seed)
+    size = features.shape[0]
+    weights = np.ones(size) if weights is None else np.asarray(weights, np.float64)
+    squared_norms = (np.asarray(features.multiply(features).sum(axis=1)).ravel()
+                     if scipy.sparse.issparse(features) else (features**2).sum(axis=1))
+
+    def squared_distances(centers):  # (N, C)
+        cross = dense(features @ centers.T)
+        return np.maximum(squared_norms[:, None] - 2 * cross + (centers**2).sum(axis=1), 0.0)
+
+    centers = dense(features[[rng.choice(size, p=weights / weights.sum())]])
+    closest = squared_distances(centers)[:, 0]
+    while len(centers) < k and (weights * closest).sum() > 0:
+        mass = weights * closest
+        center = dense(features[[rng.choice(size, p=mass / mass.sum())]])
+        centers = np.concatenate([centers, center])
+        closest = np.minimum(closest, squared_distances(center)[:, 0])
+    assignment = squared_distances(centers).argmin(axis=1)
+    for _ in range(iterations):
+        membership = scipy.sparse.csr_matrix((weights, (assignment, np.arange(size))),
+                                             shape=(len(centers), size))
+        mass = np.asarray(membership.sum(axis=1)).ravel()
+        sums = dense(membership @ features)
+        centers = np.where(mass[:, None] > 0, sums / np.maximum(mass, 1e-300)[:, None], centers)
+        updated = squared_distances(centers).argmin(axis=1)
+        if np.array_equal(updated, assignment):
+            break
+        assignment = updated
+    return np.unique(assignment, return_inverse=True)[1].astype(np.int64)
+
+
+# ==============================================================================================
+# The `select` command
+# ==============================================================================================
+
+
+def select_for_source(config: SelectConfig, scores: np.ndarray, ids: np.ndarray, source: Source,
+                      *, origin: str = "ratings") -> tuple[np.ndarray, dict[str, Any]]:
+    """Selects from the ratings of the pool `source` as `config` says.
+
+    Args:
+      config: the `select` section.
+      scores: float (N,) higher = better, one per pool sample.
+      ids: int64 (N,) the rated ids, in any order; must be exactly the pool's ids.
+      source: the pool (its clusters come from `cluster_groups(config.group_by, ...)`).
+      origin: how errors name the ratings (e.g. the ratings file).
+    Returns:
+      (selected ids int64 ascending, the summary: `summarize`'s dict plus "policy", "keep" and
+      "group_by" — the grouping used, `auto` resolved).
+    Raises:
+      ValueError: ratings that are not one per pool id, non-finite scores, bad config values.
+    """
+    scores, ids = np.asarray(scores, np.float64), np.asarray(ids, np.int64)
+    _check_finite(scores, origin)
+    positions = _pool_positions(ids, source.ids, origin)
+    params = resolve_params(config.policy, config.keep, **{
+        name: getattr(config, name) for name in POLICY_PARAMETERS[config.policy]})
+    grouping, groups, names = _grouping(source, config.group_by, config.clusters, config.seed)
+    groups = groups[positions]
+    selected = select(scores, ids, policy=config.policy, keep=config.keep, seed=config.seed,
+                      groups=groups, **params)
+    summary = summarize(scores, ids, selected, groups, names, {**params, "seed": config.seed})
+    return selected, {"policy": config.policy, "keep": config.keep, "group_by": grouping,
+                      **summary}
+
+
+def _pool_positions(ids: np.ndarray, pool_ids: np.ndarray, origin: str) -> np.ndarray:
+    """The pool index of each rated id; the ratings must cover the pool exactly once."""
+    _check_unique(ids, origin)
+    order = np.argsort(pool_ids, kind="stable")
+    found = np.minimum(np.searchsorted(pool_ids[order], ids), len(pool_ids) - 1)
+    known = pool_ids[order][found] == ids
+    if not known.all():
+        raise ValueError(f"{origin}: {int((~known).sum())} rated ids are not in the pool "
+                         f"(e.g. id {int(ids[~known][0])})")
+    if len(ids) < len(pool_ids):
+        unrated = np.setdiff1d(pool_ids, ids)
+        raise ValueError(f"{origin}: {len(unrated)} pool ids have no rating "
+                         f"(e.g. id {int(unrated[0])})")
+    return order[found]
+
+
+def read_ratings(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64 (N,), scores float64 (N,)) of a ratings.parquet (columns `id`, `score`).
+
+    Raises:
+      ValueError: a missing or unreadable file, a missing or non-numeric column, null values.
+    """
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ValueError(f"cannot read ratings file {path}: {e}") from None
+    columns = {}
+    for name, kind in (("id", pa.types.is_integer), ("score", pa.types.is_floating)):
+        if name not in table.column_names:
+            raise ValueError(f"ratings file {path} has no column {name!r} (columns: "
+                             f"{', '.join(table.column_names)})")
+        column = table.column(name)
+        if not kind(column.type):
+            raise ValueError(f"ratings file {path}: column {name!r} has type {column.type}")
+        if column.null_count:
+            raise ValueError(f"ratings file {path}: column {name!r} has {column.null_count} "
+                             "null values")
+        columns[name] = column.to_numpy()
+    return columns["id"].astype(np.int64), columns["score"].astype(np.float64)
+
+
+def write_selection(out: Path, selected: np.ndarray, summary: dict[str, Any]) -> None:
+    """Writes `out` (Parquet, column `id` int64; the policy, keep, grouping and parameters as JSON
+    in the file metadata) and the summary as `out.with_suffix('.json')`, both atomically."""
+    out = Path(out)
+    recipe = {key: summary[key] for key in ("policy", "keep", "group_by", "params")}
+    table = pa.table({"id": pa.array(np.asarray(selected, np.int64), pa.int64())})
+    table = table.replace_schema_metadata({PARQUET_METADATA_KEY: json.dumps(recipe)})
+    atomic_write_parquet(out, table)
+    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(summary, indent=2) + "\n").encode())
+
+
+def run(cfg: Config, ratings_path: Path, out: Path) -> dict[str, Any]:
+    """`alchemist-jax select`: reads the ratings, selects from the pool of `cfg.data` with
+    `cfg.select`, writes `out` and its summary (`write_selection`), prints a short account and
+    returns the summary."""
+    from alchemist_jax.data import load_splits
+
+    ratings_path = Path(ratings_path)
+    ids, scores = read_ratings(ratings_path)
+    pool = load_splits(cfg.data).train
+    selected, summary = select_for_source(cfg.select, scores, ids, pool,
+                                          origin=f"ratings file {ratings_path}")
+    write_selection(Path(out), selected, summary)
+    rates = summary["cluster_keep_rates"].values()
+    print(f"selected {summary['count']} of {summary['pool_size']} samples "
+          f"({summary['policy']}, keep {summary['keep']}) in {len(rates)} clusters by "
+          f"{summary['group_by']}: keep rate per cluster {min(rates):.3f}-{max(rates):.3f}; "
+          f"wrote {out}")
+    return summary
+
