@@ -6,7 +6,7 @@ import collections
 import json
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -62,25 +62,47 @@ def summarize(source: Source, *, max_examples: int = 20_000, seed: int = 0) -> d
 def contact_sheet(source: Source, path: str | Path, *, rows: int = 6, cols: int = 6,
                   seed: int = 0) -> Path:
     """Writes a PNG grid of `rows * cols` random examples with their captions (and id)."""
+    indices = _sample_indices(len(source), rows * cols, seed)
+    return contact_sheet_of(
+        source, indices, path, rows=rows, cols=cols,
+        title=f"{source.name}: {len(source)} examples (random sample, seed {seed})")
+
+
+def contact_sheet_of(source: Source, indices: Sequence[int], path: str | Path, *, title: str,
+                     notes: Sequence[str] | None = None, rows: int | None = None,
+                     cols: int = 6) -> Path:
+    """Writes a PNG grid of the examples of `source` at `indices` (positions, shown in order).
+
+    Each cell shows the image, `#id`, the wrapped caption and, when given, `notes[k]` (one short
+    line per index, e.g. a score or a defect kind). `rows` defaults to as many as the indices
+    need; `title` heads the figure.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    indices = _sample_indices(len(source), rows * cols, seed)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.1, rows * 2.5))
+    if notes is not None and len(notes) != len(indices):
+        raise ValueError(f"contact sheet: {len(notes)} notes for {len(indices)} examples")
+    rows = rows or max(1, -(-len(indices) // cols))
+    if len(indices) > rows * cols:
+        raise ValueError(f"contact sheet: {len(indices)} examples do not fit {rows}x{cols}")
+    row_height = 2.5 if notes is None else 2.9  # room for the extra title line
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.1, rows * row_height),
+                             squeeze=False)
     for ax in np.ravel(axes):
         ax.axis("off")
-    for ax, index in zip(np.ravel(axes), indices):
+    for k, (ax, index) in enumerate(zip(np.ravel(axes), indices)):
         example = source[int(index)]
         if "image" in example:
             image = np.asarray(example["image"])
             ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
                       vmin=0, vmax=255, interpolation="nearest")
-        title = textwrap.fill(example.get("caption", ""), 24)
-        ax.set_title(f"#{int(example['id'])}\n{title}", fontsize=6.5)
-    fig.suptitle(f"{source.name}: {len(source)} examples (random sample, seed {seed})",
-                 fontsize=10)
+        title_lines = [f"#{int(example['id'])}", textwrap.fill(example.get("caption", ""), 24)]
+        if notes is not None:
+            title_lines.append(notes[k])
+        ax.set_title("\n".join(title_lines), fontsize=6.5)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     atomic_save_figure(path, fig, dpi=110)
