@@ -1,0 +1,560 @@
+"""Downstream training (`alchemist-jax train`): the text-to-image DiT of `cfg.model` trained from
+scratch on a selection of the pool, on the pool sampled by rating weights, or on the whole pool;
+how well it then does on held-out data is the benchmark's measure of a selection.
+
+  data      the preprocessed pool (or the selected subset of it): shuffled epochs from a grain
+            stream, or, with sampling weights, batches drawn with replacement with probability
+            proportional to the weights (a pure function of (seed, batch position))
+  model     the same DiT as the rating proxies (`models.init_proxy`), caption dropout for CFG
+  step      one pure function jitted once on the mesh: batch split over `data`, state replicated
+            and donated; AdamW (linear warmup, cosine decay to 10% of the peak), global-norm
+            clipping
+  loop      progress bar, metrics.jsonl (+ TensorBoard): training loss every 10 steps and the
+            validation loss at fixed (t, noise) draws every `train.eval_every` steps; orbax
+            checkpoints of the state and the data position, from which a rerun of the same
+            command resumes and ends bitwise-equal to an uninterrupted run
+
+The state is a dict of pytrees: step (), params (nnx.State), opt (optax state), rng (key data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from alchemist_jax import config as config_lib
+from alchemist_jax import models
+from alchemist_jax.data import pipeline
+from alchemist_jax.data.cache import atomic_write_bytes
+from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.rate import (MetricsLog, _device_batch, _restore, _save, load_rating_data,
+                                make_mesh)
+
+log = logging.getLogger("alchemist_jax.train")
+
+LOG_EVERY = 10  # steps between training-loss lines (the mean loss of those steps)
+# Key of the validation loss's fixed draws: the same for every run, so that the curves of
+# different selections and seeds compare at the same (t, noise).
+VALIDATION_SEED = 0
+# Config sections a resumed run must share with the run it continues; the others (evaluate,
+# pipeline, ...) do not change what training computes.
+RESUME_SECTIONS = ("data", "model", "train")
+
+
+# ==============================================================================================
+# The model
+# ==============================================================================================
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained DiT, split as `models.init_proxy` splits it."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State  # the trained `nnx.Param`s
+    rest: nnx.State  # everything else (e.g. a frozen text encoder), as initialised
+
+    def module(self) -> models.DiT:
+        """The nnx module `nnx.merge(graphdef, params, rest)`."""
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def make_optimizer(train_cfg: config_lib.TrainConfig, steps: int
+                   ) -> optax.GradientTransformation:
+    """Clipping to global norm `grad_clip`, then AdamW whose learning rate rises linearly from 0
+    to `learning_rate` over `warmup_steps` and follows a cosine down to 10% of it at `steps`.
+    Weight decay applies to matrices and embeddings (ndim >= 2), not to biases and norm scales."""
+    if not 0 <= train_cfg.warmup_steps < steps:
+        raise config_lib.ConfigError(f"train.warmup_steps={train_cfg.warmup_steps} must be in "
+                                     f"[0, {steps}), the steps of the run")
+    peak = train_cfg.learning_rate
+    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, train_cfg.warmup_steps, steps,
+                                                  end_value=0.1 * peak)
+    return optax.chain(
+        optax.clip_by_global_norm(train_cfg.grad_clip),
+        optax.adamw(schedule, weight_decay=train_cfg.weight_decay,
+                    mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)))
+
+
+# Input fields of a model batch, each (name, shape without the batch axis, dtype name).
+InputSpec = tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+def input_spec(example: dict[str, np.ndarray]) -> InputSpec:
+    """The `InputSpec` of one example's model inputs (`rate.MODEL_INPUTS`)."""
+    return tuple((k, tuple(np.shape(v)), str(np.asarray(v).dtype))
+                 for k, v in sorted(_device_batch(example).items()))
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    """The model, the initial state (replicated on the mesh) and the jitted training step."""
+
+    graphdef: nnx.GraphDef
+    rest: nnx.State
+    initial_state: dict
+    # (state, batch) -> (state, mean loss); the state is donated
+    train_step: Callable[[dict, dict], tuple[dict, jax.Array]]
+    batch_sharding: NamedSharding
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_program(model_cfg: config_lib.ModelConfig, train_cfg: config_lib.TrainConfig,
+                    max_text_length: int, inputs: InputSpec, mesh: jax.sharding.Mesh
+                    ) -> tuple[Callable, Callable]:
+    """`init(key) -> (graphdef, state, rest)` and `train_step(state, rest, batch) -> (state,
+    loss)` of a `train_cfg.steps`-step run, jitted once per configuration, input shapes and
+    mesh (the seed enters through init's key only, so seeds share them)."""
+    optimizer = make_optimizer(train_cfg, train_cfg.steps)
+    example = {name: np.zeros((1, *shape), dtype) for name, shape, dtype in inputs}
+
+    def init(key: jax.Array) -> tuple[nnx.GraphDef, dict, nnx.State]:
+        init_key, loop_key = jax.random.split(key)
+        graphdef, params, rest = models.init_proxy(model_cfg, example, init_key,
+                                                   max_text_length)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt": optimizer.init(params), "rng": jax.random.key_data(loop_key)}
+        return graphdef, state, rest
+
+    graphdef = jax.eval_shape(init, jax.random.key(0))[0]
+
+    def train_step(state: dict, rest: nnx.State, batch: dict) -> tuple[dict, jax.Array]:
+        loss_fn = models.proxy_loss_fn(graphdef, rest, model_cfg.caption_dropout)
+        rng, step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        loss, grads = jax.value_and_grad(
+            lambda p: jnp.mean(loss_fn(p, batch, step_key)))(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
+        return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                "opt": opt_state, "rng": jax.random.key_data(rng)}, loss
+
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return (jax.jit(init, out_shardings=replicated),
+            jax.jit(train_step, in_shardings=(replicated, replicated, batch_sharding),
+                    out_shardings=(replicated, replicated), donate_argnums=(0,)))
+
+
+def build_program(cfg: config_lib.Config, inputs: InputSpec, mesh: jax.sharding.Mesh,
+                  steps: int, seed: int) -> TrainProgram:
+    """The DiT of `cfg.model` for inputs `inputs`, initialised from `seed`, and the training
+    step of a `steps`-step run on batches of `cfg.train.batch_size` split over the mesh."""
+    init, train_step = _jitted_program(
+        cfg.model, dataclasses.replace(cfg.train, steps=steps, seed=0), cfg.data.max_text_length,
+        inputs, mesh)
+    graphdef, state, rest = init(jax.random.key(seed))
+    return TrainProgram(graphdef, rest, state,
+                        lambda state, batch: train_step(state, rest, batch),
+                        NamedSharding(mesh, P("data")))
+
+
+# ==============================================================================================
+# Validation loss at fixed draws
+# ==============================================================================================
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _fixed_draw_loss_sum(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State,
+                         batch: dict, ids: jax.Array, mask: jax.Array, seed: jax.Array,
+                         draws: jax.Array) -> jax.Array:
+    """Sum over the rows with `mask` and over `draws` draws of the flow-matching loss; draw d of
+    the row with id i takes (t, eps) from the key fold_in(fold_in(key(seed), d), i)."""
+    model = nnx.merge(graphdef, params, rest)
+    x0 = models.visual_input(batch)
+
+    def add_draw(draw, total):
+        draw_key = jax.random.fold_in(jax.random.key(seed), draw)
+        t_keys, eps_keys = jax.vmap(
+            lambda i: jax.random.split(jax.random.fold_in(draw_key, i)), out_axes=1)(ids)
+        t = jax.vmap(lambda k: jax.random.uniform(k, (), x0.dtype))(t_keys)
+        eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(eps_keys)
+        losses = models.flow_matching_loss_at(model, batch, t, eps)
+        return total + jnp.sum(jnp.where(mask, losses, 0.0))
+
+    return jax.lax.fori_loop(0, draws, add_draw, jnp.zeros((), jnp.float32))
+
+
+def validation_loss(trained: Trained, data: ArraySource, batch_size: int, seed: int,
+                    draws: int = 1) -> float:
+    """Mean flow-matching loss of `trained` over every example of `data` and `draws` fixed
+    (t, noise) draws per example, with the caption (no dropout).
+
+    The draws of an example depend only on (seed, draw index, example id; ids taken modulo
+    2^32), so the value does not depend on `batch_size` or on the order of `data`; with the
+    same seed, models are compared at the same draws.
+
+    Args:
+      trained: the model, its arrays on `rate.make_mesh()` (as `train_model` and
+        `load_trained` return them).
+      data: preprocessed examples (`preprocess.materialize`).
+      batch_size: rows per jitted evaluation step; divisible by the device count.
+      seed: key of the draws.
+      draws: (t, noise) draws per example.
+    """
+    devices = jax.device_count()
+    if batch_size % devices:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the {devices} devices")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    batch_sharding = NamedSharding(make_mesh(), P("data"))
+    total = 0.0
+    for batch in pipeline.eval_iterator(data, batch_size, shard_index=0, shard_count=1):
+        inputs = jax.device_put((_device_batch(batch), batch["id"].astype(np.uint32),
+                                 batch["mask"]), batch_sharding)
+        total += float(_fixed_draw_loss_sum(trained.graphdef, trained.params, trained.rest,
+                                            *inputs, np.int32(seed), np.int32(draws)))
+    return total / (len(data) * draws)
+
+
+# ==============================================================================================
+# Batches
+# ==============================================================================================
+
+
+def weighted_batch_indices(probabilities: np.ndarray, seed: int, position: int,
+                           batch_size: int) -> np.ndarray:
+    """The rows of weighted batch number `position`: `batch_size` independent draws, with
+    replacement, of index i with probability `probabilities[i]` (N,) (summing to 1).
+
+    A pure function of (seed, position) (numpy's PCG64 seeded with the pair): a resumed run
+    needs only the position. Returns int64 (batch_size,).
+    """
+    rng = np.random.default_rng([seed, position])
+    return rng.choice(len(probabilities), size=batch_size, p=probabilities)
+
+
+class WeightedBatches:
+    """An endless iterator of batches of `source` drawn by `weighted_batch_indices` with
+    probabilities proportional to `weights` (N,) >= 0; same interface as the grain iterators
+    (`get_state` / `set_state`), its state is the batch position."""
+
+    def __init__(self, source: ArraySource, weights: np.ndarray, batch_size: int, seed: int):
+        self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.probabilities = sampling_probabilities(weights, len(source))
+        self.position = 0
+
+    def __iter__(self) -> "WeightedBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = weighted_batch_indices(self.probabilities, self.seed, self.position,
+                                      self.batch_size)
+        self.position += 1
+        return pipeline._stack([self.source[int(i)] for i in rows])
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def sampling_probabilities(weights: np.ndarray, size: int) -> np.ndarray:
+    """`weights` (size,) >= 0 normalised to sum 1 (float64); ValueError for a wrong shape,
+    negative or non-finite weights, or all zero."""
+    weights = np.asarray(weights, np.float64)
+    if weights.shape != (size,):
+        raise ValueError(f"sampling_weights must have shape ({size},), got {weights.shape}")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError("sampling_weights must be finite, >= 0 and not all zero")
+    return weights / weights.sum()
+
+
+def rating_weights(scores: np.ndarray) -> np.ndarray:
+    """Sampling weights from ratings: exp(z) with z the scores standardised over the pool (mean
+    0, standard deviation 1; all scores equal: uniform). An example one standard deviation above
+    the mean is drawn e ~ 2.7 times as often as an average one. Returns float64 (N,), max 1."""
+    scores = np.asarray(scores, np.float64)
+    std = scores.std()
+    z = (scores - scores.mean()) / std if std > 0 else np.zeros_like(scores)
+    return np.exp(z - z.max())
+
+
+# ==============================================================================================
+# Loop
+# ==============================================================================================
+
+
+def _data_digest(source: ArraySource, sampling_weights: np.ndarray | None) -> str:
+    """A fingerprint of what is trained on (ids in order, and weights), checked on resume."""
+    digest = hashlib.sha256(np.ascontiguousarray(source.ids).tobytes())
+    if sampling_weights is not None:
+        digest.update(np.asarray(sampling_weights, np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | Path | None, *,
+                steps: int, seed: int, validation: ArraySource | None = None,
+                sampling_weights: np.ndarray | None = None, desc: str = "train",
+                stop_after: int | None = None) -> Trained:
+    """Trains a fresh DiT of `cfg.model` for `steps` steps of `cfg.train.batch_size` examples.
+
+    Args:
+      cfg: `model`, `train` (optimizer, logging and checkpoint intervals; its `steps` and `seed`
+        are replaced by the arguments), `data.max_text_length` / `data.read_threads`.
+      train_data: preprocessed examples (`preprocess.materialize`), (R, R, C) images or latents
+        and tokens or text embeddings.
+      workdir: run folder for config.yaml, metrics.jsonl, tensorboard/ and checkpoints/; a call
+        on a folder holding a checkpoint resumes from it (the config sections data, model and
+        train and the training data must be the same). None: nothing is written.
+      steps: optimizer steps of the run.
+      seed: initialisation, caption dropout and flow draws, and the data order.
+      validation: preprocessed examples whose fixed-draw loss (`validation_loss`, seed
+        `VALIDATION_SEED`, one draw) is logged every `train.eval_every` steps and at the end.
+      sampling_weights: (N,) >= 0: batches are drawn with replacement, example i with
+        probability weights[i] / sum(weights) (`WeightedBatches`); None: shuffled epochs.
+      desc: label of the progress bar.
+      stop_after: end after this many steps in this call (for testing resumption).
+    Returns:
+      The model after the last step run.
+    """
+    train_cfg = cfg.train
+    run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(train_cfg, steps=steps,
+                                                                 seed=seed))
+    _check_train_config(run_cfg.train)
+    batch_size = train_cfg.batch_size
+    inputs = input_spec(train_data[0])
+    program = build_program(run_cfg, inputs, make_mesh(), steps, seed)
+    if workdir is not None:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_cfg, workdir)
+    if sampling_weights is None:
+        batches = pipeline.train_iterator(train_data, batch_size, seed=seed, shard_index=0,
+                                          shard_count=1, read_threads=cfg.data.read_threads)
+    else:
+        batches = WeightedBatches(train_data, sampling_weights, batch_size, seed)
+    # Saved with every checkpoint (as its JSON item) next to the data position: what
+    # `load_trained` needs to rebuild the model, and what a resumed run must share.
+    info = {"steps": steps, "seed": seed, "data": _data_digest(train_data, sampling_weights),
+            "inputs": inputs}
+
+    state = program.initial_state
+    losses: list = []  # the step losses since the last training-loss line
+    manager = metrics_log = None
+    if workdir is not None:
+        manager = ocp.CheckpointManager(
+            (workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+        if manager.latest_step() is not None:
+            state, saved = _restore(manager, state)
+            if saved["data"] != info["data"]:
+                raise ValueError(f"{workdir} holds a run on other training data (selection or "
+                                 "weights): use a new workdir")
+            batches.set_state(saved["batches"])
+            losses = saved["losses"]
+            _forget_metrics_after(workdir / "metrics.jsonl", int(state["step"]))
+            log.info("resuming %s at step %d of %d", workdir, int(state["step"]), steps)
+        metrics_log = MetricsLog(workdir)
+
+    start = int(state["step"])
+    end = steps if stop_after is None else min(steps, start + stop_after)
+    progress = tqdm(range(start, end), desc=desc, unit="step", initial=start, total=steps)
+    for step in progress:
+        batch = jax.device_put(_device_batch(next(batches)), program.batch_sharding)
+        state, loss = program.train_step(state, batch)
+        losses.append(loss)
+        done = step + 1
+        metrics = {}
+        if done % LOG_EVERY == 0 or done == steps:
+            metrics["train_loss"] = float(np.mean(np.asarray(jax.device_get(losses),
+                                                             np.float64)))
+            losses = []
+            progress.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+        if validation is not None and (done % train_cfg.eval_every == 0 or done == steps):
+            trained = Trained(program.graphdef, state["params"], program.rest)
+            metrics["val_loss"] = validation_loss(trained, validation, batch_size,
+                                                  VALIDATION_SEED)
+        if metrics_log is not None:
+            for key, value in metrics.items():  # one line per metric (docs: run folder layout)
+                metrics_log.write(done, {key: value})
+        if manager is not None and (done % train_cfg.checkpoint_every == 0 or done == end):
+            _save(manager, done, state, {**info, "batches": batches.get_state(),
+                                         "losses": [float(x) for x in jax.device_get(losses)]})
+    progress.close()
+    if manager is not None:
+        manager.wait_until_finished()
+        metrics_log.close()
+    return Trained(program.graphdef, state["params"], program.rest)
+
+
+def _check_train_config(train_cfg: config_lib.TrainConfig) -> None:
+    """Positive sizes and intervals; a batch that splits evenly over the devices."""
+    for key in ("steps", "batch_size", "eval_every", "checkpoint_every"):
+        if getattr(train_cfg, key) < 1:
+            raise config_lib.ConfigError(f"train.{key} must be >= 1, got "
+                                         f"{getattr(train_cfg, key)}")
+    devices = jax.device_count()
+    if train_cfg.batch_size % devices:
+        raise config_lib.ConfigError(f"train.batch_size={train_cfg.batch_size} must be "
+                                     f"divisible by the {devices} devices of the mesh")
+
+
+def _write_config(cfg: config_lib.Config, workdir: Path) -> None:
+    """Stores the config as run (train.steps / train.seed: the run's); refuses a workdir whose
+    stored config differs in a section of `RESUME_SECTIONS`."""
+    path = workdir / "config.yaml"
+    current = json.loads(json.dumps(config_lib.to_dict(cfg)))  # tuples as lists, like YAML
+    if path.exists():
+        stored = yaml.safe_load(path.read_text()) or {}
+        changed = [s for s in RESUME_SECTIONS if stored.get(s) != current[s]]
+        if changed:
+            raise config_lib.ConfigError(
+                f"{path} holds a different {'/'.join(changed)} config: resume with the same "
+                "config and overrides, or use a new --workdir")
+    atomic_write_bytes(path, yaml.safe_dump(current, sort_keys=False).encode())
+
+
+def _forget_metrics_after(path: Path, step: int) -> None:
+    """Drops the metric lines past `step` (written after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        atomic_write_bytes(path, "".join(kept).encode())
+
+
+def load_trained(cfg: config_lib.Config, workdir: str | Path) -> Trained:
+    """The final model of the finished train run in `workdir` (built from `cfg.model`).
+
+    Raises:
+      ValueError: `workdir` holds no checkpoint, or the run is unfinished (names the step
+        reached), or its config.yaml has another model section than `cfg`.
+    """
+    workdir = Path(workdir)
+    directory = (workdir / "checkpoints").absolute()
+    manager = ocp.CheckpointManager(directory) if directory.is_dir() else None
+    step = None if manager is None else manager.latest_step()
+    if step is None:
+        raise ValueError(f"{workdir} holds no checkpoint of a train run")
+    info = manager.restore(step, args=ocp.args.Composite(
+        iterators=ocp.args.JsonRestore()))["iterators"]
+    if step < info["steps"]:
+        raise ValueError(f"the train run in {workdir} is unfinished: it reached step {step} of "
+                         f"{info['steps']}; rerun its train command to finish it")
+    stored = yaml.safe_load((workdir / "config.yaml").read_text())
+    if stored["model"] != json.loads(json.dumps(config_lib.to_dict(cfg)))["model"]:
+        raise ValueError(f"{workdir / 'config.yaml'} has another model section than the config "
+                         "given")
+    inputs = tuple((name, tuple(shape), dtype) for name, shape, dtype in info["inputs"])
+    program = build_program(cfg, inputs, make_mesh(), info["steps"], info["seed"])
+    state, _ = _restore(manager, program.initial_state)
+    return Trained(program.graphdef, state["params"], program.rest)
+
+
+# ==============================================================================================
+# The command
+# ==============================================================================================
+
+
+def _read_columns(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named columns of a Parquet file; ValueError naming the file and column when one is
+    missing or holds nulls."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    for column in columns:
+        if column not in table.column_names:
+            raise ValueError(f"{path} has no {column!r} column (columns: "
+                             f"{', '.join(table.column_names) or 'none'})")
+        if table.column(column).null_count:
+            raise ValueError(f"{path}: column {column!r} has null values")
+    return {column: table.column(column).to_numpy() for column in columns}
+
+
+def _pool_indices(pool_ids: np.ndarray, ids: np.ndarray, path: Path) -> np.ndarray:
+    """The pool index of each of `ids` (int64 (M,)); ValueError naming `path` when an id is not
+    in the pool or appears twice."""
+    values, counts = np.unique(ids, return_counts=True)
+    if np.any(counts > 1):
+        raise ValueError(f"{path}: id {values[counts > 1][0]} appears more than once")
+    order = np.argsort(pool_ids)
+    positions = np.minimum(np.searchsorted(pool_ids[order], ids), len(pool_ids) - 1)
+    unknown = ids[pool_ids[order][positions] != ids]
+    if len(unknown):
+        raise ValueError(f"{path}: {len(unknown)} ids are not in the training pool "
+                         f"(e.g. {', '.join(map(str, unknown[:5]))})")
+    return order[positions]
+
+
+def read_selection(path: Path, pool: ArraySource) -> ArraySource:
+    """The examples of `pool` whose ids are listed in the `id` column of `path`, in pool
+    order."""
+    ids = _read_columns(path, ("id",))["id"].astype(np.int64)
+    if len(ids) == 0:
+        raise ValueError(f"{path} selects no ids")
+    return pool.take(np.sort(_pool_indices(pool.ids, ids, path)), name=f"{pool.name}[selection]")
+
+
+def read_rating_weights(path: Path, pool: ArraySource) -> np.ndarray:
+    """Sampling weights (N,) of the pool examples from the `id` / `score` columns of a ratings
+    file, by `rating_weights`; every pool id needs a finite score."""
+    columns = _read_columns(path, ("id", "score"))
+    ids, scores = columns["id"].astype(np.int64), columns["score"].astype(np.float64)
+    indices = _pool_indices(pool.ids, ids, path)
+    if len(indices) != len(pool):
+        missing = np.setdiff1d(pool.ids, ids)
+        raise ValueError(f"{path} rates {len(ids)} of the {len(pool)} pool ids: every pool id "
+                         f"needs a score (missing e.g. {', '.join(map(str, missing[:5]))})")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{path}: column 'score' has non-finite values")
+    pool_scores = np.empty(len(pool))
+    pool_scores[indices] = scores
+    return rating_weights(pool_scores)
+
+
+def _last_values(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
+    """The last value logged of each of `keys` in a metrics.jsonl."""
+    values: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        values.update({key: row[key] for key in keys if key in row})
+    return values
+
+
+def run(cfg: config_lib.Config, workdir: str | Path, selection: str | Path | None = None,
+        weights: str | Path | None = None) -> dict[str, Any]:
+    """Trains (or resumes) the T2I model of `cfg` in `workdir` for `train.steps` steps.
+
+    Data: with `selection` (a Parquet file with an `id` column), the pool examples it lists;
+    with `weights` (a ratings Parquet file, `id` and `score` for every pool id), the whole pool
+    sampled with probability proportional to exp(z-scored score) (`rating_weights`); neither:
+    the whole pool. The validation loss is taken on the clean validation set.
+    Returns:
+      {"steps", "train_size", "train_loss", "val_loss"} of the finished run.
+    """
+    if selection is not None and weights is not None:
+        raise ValueError("give a selection or weights, not both")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = load_rating_data(cfg, workdir)
+    pool, sampling_weights = data.train, None
+    if selection is not None:
+        pool = read_selection(Path(selection), pool)
+    if weights is not None:
+        sampling_weights = read_rating_weights(Path(weights), pool)
+    mode = ("selection" if selection is not None
+            else "weighted pool" if weights is not None else "full pool")
+    log.info("training on %d examples (%s), %d steps", len(pool), mode, cfg.train.steps)
+    train_model(cfg, pool, workdir, steps=cfg.train.steps, seed=cfg.train.seed,
+                validation=data.validation, sampling_weights=sampling_weights)
+    return {"steps": cfg.train.steps, "train_size": len(pool),
+            **_last_values(workdir / "metrics.jsonl", ("train_loss", "val_loss"))}
