@@ -334,7 +334,7 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
     if workdir is not None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        _write_config(run_cfg, workdir)
+        config_lib.write_run_config(run_cfg, workdir, RESUME_SECTIONS)
     if sampling_weights is None:
         batches = pipeline.train_iterator(train_data, batch_size, seed=seed, shard_index=0,
                                           shard_count=1, read_threads=cfg.data.read_threads)
@@ -404,21 +404,6 @@ def _check_train_config(train_cfg: config_lib.TrainConfig) -> None:
     if train_cfg.batch_size % devices:
         raise config_lib.ConfigError(f"train.batch_size={train_cfg.batch_size} must be "
                                      f"divisible by the {devices} devices of the mesh")
-
-
-def _write_config(cfg: config_lib.Config, workdir: Path) -> None:
-    """Stores the config as run (train.steps / train.seed: the run's); refuses a workdir whose
-    stored config differs in a section of `RESUME_SECTIONS`."""
-    path = workdir / "config.yaml"
-    current = json.loads(json.dumps(config_lib.to_dict(cfg)))  # tuples as lists, like YAML
-    if path.exists():
-        stored = yaml.safe_load(path.read_text()) or {}
-        changed = [s for s in RESUME_SECTIONS if stored.get(s) != current[s]]
-        if changed:
-            raise config_lib.ConfigError(
-                f"{path} holds a different {'/'.join(changed)} config: resume with the same "
-                "config and overrides, or use a new --workdir")
-    atomic_write_bytes(path, yaml.safe_dump(current, sort_keys=False).encode())
 
 
 def _forget_metrics_after(path: Path, step: int) -> None:

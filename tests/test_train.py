@@ -80,7 +80,7 @@ def test_metrics_resume_and_load_trained(cfg, data, full_run, tmp_path):
                       stop_after=13)  # checkpoints at 10 and 13
     with pytest.raises(ValueError, match="unfinished: it reached step 13 of 30"):
         train.load_trained(cfg, split)
-    with pytest.raises(ConfigError, match="holds a different train config"):
+    with pytest.raises(ConfigError, match=r"holds a different config \(section train\)"):
         train.train_model(load_config("configs/demo.yaml", TINY + ["train.weight_decay=0.1"]),
                           data.train, split, steps=STEPS, seed=0)
     with pytest.raises(ValueError, match="holds a run on other training data"):
