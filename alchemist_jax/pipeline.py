@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alchemist_jax import config as config_lib
 from alchemist_jax import evaluation, rate, report, scoring, selection, train
-from alchemist_jax.data import load_splits, load_test, preprocess
-from alchemist_jax.data.cache import atomic_write_bytes, atomic_write_parquet
+from alchemist_jax.data import load_splits, preprocess
+from alchemist_jax.data.cache import atomic_write_bytes
 
 log = logging.getLogger("alchemist_jax.pipeline")
 
@@ -93,10 +92,10 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
     """Runs (or resumes) every stage in `workdir`; returns the rows of results.json."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config_lib.write_run_config(cfg, workdir, RESULT_SECTIONS)
     started = time.perf_counter()
     splits = load_splits(cfg.data, report_dir=workdir)
     validate(cfg, splits.truth is not None)
+    config_lib.write_run_config(cfg, workdir, RESULT_SECTIONS)
     arms = {name: ARMS[name] for name in cfg.pipeline.arms}
 
     raters = sorted({arm.rater for arm in arms.values() if arm.rater}, key=["exact",
@@ -118,13 +117,8 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
                                         cfg.data.max_text_length)
     pool = preprocess.materialize(splits.train, transform)
     validation = preprocess.materialize(splits.validation, transform)
-    test = load_test(cfg.data, cfg.evaluate.test_source)
-    if cfg.evaluate.test_size is not None:
-        from alchemist_jax.data.splits import Subset
-
-        test = Subset(test, np.arange(min(cfg.evaluate.test_size, len(test))), "evaluated")
-    test = preprocess.materialize(test, transform)
-    classifier = evaluation.feature_classifier(cfg)
+    test = evaluation.load_test_data(cfg)
+    classifier, classifier_missing = evaluation.try_feature_classifier(cfg, test)
     index_of = {int(i): n for n, i in enumerate(pool_ids)}
 
     rows = []
@@ -148,7 +142,8 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
                 if metrics_path.exists():
                     metrics = json.loads(metrics_path.read_text())
                 else:
-                    metrics = evaluation.evaluate_model(cfg, trained, test, classifier, eval_dir)
+                    metrics = evaluation.evaluate_model(cfg, trained, test, classifier, eval_dir,
+                                                        classifier_missing=classifier_missing)
                 rows.append({"arm": name, "run": run_name, "budget": budget, "seed": seed,
                              "steps": steps, "train_size": len(ids),
                              **{k: metrics.get(k) for k in ("test_loss", "fcd", "alignment")}})
@@ -175,23 +170,22 @@ def _select(cfg: config_lib.Config, name: str, arm: Arm, splits, workdir: Path) 
     if out.exists():
         return pq.read_table(out).column("id").to_numpy()
     pool_ids = splits.train.ids
-    if arm.policy is None:
+    if arm.policy is None:  # a fixed subset: the whole pool, or its clean samples
         keep = np.ones(len(pool_ids), bool)
         if arm.clean_only:
             keep = np.array([kind is None for kind in splits.defects])
-        ids = np.sort(pool_ids[keep])
-        atomic_write_parquet(out, pa.table({"id": pa.array(ids, pa.int64())}))
-        return ids
-    select_cfg = dataclasses.replace(cfg.select, policy=arm.policy, keep=cfg.pipeline.keep)
-    arm_cfg = dataclasses.replace(cfg, select=select_cfg)
-    if arm.rater is None:  # random: the policy ignores the scores
-        ratings = workdir / "ratings" / "uniform.parquet"
-        if not ratings.exists():
-            atomic_write_parquet(ratings, pa.table({
-                "id": pa.array(pool_ids, pa.int64()),
-                "score": pa.array(np.zeros(len(pool_ids), np.float32))}))
+        selected = np.sort(pool_ids[keep])
+        summary = {"count": len(selected), "pool_size": len(pool_ids),
+                   "policy": "clean samples" if arm.clean_only else "whole pool"}
     else:
-        ratings = workdir / "ratings" / f"{arm.rater}.parquet"
-    summary = selection.run(arm_cfg, ratings, out)
-    log.info("%s: kept %d of %d", name, summary["count"], summary["pool_size"])
-    return pq.read_table(out).column("id").to_numpy()
+        if arm.rater is None:  # random: the policy reads no scores
+            ids, scores = pool_ids, np.zeros(len(pool_ids))
+        else:
+            ids, scores = selection.read_ratings(workdir / "ratings" / f"{arm.rater}.parquet")
+        select_cfg = dataclasses.replace(cfg.select, policy=arm.policy, keep=cfg.pipeline.keep)
+        selected, summary = selection.select_for_source(select_cfg, scores, ids, splits.train)
+        if arm.rater is None:
+            summary.pop("rank_histogram", None)  # ranks of constant scores mean nothing
+    selection.write_selection(out, selected, {"arm": name, "rater": arm.rater, **summary})
+    log.info("%s: kept %d of %d", name, len(selected), len(pool_ids))
+    return selected
