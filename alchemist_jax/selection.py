@@ -605,9 +605,11 @@ def read_ratings(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def write_selection(out: Path, selected: np.ndarray, summary: dict[str, Any]) -> None:
     """Writes `out` (Parquet, column `id` int64; the policy, keep, grouping and parameters as JSON
-    in the file metadata) and the summary as `out.with_suffix('.json')`, both atomically."""
+    in the file metadata, those of them the summary has) and the summary as
+    `out.with_suffix('.json')`, both atomically."""
     out = Path(out)
-    recipe = {key: summary[key] for key in ("policy", "keep", "group_by", "params")}
+    recipe = {key: summary[key] for key in ("policy", "keep", "group_by", "params")
+              if key in summary}
     table = pa.table({"id": pa.array(np.asarray(selected, np.int64), pa.int64())})
     table = table.replace_schema_metadata({PARQUET_METADATA_KEY: json.dumps(recipe)})
     atomic_write_parquet(out, table)
