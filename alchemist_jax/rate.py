@@ -75,7 +75,8 @@ def load_rating_data(cfg: config_lib.Config, workdir: Path) -> RatingData:
                       splits.caption_classes)
 
 
-def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The fields of a batch the models read (`MODEL_INPUTS`); ids, labels, masks stay out."""
     return {key: value for key, value in batch.items() if key in MODEL_INPUTS}
 
 
@@ -257,13 +258,13 @@ class _Batches:
                                                   read_threads=cfg.data.read_threads)
 
     def proxy_batches(self, steps: int) -> dict[str, np.ndarray]:
-        draws = [_device_batch(next(self.train)) for _ in range(steps)]
+        draws = [model_inputs(next(self.train)) for _ in range(steps)]
         stacked = {k: np.stack([d[k] for d in draws]) for k in draws[0]}  # (S, P*B, ...)
         return {k: np.swapaxes(v.reshape(steps, self.population, -1, *v.shape[2:]), 0, 1)
                 for k, v in stacked.items()}
 
     def validation_batch(self) -> dict[str, np.ndarray]:
-        return _device_batch(next(self.validation))
+        return model_inputs(next(self.validation))
 
     def get_state(self) -> dict:
         return {"train": self.train.get_state(), "validation": self.validation.get_state()}
@@ -300,7 +301,7 @@ def score_source(program: RatingProgram, rater_params, source: ArraySource,
     scores = np.empty(len(source), np.float32)
     position = 0
     for batch in pipeline.eval_iterator(source, batch_size, shard_index=0, shard_count=1):
-        u = np.asarray(program.score(rater_params, _device_batch(batch)))
+        u = np.asarray(program.score(rater_params, model_inputs(batch)))
         real = batch["mask"]
         scores[position:position + real.sum()] = u[real]
         position += int(real.sum())
@@ -334,7 +335,7 @@ def rate(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None 
              rate_cfg.population, rate_cfg.steps)
     batches = _Batches(data, cfg)
     mesh = make_mesh()
-    example = _device_batch(data.train[0])
+    example = model_inputs(data.train[0])
     example = {k: np.stack([v] * cfg.data.batch_size) for k, v in example.items()}
     program = build_program(cfg, example, mesh)
 
@@ -343,7 +344,7 @@ def rate(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None 
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     state = program.init_state(jax.random.key(rate_cfg.seed))
     if manager.latest_step() is not None:
-        state, iterator_state = _restore(manager, state)
+        state, iterator_state = restore_checkpoint(manager, state)
         batches.set_state(iterator_state)
         log.info("resumed from meta-step %d", int(state["step"]))
     elif rate_cfg.warm_start_steps:
@@ -386,7 +387,7 @@ def rate(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None 
                                  proxy=f"{last['proxy_loss']:.4f}",
                                  H=f"{last['weight_entropy']:.3f}")
         if done % rate_cfg.checkpoint_every == 0 or done == end:
-            _save(manager, done, state, batches.get_state())
+            save_checkpoint(manager, done, state, batches.get_state())
     progress.close()
     manager.wait_until_finished()
     metrics_log.close()
@@ -404,12 +405,17 @@ def _proxies_to_reset(done: int, reset_every: int, population: int) -> list[int]
             if (done + p * reset_every // population) % reset_every == 0]
 
 
-def _save(manager: ocp.CheckpointManager, step: int, state: dict, iterators: dict) -> None:
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: dict, iterators: dict
+                    ) -> None:
+    """Saves `state` (a pytree) and `iterators` (JSON: data-iterator positions and run facts) as
+    one orbax checkpoint at `step`."""
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                iterators=ocp.args.JsonSave(iterators)))
 
 
-def _restore(manager: ocp.CheckpointManager, like: dict) -> tuple[dict, dict]:
+def restore_checkpoint(manager: ocp.CheckpointManager, like: dict) -> tuple[dict, dict]:
+    """(state, iterators) of the latest checkpoint of `manager`; `like` gives the state's
+    structure, shapes and dtypes."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), iterators=ocp.args.JsonRestore()))

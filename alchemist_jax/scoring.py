@@ -18,7 +18,7 @@
   run       `run(cfg, out, rater_dir)`: load + preprocess the splits, build the scorer, score.
 
 The proxy scores use fixed draws: draw d of the sample with id i takes its flow time t and noise
-eps from the key fold_in(fold_in(key(score.seed), d), i) (`fixed_draws`), so a sample's score
+eps from the key fold_in(fold_in(key(score.seed), d), i) (`models.fixed_draws`), so a sample's score
 depends on its id only, never on its batch or position. No caption is ever dropped while scoring.
 
 Ratings metadata (Parquet schema key/values, all strings): `scorer`, `config_sha256` (sha256 of
@@ -30,7 +30,6 @@ and `rater_step`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -53,7 +52,7 @@ from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
 from alchemist_jax import models, rate, train
-from alchemist_jax.data import load_splits, pipeline, preprocess
+from alchemist_jax.data import load_splits, preprocess
 from alchemist_jax.data.cache import atomic_write_parquet
 from alchemist_jax.data.sources import ArraySource
 
@@ -161,9 +160,8 @@ def _columns(source: ArraySource, start: int, stop: int) -> dict[str, np.ndarray
     `pipeline.numeric_fields` keeps of its examples), as array slices: reading examples one by
     one (~130 us each through grain) costs more than the demo rater's forward pass (~50 us per
     sample on 2 CPU cores; docs/BENCHMARKS.md)."""
-    # ArraySource has no public accessor of its precomputed columns (`extra`) yet.
     columns = {"id": source.ids, "image": source.images, "label": source.labels,
-               **source._extra}
+               **source.extra}
     return {key: column[start:stop] for key, column in columns.items() if column is not None}
 
 
@@ -269,33 +267,6 @@ HEURISTICS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # ==============================================================================================
 
 
-def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int64 ids -> (low, high) uint32 halves (jax runs in 32 bits)."""
-    ids = np.asarray(ids, np.int64)
-    return (ids & 0xFFFFFFFF).astype(np.uint32), (ids >> 32).astype(np.uint32)
-
-
-@functools.partial(jax.jit, static_argnames=("shape",))
-def fixed_draws(seed: int, draw: int | jax.Array, id_low: jax.Array, id_high: jax.Array,
-                shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Draw `draw` of each sample: t (B,) ~ U(0, 1) and eps (B, *shape) ~ N(0, I), float32.
-
-    The key of the sample with id i is fold_in(fold_in(key(seed), draw), i) for ids below 2^32
-    (the convention of `train.validation_loss`); a larger id folds in its high half next, so it
-    does not collide with i mod 2^32. `id_low` / `id_high` (B,) uint32 are the halves of the
-    ids (`split_ids`).
-    """
-    base = jax.random.fold_in(jax.random.key(seed), draw)
-
-    def one(low, high):
-        key = jax.random.fold_in(base, low)
-        key = jax.lax.cond(high == 0, lambda: key, lambda: jax.random.fold_in(key, high))
-        t_key, eps_key = jax.random.split(key)
-        return jax.random.uniform(t_key, ()), jax.random.normal(eps_key, shape)
-
-    return jax.vmap(one)(id_low, id_high)
-
-
 PROXY_SCORERS = ("loss", "el2n", "grand")
 
 
@@ -303,14 +274,14 @@ def proxy_score_fn(kind: str, graphdef: nnx.GraphDef, rest: nnx.State, *, draws:
                    seed: int) -> Callable[..., jax.Array]:
     """The jitted `score(params, batch, id_low, id_high) -> (B,)` of a proxy DiT.
 
-    For each sample and each of `draws` fixed draws (`fixed_draws`), the flow-matching error at
+    For each sample and each of `draws` fixed draws (`models.fixed_draws`), the flow-matching error at
     (t, eps) without caption dropout gives a statistic, averaged over the draws and negated:
       loss: the loss, mean over (H, W, C) of (v_pred - (eps - x0))^2;
       el2n: the L2 norm of v_pred - (eps - x0) over (H, W, C);
       grand: the global L2 norm of the gradient of the sample's own loss w.r.t. `params`
         (per-example gradients: memory grows with B times the parameter count).
     `batch` holds the model inputs (`rate.MODEL_INPUTS`); `id_low` / `id_high` (B,) uint32 are
-    the halves of the sample ids (`split_ids`).
+    the halves of the sample ids (`models.split_ids`).
     """
     if kind not in PROXY_SCORERS:
         raise ValueError(f"unknown proxy scorer {kind!r}: one of {', '.join(PROXY_SCORERS)}")
@@ -330,7 +301,7 @@ def proxy_score_fn(kind: str, graphdef: nnx.GraphDef, rest: nnx.State, *, draws:
         x0 = models.visual_input(batch)
 
         def statistic(draw):
-            t, eps = fixed_draws(seed, draw, id_low, id_high, x0.shape[1:])
+            t, eps = models.fixed_draws(seed, draw, id_low, id_high, x0.shape[1:])
             if kind == "grand":
                 return grad_norms(params, batch, t, eps)
             per_sample = losses(params, batch, t, eps)
@@ -409,12 +380,12 @@ def restore_rater(run: RatingRun, like: nnx.State) -> nnx.State:
 def rater_scorer(run: RatingRun, example: dict[str, np.ndarray]) -> ScoreBatch:
     """score_batch of the EMA rater of `run`: the instance logits u (B,) (`Rater.scores`).
     `example` is one example of the pool (fixes the input shapes)."""
-    batch = {k: np.asarray(v)[None] for k, v in rate._device_batch(example).items()}
+    batch = {k: np.asarray(v)[None] for k, v in rate.model_inputs(example).items()}
     graphdef, params, rest = models.init_rater(run.config.rater, batch, jax.random.key(0),
                                                run.config.data.max_text_length)
     ema = restore_rater(run, params)
     score = jax.jit(models.rater_score_fn(graphdef, rest))
-    return lambda b: score(ema, rate._device_batch(b))
+    return lambda b: score(ema, rate.model_inputs(b))
 
 
 # ==============================================================================================
@@ -460,8 +431,8 @@ def _proxy_factory(kind: str) -> Callable[[ScoringInputs], ScoreBatch]:
                                     seed=score_cfg.seed, desc=f"{kind} proxy")
         score = proxy_score_fn(kind, trained.graphdef, trained.rest, draws=score_cfg.draws,
                                seed=score_cfg.seed)
-        return lambda batch: score(trained.params, rate._device_batch(batch),
-                                   *split_ids(batch["id"]))
+        return lambda batch: score(trained.params, rate.model_inputs(batch),
+                                   *models.split_ids(batch["id"]))
 
     return factory
 

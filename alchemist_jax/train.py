@@ -45,8 +45,8 @@ from alchemist_jax import models
 from alchemist_jax.data import pipeline
 from alchemist_jax.data.cache import atomic_write_bytes
 from alchemist_jax.data.sources import ArraySource
-from alchemist_jax.rate import (MetricsLog, _device_batch, _restore, _save, load_rating_data,
-                                make_mesh)
+from alchemist_jax.rate import (MetricsLog, load_rating_data, make_mesh, model_inputs,
+                                restore_checkpoint, save_checkpoint)
 
 log = logging.getLogger("alchemist_jax.train")
 
@@ -101,7 +101,7 @@ InputSpec = tuple[tuple[str, tuple[int, ...], str], ...]
 def input_spec(example: dict[str, np.ndarray]) -> InputSpec:
     """The `InputSpec` of one example's model inputs (`rate.MODEL_INPUTS`)."""
     return tuple((k, tuple(np.shape(v)), str(np.asarray(v).dtype))
-                 for k, v in sorted(_device_batch(example).items()))
+                 for k, v in sorted(model_inputs(example).items()))
 
 
 @dataclasses.dataclass
@@ -171,19 +171,15 @@ def build_program(cfg: config_lib.Config, inputs: InputSpec, mesh: jax.sharding.
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _fixed_draw_loss_sum(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State,
-                         batch: dict, ids: jax.Array, mask: jax.Array, seed: jax.Array,
-                         draws: jax.Array) -> jax.Array:
-    """Sum over the rows with `mask` and over `draws` draws of the flow-matching loss; draw d of
-    the row with id i takes (t, eps) from the key fold_in(fold_in(key(seed), d), i)."""
+                         batch: dict, id_low: jax.Array, id_high: jax.Array, mask: jax.Array,
+                         seed: jax.Array, draws: jax.Array) -> jax.Array:
+    """Sum over the rows with `mask` and over `draws` draws of the flow-matching loss at the
+    fixed draws of `models.fixed_draws` (ids as uint32 halves, `models.split_ids`)."""
     model = nnx.merge(graphdef, params, rest)
     x0 = models.visual_input(batch)
 
     def add_draw(draw, total):
-        draw_key = jax.random.fold_in(jax.random.key(seed), draw)
-        t_keys, eps_keys = jax.vmap(
-            lambda i: jax.random.split(jax.random.fold_in(draw_key, i)), out_axes=1)(ids)
-        t = jax.vmap(lambda k: jax.random.uniform(k, (), x0.dtype))(t_keys)
-        eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(eps_keys)
+        t, eps = models.fixed_draws(seed, draw, id_low, id_high, x0.shape[1:])
         losses = models.flow_matching_loss_at(model, batch, t, eps)
         return total + jnp.sum(jnp.where(mask, losses, 0.0))
 
@@ -195,8 +191,8 @@ def validation_loss(trained: Trained, data: ArraySource, batch_size: int, seed: 
     """Mean flow-matching loss of `trained` over every example of `data` and `draws` fixed
     (t, noise) draws per example, with the caption (no dropout).
 
-    The draws of an example depend only on (seed, draw index, example id; ids taken modulo
-    2^32), so the value does not depend on `batch_size` or on the order of `data`; with the
+    The draws of an example depend only on (seed, draw index, example id) (`models.fixed_draws`),
+    so the value does not depend on `batch_size` or on the order of `data`; with the
     same seed, models are compared at the same draws.
 
     Args:
@@ -215,7 +211,7 @@ def validation_loss(trained: Trained, data: ArraySource, batch_size: int, seed: 
     batch_sharding = NamedSharding(make_mesh(), P("data"))
     total = 0.0
     for batch in pipeline.eval_iterator(data, batch_size, shard_index=0, shard_count=1):
-        inputs = jax.device_put((_device_batch(batch), batch["id"].astype(np.uint32),
+        inputs = jax.device_put((model_inputs(batch), *models.split_ids(batch["id"]),
                                  batch["mask"]), batch_sharding)
         total += float(_fixed_draw_loss_sum(trained.graphdef, trained.params, trained.rest,
                                             *inputs, np.int32(seed), np.int32(draws)))
@@ -256,7 +252,7 @@ class WeightedBatches:
         rows = weighted_batch_indices(self.probabilities, self.seed, self.position,
                                       self.batch_size)
         self.position += 1
-        return pipeline._stack([self.source[int(i)] for i in rows])
+        return pipeline.stack_examples([self.source[int(i)] for i in rows])
 
     def get_state(self) -> dict:
         return {"position": self.position}
@@ -353,7 +349,7 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
             (workdir / "checkpoints").absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
         if manager.latest_step() is not None:
-            state, saved = _restore(manager, state)
+            state, saved = restore_checkpoint(manager, state)
             if saved["data"] != info["data"]:
                 raise ValueError(f"{workdir} holds a run on other training data (selection or "
                                  "weights): use a new workdir")
@@ -367,7 +363,7 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
     end = steps if stop_after is None else min(steps, start + stop_after)
     progress = tqdm(range(start, end), desc=desc, unit="step", initial=start, total=steps)
     for step in progress:
-        batch = jax.device_put(_device_batch(next(batches)), program.batch_sharding)
+        batch = jax.device_put(model_inputs(next(batches)), program.batch_sharding)
         state, loss = program.train_step(state, batch)
         losses.append(loss)
         done = step + 1
@@ -385,7 +381,7 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
             for key, value in metrics.items():  # one line per metric (docs: run folder layout)
                 metrics_log.write(done, {key: value})
         if manager is not None and (done % train_cfg.checkpoint_every == 0 or done == end):
-            _save(manager, done, state, {**info, "batches": batches.get_state(),
+            save_checkpoint(manager, done, state, {**info, "batches": batches.get_state(),
                                          "losses": [float(x) for x in jax.device_get(losses)]})
     progress.close()
     if manager is not None:
@@ -440,7 +436,7 @@ def load_trained(cfg: config_lib.Config, workdir: str | Path) -> Trained:
                          "given")
     inputs = tuple((name, tuple(shape), dtype) for name, shape, dtype in info["inputs"])
     program = build_program(cfg, inputs, make_mesh(), info["steps"], info["seed"])
-    state, _ = _restore(manager, program.initial_state)
+    state, _ = restore_checkpoint(manager, program.initial_state)
     return Trained(program.graphdef, state["params"], program.rest)
 
 

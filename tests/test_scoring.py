@@ -218,10 +218,10 @@ def _direct_statistics(dit, seed, draws):
         return jnp.stack([loss(params), jnp.sqrt(jnp.sum(jnp.square(error))),
                           jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))])
 
-    low, high = scoring.split_ids(IDS)
+    low, high = models.split_ids(IDS)
     out = np.zeros((3, draws, 3))
     for d in range(draws):
-        t, eps = scoring.fixed_draws(seed, d, low, high, (28, 28, 1))
+        t, eps = models.fixed_draws(seed, d, low, high, (28, 28, 1))
         for i in range(3):
             out[:, d, i] = one_sample({k: v[i:i + 1] for k, v in batch.items()},
                                       t[i:i + 1], eps[i:i + 1])
@@ -234,17 +234,17 @@ def test_proxy_scores_match_direct_computation(dit):
     assert direct[0].std(axis=0).min() > 0  # the draws differ
     for kind, statistic in zip(("loss", "el2n", "grand"), direct):
         score = scoring.proxy_score_fn(kind, graphdef, rest, draws=2, seed=3)
-        np.testing.assert_allclose(score(params, batch, *scoring.split_ids(IDS)),
+        np.testing.assert_allclose(score(params, batch, *models.split_ids(IDS)),
                                    -statistic.mean(axis=0), rtol=2e-5, err_msg=kind)
 
 
 def test_fixed_draws_depend_on_the_id_only():
-    low, high = scoring.split_ids(np.array([7, 3, 2**32 + 7]))
-    t, eps = scoring.fixed_draws(0, 1, low, high, (2, 2, 1))
-    t_alone, eps_alone = scoring.fixed_draws(0, 1, low[1:2], high[1:2], (2, 2, 1))
+    low, high = models.split_ids(np.array([7, 3, 2**32 + 7]))
+    t, eps = models.fixed_draws(0, 1, low, high, (2, 2, 1))
+    t_alone, eps_alone = models.fixed_draws(0, 1, low[1:2], high[1:2], (2, 2, 1))
     assert float(t[1]) == float(t_alone[0]) and np.array_equal(eps[1], eps_alone[0])
     assert len(set(np.asarray(t).tolist())) == 3  # ids 7 and 2**32 + 7 do not collide
-    t_other, _ = scoring.fixed_draws(0, 2, low, high, (2, 2, 1))
+    t_other, _ = models.fixed_draws(0, 2, low, high, (2, 2, 1))
     assert not np.allclose(t, t_other)
 
 
@@ -257,8 +257,8 @@ def test_proxy_scores_do_not_depend_on_batch_size(dit, tmp_path):
         "tokens": rng.integers(0, 49406, (n, 16)).astype(np.int32),
         "token_mask": np.ones((n, 16), bool)})
     score = scoring.proxy_score_fn("loss", graphdef, rest, draws=2, seed=0)
-    score_batch = lambda b: score(params, rate._device_batch(b),  # noqa: E731
-                                  *scoring.split_ids(b["id"]))
+    score_batch = lambda b: score(params, rate.model_inputs(b),  # noqa: E731
+                                  *models.split_ids(b["id"]))
     small, large = (scoring.score_pool(score_batch, source, tmp_path / f"{b}.parquet",
                                        batch_size=b, chunk_size=32, metadata=META)
                     for b in (7, 64))
@@ -283,13 +283,13 @@ def rating_run(tmp_path_factory):
     cfg = load_config("configs/demo.yaml", TINY)
     config_lib.write_run_config(cfg, workdir, ())
     data = rate.load_rating_data(cfg, workdir)
-    example = {k: np.stack([v] * 8) for k, v in rate._device_batch(data.train[0]).items()}
+    example = {k: np.stack([v] * 8) for k, v in rate.model_inputs(data.train[0]).items()}
     program = rate.build_program(cfg, example, rate.make_mesh())
     state = program.init_state(jax.random.key(0))
     state["rater_ema"] = _perturbed(state["rater"], 0.1)
     manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
                                     options=ocp.CheckpointManagerOptions(create=True))
-    rate._save(manager, 2, state, {"train": {}, "validation": {}})
+    rate.save_checkpoint(manager, 2, state, {"train": {}, "validation": {}})
     manager.wait_until_finished()
     return workdir, program, state, data
 

@@ -45,3 +45,10 @@ def test_batch_padding_truncation_and_mask():
     assert mask[1].all()
     with pytest.raises(ValueError, match="max_length must be at least 2"):
         tokenizer.Tokenizer(max_length=1)
+
+
+def test_decode_inverts_tokenization():
+    tok = tokenizer.Tokenizer(max_length=16)
+    captions = ["a photo of a cat", "a handwritten digit five"]
+    tokens, mask = tok(captions)
+    assert tok.decode(tokens, mask) == captions

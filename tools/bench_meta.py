@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import optax
 
 from alchemist_jax import meta, models
 from alchemist_jax.config import load_config
+from markdown_sections import write_section
 
 SECTION = "## Meta-gradient engine (`tools/bench_meta.py`)"
 
@@ -143,13 +143,7 @@ def write_report(args, rows_time, rows_memory, proxy_params: int, rater_params: 
           f"{c:.1f} ({c / base[3]:.2f}x) |" for k, a, b, c in rows_memory],
         "",
     ]
-    text = args.out.read_text() if args.out.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-    section = "\n".join(lines)
-    text = pattern.sub(section, text) if SECTION in text else text.rstrip() + "\n\n" + section
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text.rstrip() + "\n")
-    print(f"wrote {args.out}")
+    write_section(args.out, SECTION, "\n".join(lines), "Benchmarks")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import tempfile
 import time
@@ -32,8 +31,8 @@ import numpy as np
 from alchemist_jax import models, rate, scoring
 from alchemist_jax.config import load_config
 from alchemist_jax.data import pipeline
-from alchemist_jax.data.cache import atomic_write_bytes
 from alchemist_jax.data.sources import ArraySource
+from markdown_sections import write_section
 
 SECTION = "## Scoring throughput"
 
@@ -127,13 +126,7 @@ def write_report(args, cfg, times: dict[str, list[float]], rater_params: int) ->
         f"- Time for 4N / time for N: **{linear:.2f}** (median of the repeats' ratios; 4.00 = "
         "linear).", "",
     ]
-    text = args.out.read_text() if args.out.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-    section = "\n".join(lines)
-    text = pattern.sub(lambda _: section, text) if SECTION in text else (
-        text.rstrip() + "\n\n" + section)
-    atomic_write_bytes(args.out, (text.rstrip() + "\n").encode())
-    print(f"wrote {args.out}")
+    write_section(args.out, SECTION, "\n".join(lines), "Benchmarks")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from markdown_sections import write_section
 
 KINDS = ("all", "noise", "blank", "blur", "lowres", "caption_swap", "duplicate")
 
@@ -79,7 +80,7 @@ def run_one(config: str, root: Path, mode: str, seed: int, proxy_steps: int | No
     return result
 
 
-def write_section(path: Path, title: str, header: str, results: list[dict]) -> None:
+def write_results(path: Path, title: str, header: str, results: list[dict]) -> None:
     lines = [f"## {title}", "", header, "",
              "| mode | seed | meta-steps | " + " | ".join(KINDS) + " | wall time (s) |",
              "|---|---|---|" + "---|" * len(KINDS) + "---|"]
@@ -102,13 +103,7 @@ def write_section(path: Path, title: str, header: str, results: list[dict]) -> N
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    section = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else "# Results\n\n"
-    pattern = re.compile(r"## " + re.escape(title) + r"\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip() + "\n")
-    print(f"wrote {path}")
+    write_section(path, f"## {title}", "\n".join(lines), "Results")
 
 
 def main() -> None:
@@ -138,7 +133,7 @@ def main() -> None:
               f"`{args.config}` with `{' '.join(args.overrides) or '(no overrides)'}`. AUROC of "
               "clean vs each defect kind on the final EMA rater's scores, z-scored within caption "
               "class. Command: `python tools/rate_sweep.py " + " ".join(sys.argv[1:]) + "`.")
-    write_section(args.out, args.title, header, results)
+    write_results(args.out, args.title, header, results)
 
 
 if __name__ == "__main__":

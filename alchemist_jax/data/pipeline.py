@@ -67,7 +67,7 @@ def train_iterator(
         .repeat()
         .map(_with_id(transform))
         .to_iter_dataset(_read_options(read_threads))
-        .batch(batch_size, drop_remainder=True, batch_fn=_stack)
+        .batch(batch_size, drop_remainder=True, batch_fn=stack_examples)
     )
     return iter(dataset)
 
@@ -110,7 +110,7 @@ def eval_iterator(
         grain.MapDataset.range(batch_count * batch_size)
         .map(row)
         .to_iter_dataset(_read_options(read_threads))
-        .batch(batch_size, batch_fn=_stack)
+        .batch(batch_size, batch_fn=stack_examples)
     )
     return iter(dataset)
 
@@ -152,6 +152,6 @@ def _with_id(transform: Transform | None) -> Callable[[Example], dict[str, np.nd
     return apply
 
 
-def _stack(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def stack_examples(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Stacks a list of flat dicts of arrays into one dict of arrays with a leading batch axis."""
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}

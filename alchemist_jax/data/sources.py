@@ -128,6 +128,12 @@ class ArraySource(Source):
     def captions(self) -> list[str] | None:
         return self._captions
 
+    @property
+    def extra(self) -> dict[str, np.ndarray]:
+        """The other per-example arrays (leading axis N), e.g. `latent`, `text_embedding`, or the
+        preprocessed `image` / `tokens` / `token_mask` of `preprocess.materialize`."""
+        return dict(self._extra)
+
     def take(self, indices: np.ndarray, name: str | None = None) -> "ArraySource":
         """A new ArraySource with the rows at `indices` (in that order)."""
         indices = np.asarray(indices, dtype=np.int64)

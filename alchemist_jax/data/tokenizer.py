@@ -104,3 +104,10 @@ class Tokenizer:
                                   padding="max_length", return_attention_mask=True)
         return (np.asarray(encoded["input_ids"], np.int32),
                 np.asarray(encoded["attention_mask"], bool))
+
+    def decode(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+        """The caption texts of token rows (B, L) with their masks (B, L), special tokens removed
+        (the inverse of `__call__` up to whitespace and case)."""
+        return [self._tokenizer.decode(np.asarray(row)[np.asarray(row_mask, bool)].tolist(),
+                                       skip_special_tokens=True).strip()
+                for row, row_mask in zip(tokens, mask)]

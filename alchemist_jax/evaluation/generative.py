@@ -36,7 +36,7 @@ from alchemist_jax import config as config_lib
 from alchemist_jax import models
 from alchemist_jax.data.cache import atomic_write_bytes
 from alchemist_jax.data.sources import ArraySource
-from alchemist_jax.data.tokenizer import _load_clip_tokenizer
+from alchemist_jax.data.tokenizer import Tokenizer
 from alchemist_jax.evaluation.classifier import (Classifier, UnlabeledDataError,
                                                  feature_classifier, load_test_data,
                                                  source_arrays)
@@ -211,9 +211,7 @@ def grid_rows(labels: np.ndarray | None, tokens: np.ndarray, rows: int) -> np.nd
 
 def caption_texts(tokens: np.ndarray, token_mask: np.ndarray) -> list[str]:
     """The caption text of CLIP token rows (B, L) with masks (B, L), special tokens removed."""
-    tokenizer = _load_clip_tokenizer()
-    return [tokenizer.decode(row[mask].tolist(), skip_special_tokens=True).strip()
-            for row, mask in zip(tokens, token_mask)]
+    return Tokenizer(max(2, tokens.shape[1])).decode(tokens, token_mask)
 
 
 def _tile_side(resolution: int) -> int:

@@ -26,14 +26,15 @@ from flax import nnx
 
 from alchemist_jax.config import ModelConfig, RaterConfig
 from alchemist_jax.models.dit import DiT, visual_input
-from alchemist_jax.models.flow import flow_matching_loss, flow_matching_loss_at, sample
+from alchemist_jax.models.flow import (fixed_draws, flow_matching_loss, flow_matching_loss_at,
+                                      sample, split_ids)
 from alchemist_jax.models.rater import Rater
 from alchemist_jax.models.text_encoder import TextEncoder
 
 __all__ = [
     "DiT", "TextEncoder", "Rater", "PRESETS", "resolve_model_config", "init_proxy", "init_rater",
     "proxy_loss_fn", "rater_weight_fn", "rater_score_fn", "count_params", "flow_matching_loss",
-    "flow_matching_loss_at", "sample", "visual_input",
+    "flow_matching_loss_at", "sample", "visual_input", "fixed_draws", "split_ids",
 ]
 
 # Architecture sizes. tiny: the built-in demo on 2 CPU cores (28x28x1 images, 7x7 patches of 4);

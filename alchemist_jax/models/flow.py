@@ -7,8 +7,11 @@ else image). Sampling integrates dx/dt = v from t = 1 (noise) to t = 0 (data).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from alchemist_jax.models.dit import DiT, visual_input
 
@@ -32,6 +35,34 @@ def flow_matching_loss_at(model: DiT, batch: dict, t: jax.Array, eps: jax.Array,
     x_t = (1 - tb) * x0 + tb * eps
     v_pred = model(x_t, t, batch, drop_text)
     return jnp.mean(jnp.square(v_pred - (eps - x0)), axis=(1, 2, 3))
+
+
+def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int64 sample ids (B,) -> their (low, high) uint32 halves (jax runs in 32 bits)."""
+    ids = np.asarray(ids, np.int64)
+    return (ids & 0xFFFFFFFF).astype(np.uint32), (ids >> 32).astype(np.uint32)
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def fixed_draws(seed: int | jax.Array, draw: int | jax.Array, id_low: jax.Array,
+                id_high: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Draw `draw` of each sample for evaluating at fixed (t, noise): t (B,) ~ U(0, 1) and
+    eps (B, *shape) ~ N(0, I), float32, that depend only on (seed, draw, sample id) — not on the
+    batch a sample is in, so per-sample losses and scores do not depend on the batch size.
+
+    The key of the sample with id i is fold_in(fold_in(key(seed), draw), i) for ids below 2^32;
+    a larger id folds in its high half next, so it does not collide with i mod 2^32.
+    `id_low` / `id_high` (B,) uint32 are the halves of the ids (`split_ids`).
+    """
+    base = jax.random.fold_in(jax.random.key(seed), draw)
+
+    def one(low, high):
+        key = jax.random.fold_in(base, low)
+        key = jax.lax.cond(high == 0, lambda: key, lambda: jax.random.fold_in(key, high))
+        t_key, eps_key = jax.random.split(key)
+        return jax.random.uniform(t_key, ()), jax.random.normal(eps_key, shape)
+
+    return jax.vmap(one)(id_low, id_high)
 
 
 def flow_matching_loss(model: DiT, batch: dict, rng: jax.Array,
