@@ -26,11 +26,12 @@ fi
 
 echo "[screenshot] chromium --headless $PAGE -> $SHOT" >&2
 rm -f "$SHOT"
-# Chromium writes progress and harmless GPU/dbus warnings on stderr; keep them off stdout.
+# Chromium writes progress and harmless dbus/GPU warnings; they go to a log beside the picture.
+LOG="$(dirname "$PAGE")/screenshot.log"
 chromium --headless --no-sandbox --disable-gpu --hide-scrollbars \
-  --screenshot="$SHOT" --window-size=1280,4000 "file://$PAGE" >&2
+  --screenshot="$SHOT" --window-size=1280,4000 "file://$PAGE" >"$LOG" 2>&1 || true
 if [[ ! -s "$SHOT" ]]; then
-  echo "$0: chromium wrote no screenshot at $SHOT" >&2
+  echo "$0: chromium wrote no screenshot at $SHOT (see $LOG)" >&2
   exit 1
 fi
 
