@@ -29,7 +29,7 @@ def test_demo_config_loads():
 
 @pytest.mark.parametrize("override, message", [
     ("data.batch_sise=3", "unknown config key 'data.batch_sise'. Did you mean 'data.batch_size'?"),
-    ("dta.source=pool", "unknown config key 'dta'. Did you mean 'data'?"),
+    ("dta.source=pool", "unknown config key 'dta'. Did you mean 'data', 'train'?"),
     ("data.batch_size=big", "config key 'data.batch_size' expects int, got 'big'"),
     ("data.batch_size=true", "config key 'data.batch_size' expects int, got True"),
     ("data.channels=2", "config key 'data.channels' must be one of 1, 3; got 2"),
