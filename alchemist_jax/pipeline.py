@@ -113,8 +113,7 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
     pool_ids = splits.train.ids
     subsets = {name: _select(cfg, name, arm, splits, workdir) for name, arm in arms.items()}
 
-    transform = preprocess.Preprocessor(cfg.data.resolution, cfg.data.channels,
-                                        cfg.data.max_text_length)
+    transform = preprocess.Preprocessor.for_config(cfg.data)
     pool = preprocess.materialize(splits.train, transform)
     validation = preprocess.materialize(splits.validation, transform)
     test = evaluation.load_test_data(cfg)

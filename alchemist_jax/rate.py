@@ -68,8 +68,7 @@ def load_rating_data(cfg: config_lib.Config, workdir: Path) -> RatingData:
     preprocesses them into memory; writes `workdir/defects.parquet` when defects are injected."""
     data_cfg = cfg.data
     splits = load_splits(data_cfg, report_dir=workdir)
-    transform = preprocess.Preprocessor(data_cfg.resolution, data_cfg.channels,
-                                        data_cfg.max_text_length)
+    transform = preprocess.Preprocessor.for_config(data_cfg)
     return RatingData(preprocess.materialize(splits.train, transform),
                       preprocess.materialize(splits.validation, transform), splits.defects,
                       splits.caption_classes)

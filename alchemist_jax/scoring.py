@@ -500,8 +500,7 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
         raise ValueError(f"--rater is read by score.scorer=rater only, not by {scorer}")
     rating_run = open_rating_run(rater_dir, cfg.data) if scorer == "rater" else None
     splits = load_splits(cfg.data)
-    transform = preprocess.Preprocessor(cfg.data.resolution, cfg.data.channels,
-                                        cfg.data.max_text_length)
+    transform = preprocess.Preprocessor.for_config(cfg.data)
     pool = preprocess.materialize(splits.train, transform)
     metadata = ratings_metadata(cfg, pool, rating_run)
     seconds = 0.0

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from alchemist_jax.config import DataConfig
 from alchemist_jax.data.sources import ArraySource, Source
 from alchemist_jax.data.tokenizer import Tokenizer
 
@@ -63,6 +64,12 @@ class Preprocessor:
         self.resolution = resolution
         self.channels = channels
         self.tokenizer = Tokenizer(max_text_length)
+
+    @classmethod
+    def for_config(cls, config: DataConfig) -> "Preprocessor":
+        """The preprocessing a run's `data` section asks for (resolution, channels,
+        max_text_length): every command of a run uses this one."""
+        return cls(config.resolution, config.channels, config.max_text_length)
 
     def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
         out = {"id": np.int64(example["id"])}

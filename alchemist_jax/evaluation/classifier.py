@@ -219,12 +219,7 @@ def load_test_data(cfg: config_lib.Config) -> ArraySource:
             raise config_lib.ConfigError(f"evaluate.test_size must be >= 1, got "
                                          f"{cfg.evaluate.test_size}")
         test = Subset(test, np.arange(min(cfg.evaluate.test_size, len(test))), "evaluated")
-    return preprocess.materialize(test, _preprocessor(cfg))
-
-
-def _preprocessor(cfg: config_lib.Config) -> preprocess.Preprocessor:
-    return preprocess.Preprocessor(cfg.data.resolution, cfg.data.channels,
-                                   cfg.data.max_text_length)
+    return preprocess.materialize(test, preprocess.Preprocessor.for_config(cfg.data))
 
 
 def classifier_cache_root() -> Path:
@@ -297,7 +292,7 @@ def feature_classifier(cfg: config_lib.Config, test_data: ArraySource | None = N
     if (directory / "metadata.json").exists():
         return load_classifier(directory)
     started = time.perf_counter()
-    train = source_arrays(preprocess.materialize(validation, _preprocessor(cfg)))
+    train = source_arrays(preprocess.materialize(validation, preprocess.Preprocessor.for_config(cfg.data)))
     graphdef, params, loss = train_classifier(train["image"], train["label"],
                                               cfg.evaluate.classifier_steps, cfg.evaluate.seed)
     classifier = Classifier(graphdef, params, {})
