@@ -148,8 +148,9 @@ class RateConfig:
     rater_clip: float = 1.0  # global-norm clipping of the meta-gradient
     ema_decay: float = 0.99  # EMA of rater parameters, used for scoring
     val_batch_size: int = 256
-    remat: Literal["none", "full", "dots"] = "full"
+    remat: Literal["none", "full", "dots", "nested"] = "full"
     mixed_mode: bool = False  # unrolled: MixFlow-MG custom VJP of the inner step
+    unroll: int = 1  # unrolled: inner steps per lax.scan iteration (inner_steps: straight-line)
     checkpoint_every: int = 250  # meta-steps
     log_every: int = 10
     seed: int = 0

@@ -23,10 +23,12 @@ Modes (all three are product features, METHOD.md §2):
 * ``"unrolled"`` (default, exact): θ_{k+1} = θ_k + inner_opt.update(∇θ L_in(θ_k, φ; b_k), s_k, θ_k)
   for k < K in a `lax.scan`, meta-loss L_val(θ_K), meta-gradient d L_val(θ_K) / dφ through all K
   steps (second order: it differentiates through ∇θ and through the optimizer state). Each step is
-  rematerialised per `remat`. ``mixed_mode=True`` gives the same numbers (to float64 round-off) with
-  a custom VJP of the inner step that never does reverse-over-reverse (MixFlow-MG, Kemaev et al.
-  2025): the Hessian-vector product and the mixed θ/φ term come from one forward-over-reverse
-  linearisation (`jax.linearize` of `jax.grad`), the optimizer's part from `jax.vjp` of its update.
+  rematerialised per `remat`; ``remat="nested"`` also keeps the scan's carry at only ~√K group
+  boundaries (`nested_group_count`). ``mixed_mode=True`` gives the same numbers (to float64
+  round-off) with a custom VJP of the inner step that never does reverse-over-reverse (MixFlow-MG,
+  Kemaev et al. 2025): the Hessian-vector product and the mixed θ/φ term come from one
+  forward-over-reverse linearisation (`jax.linearize` of `jax.grad`), the optimizer's part from
+  `jax.vjp` of its update.
 * ``"lookahead"`` (Ren et al. 2018): K must be 1. The meta-gradient is taken through ONE virtual
   SGD step θ' = θ − lookahead_lr · ∇θ L_in(θ, φ; b_0); meta-loss L_val(θ'). It equals ``unrolled``
   with K = 1 and ``inner_opt=optax.sgd(lookahead_lr)``. The returned proxy state is one real
@@ -45,6 +47,7 @@ proxy_params / inner_opt_state / train_batches (and rng).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -57,7 +60,7 @@ RaterFn = Callable[[PyTree, PyTree], jax.Array]
 LossFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
 
 MODES = ("unrolled", "lookahead", "penalty")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "nested")
 DEFAULT_K = 4
 
 
@@ -146,11 +149,46 @@ def _checked_pair(weights, losses):
     return weights, losses
 
 
+def nested_group_count(k_steps: int) -> int:
+    """G, the number of checkpointed groups of ``remat="nested"`` for K inner steps.
+
+    The divisor of K closest to √K (the smaller one on a tie), so that the G saved group-boundary
+    carries plus the K/G carries of the group being differentiated, G + K/G, is smallest:
+    K = 4 -> 2, 8 -> 2, 12 -> 3, 16 -> 4. For a prime K that is G = 1, one group of K steps,
+    which saves as much as ``remat="full"``.
+    """
+    if k_steps < 1:
+        raise ValueError(f"the number of inner steps K must be >= 1, got {k_steps}")
+    divisors = [g for g in range(1, k_steps + 1) if k_steps % g == 0]
+    return min(divisors, key=lambda g: (abs(g - np.sqrt(k_steps)), g))
+
+
+def _nested_scan(body, init, xs, groups, unroll):
+    """`lax.scan(body, init, xs)` as an outer scan over `groups` checkpointed inner scans.
+
+    Only the carry entering each group is saved for the backward pass; the backward pass of a
+    group re-runs its inner scan forward, which saves the K/G carries inside that group only.
+    Same values and derivatives as the flat scan. xs leaves have a leading axis K, divisible by
+    `groups`; the stacked outputs keep the flat (K, ...) layout.
+    """
+    k_steps = jax.tree.leaves(xs)[0].shape[0]
+    grouped = jax.tree.map(lambda x: x.reshape(groups, k_steps // groups, *x.shape[1:]), xs)
+
+    # Inside the outer lax.scan CSE cannot merge the recomputation anyway (see `_remat`).
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def group(carry, group_xs):
+        return jax.lax.scan(body, carry, group_xs, unroll=unroll)
+
+    carry, ys = jax.lax.scan(group, init, grouped)
+    return carry, jax.tree.map(lambda y: y.reshape(k_steps, *y.shape[2:]), ys)
+
+
 def _remat(fn, remat, in_scan):
     if remat == "none":
         return fn
     policy = {
         "full": jax.checkpoint_policies.nothing_saveable,
+        "nested": jax.checkpoint_policies.nothing_saveable,  # each step; groups: `_nested_scan`
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     }[remat]
     # Inside lax.scan, CSE cannot merge the recomputation with the forward pass anyway, and
@@ -169,8 +207,10 @@ def _zero_cotangent(x):
 # ----------------------------------------------------------------------------- inner step
 
 
-def _make_inner_step(rater_fn, loss_fn, inner_opt, mixed_mode):
-    """step(φ, θ, s, batch, key) -> (θ', s', w (B,), ℓ (B,)); w and ℓ are reports, not for AD."""
+def _make_inner_step(rate, loss_fn, inner_opt, mixed_mode):
+    """step(r, θ, s, batch, key) -> (θ', s', w (B,), ℓ (B,)) with weights w = rate(r, batch): r is
+    φ (rate = rater_fn) or the batch's precomputed weights (rate returns them). The returned w and ℓ
+    are reports, not for AD."""
 
     def weighted_grad(theta, weights, batch, key):
         def inner_objective(th):
@@ -182,8 +222,8 @@ def _make_inner_step(rater_fn, loss_fn, inner_opt, mixed_mode):
         updates, opt_state = inner_opt.update(grads, opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state
 
-    def step(phi, theta, opt_state, batch, key):
-        weights = rater_fn(phi, batch)
+    def step(rater_input, theta, opt_state, batch, key):
+        weights = rate(rater_input, batch)
         grads, losses = weighted_grad(theta, weights, batch, key)
         _checked_pair(weights, losses)
         theta, opt_state = apply_opt(grads, opt_state, theta)
@@ -195,18 +235,19 @@ def _make_inner_step(rater_fn, loss_fn, inner_opt, mixed_mode):
     # MixFlow-MG: a custom VJP whose residuals are the step's inputs only, and whose backward pass
     # differentiates ∇θ L_in forward-over-reverse instead of reverse-over-reverse.
     @jax.custom_vjp
-    def mixed_step(phi, theta, opt_state, batch, key):
-        return step(phi, theta, opt_state, batch, key)
+    def mixed_step(rater_input, theta, opt_state, batch, key):
+        return step(rater_input, theta, opt_state, batch, key)
 
-    def mixed_fwd(phi, theta, opt_state, batch, key):
-        return step(phi, theta, opt_state, batch, key), (phi, theta, opt_state, batch, key)
+    def mixed_fwd(rater_input, theta, opt_state, batch, key):
+        residuals = (rater_input, theta, opt_state, batch, key)
+        return step(*residuals), residuals
 
     def mixed_bwd(residuals, cotangents):
-        phi, theta, opt_state, batch, key = residuals
+        rater_input, theta, opt_state, batch, key = residuals
         # The weights/losses outputs are reports: the caller stop_gradients them, so their
         # cotangents are always zero and are ignored here.
         theta_bar, opt_state_bar, _, _ = cotangents
-        weights, rater_vjp = jax.vjp(lambda p: rater_fn(p, batch), phi)
+        weights, rate_vjp = jax.vjp(lambda r: rate(r, batch), rater_input)
 
         def grad_and_losses(th):  # θ -> (∇θ L_in, ℓ), weights fixed
             return weighted_grad(th, weights, batch, key)
@@ -221,8 +262,8 @@ def _make_inner_step(rater_fn, loss_fn, inner_opt, mixed_mode):
         hvp, losses_jvp = tangent_fn(grads_bar)
         theta_bar_in = jax.tree.map(jnp.add, theta_bar_direct, hvp)
         weights_bar = (losses_jvp / losses.shape[0]).astype(weights.dtype)
-        (phi_bar,) = rater_vjp(weights_bar)
-        return (phi_bar, theta_bar_in, opt_state_bar_in,
+        (rater_input_bar,) = rate_vjp(weights_bar)
+        return (rater_input_bar, theta_bar_in, opt_state_bar_in,
                 jax.tree.map(_zero_cotangent, batch), _zero_cotangent(key))
 
     mixed_step.defvjp(mixed_fwd, mixed_bwd)
@@ -232,27 +273,74 @@ def _make_inner_step(rater_fn, loss_fn, inner_opt, mixed_mode):
 # ----------------------------------------------------------------------------- the modes
 
 
+def _make_rate_batches(rater_fn):
+    """rate(φ, train_batches) -> w (K, B): the weights of the K inner batches, for "nested".
+
+    The weights do not depend on θ, so the inner steps can take them as inputs; then no scan
+    carries a cotangent of φ. With φ inside the steps, the backward pass of each scan level (two
+    for "nested") holds and updates its own rater-sized φ̄ (for the CLIP-vocabulary embedding of
+    `models.Rater`, 12 MiB each). The custom VJP rates the batches again one at a time, after the
+    inner steps' backward pass (it needs their w̄), accumulating φ̄ in a scan: one batch's rater
+    activations are alive at a time.
+    """
+    rate = jax.vmap(rater_fn, in_axes=(None, 0))
+
+    @jax.custom_vjp
+    def rate_batches(phi, batches):
+        return rate(phi, batches)
+
+    def rate_fwd(phi, batches):
+        return rate(phi, batches), (phi, batches)
+
+    def rate_bwd(residuals, weights_bar):
+        phi, batches = residuals
+
+        def accumulate(phi_bar, inputs):
+            batch, batch_weights_bar = inputs
+            _, rater_vjp = jax.vjp(lambda p: rater_fn(p, batch), phi)
+            return jax.tree.map(jnp.add, phi_bar, rater_vjp(batch_weights_bar)[0]), None
+
+        phi_bar, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, phi),
+                                  (batches, weights_bar))
+        return phi_bar, jax.tree.map(_zero_cotangent, batches)
+
+    rate_batches.defvjp(rate_fwd, rate_bwd)
+    return rate_batches
+
+
 def _val_loss(loss_fn, theta, val_batch, key):
     losses = _checked_losses(loss_fn(theta, val_batch, key), "loss_fn")
     return jnp.mean(losses), losses
 
 
 def _unrolled(rater_params, proxy_params, opt_state, train_batches, val_batch, keys, val_key, *,
-              rater_fn, loss_fn, inner_opt, remat, mixed_mode):
-    step = _make_inner_step(rater_fn, loss_fn, inner_opt, mixed_mode)
+              rater_fn, loss_fn, inner_opt, remat, mixed_mode, unroll):
+    if remat == "nested":
+        # The steps take precomputed weights: no scan level carries a cotangent of φ.
+        rate, rate_batches = (lambda weights, batch: weights), _make_rate_batches(rater_fn)
+    else:
+        rate, rate_batches = rater_fn, None
+    step = _make_inner_step(rate, loss_fn, inner_opt, mixed_mode)
     if not mixed_mode:
-        # In mixed mode the custom VJP already keeps only the step's inputs: remat adds nothing.
+        # In mixed mode the custom VJP already keeps only the step's inputs: per-step remat adds
+        # nothing (the group checkpoints of "nested" still apply).
         step = _remat(step, remat, in_scan=True)
 
     def meta_loss_fn(phi):
         def body(carry, xs):
             theta, s = carry
-            batch, key = xs
-            theta, s, weights, losses = step(phi, theta, s, batch, key)
+            batch_weights, batch, key = xs  # batch_weights: None unless rated before the scan
+            rater_input = phi if batch_weights is None else batch_weights
+            theta, s, weights, losses = step(rater_input, theta, s, batch, key)
             return (theta, s), (jax.lax.stop_gradient(weights), jax.lax.stop_gradient(losses))
 
-        (theta, s), (weights, losses) = jax.lax.scan(
-            body, (proxy_params, opt_state), (train_batches, keys))
+        all_weights = None if rate_batches is None else rate_batches(phi, train_batches)
+        init, xs = (proxy_params, opt_state), (all_weights, train_batches, keys)
+        if remat == "nested":
+            groups = nested_group_count(keys.shape[0])
+            (theta, s), (weights, losses) = _nested_scan(body, init, xs, groups, unroll)
+        else:
+            (theta, s), (weights, losses) = jax.lax.scan(body, init, xs, unroll=unroll)
         meta_loss, val_losses = _val_loss(loss_fn, theta, val_batch, val_key)
         return meta_loss, dict(meta_loss=meta_loss, val_losses=val_losses, proxy_params=theta,
                                inner_opt_state=s, weights=weights, inner_losses=losses)
@@ -335,7 +423,8 @@ def meta_gradient(rater_params, proxy_params, inner_opt_state, train_batches, va
                   rater_fn: RaterFn, loss_fn: LossFn,
                   inner_opt: optax.GradientTransformation,
                   mode: str = "unrolled", remat: str = "full", mixed_mode: bool = False,
-                  lookahead_lr: float | None = None, penalty_lambda: float | None = None):
+                  unroll: int | bool = 1, lookahead_lr: float | None = None,
+                  penalty_lambda: float | None = None):
     """The rater's gradient from K inner proxy steps, and the proxy state after them.
 
     Args:
@@ -352,13 +441,21 @@ def meta_gradient(rater_params, proxy_params, inner_opt_state, train_batches, va
       inner_opt: the proxy's optax optimizer (see `default_inner_optimizer`).
       mode: "unrolled" | "lookahead" | "penalty" (module docstring).
       remat: rematerialisation of each inner step in the differentiated modes: "none" (store all
-        residuals), "full" (`jax.checkpoint`, nothing saveable: keep only the step's inputs), "dots"
-        (save matmul outputs without batch dims). Same numbers, different memory/compute.
-        Ignored by "penalty" (nothing is differentiated through a step) and by mixed_mode (its
-        custom VJP already keeps only the step's inputs).
+        residuals), "full" (`jax.checkpoint`, nothing saveable: keep only the step's inputs, i.e.
+        K carries θ_k, s_k), "dots" (save matmul outputs without batch dims), "nested" ("full" per
+        step, and the K steps run as G = `nested_group_count(K)` checkpointed groups of K/G: only
+        G + K/G carries are held, for one more forward pass of each step; the rater's weights of
+        all K batches are computed before the steps and differentiated after them, so that no
+        scan level holds a rater-sized φ̄). Same numbers, different memory/compute. Ignored by
+        "penalty" (nothing is differentiated through a step); mixed_mode ignores the per-step
+        policy (its custom VJP already keeps only the step's inputs) but honours the groups of
+        "nested". For K = 1 (and "lookahead") "nested" is "full"; docs/BENCHMARKS.md compares all.
       mixed_mode: "unrolled" only: custom VJP of the inner step with forward-over-reverse HVPs
         (MixFlow-MG). Equal results, no reverse-over-reverse. Being a `jax.custom_vjp`, it
         supports reverse-mode differentiation only (nobody needs `jax.jvp` of a meta-gradient).
+      unroll: "unrolled" only: the `unroll` of the `lax.scan` over the K inner steps (True or K:
+        one straight-line program, which XLA can schedule across steps — faster for small K,
+        compile time and program size grow with K). Same numbers.
       lookahead_lr: "lookahead" only (required): lr of the virtual SGD step.
       penalty_lambda: "penalty" only (required): λ, a number or a scalar array
         (see `penalty_lambda_at`).
@@ -387,7 +484,7 @@ def meta_gradient(rater_params, proxy_params, inner_opt_state, train_batches, va
     common = dict(rater_fn=rater_fn, loss_fn=loss_fn, inner_opt=inner_opt)
     args = (rater_params, proxy_params, inner_opt_state, train_batches, val_batch, keys, val_key)
     if mode == "unrolled":
-        return _unrolled(*args, **common, remat=remat, mixed_mode=mixed_mode)
+        return _unrolled(*args, **common, remat=remat, mixed_mode=mixed_mode, unroll=unroll)
     if mode == "lookahead":
         return _lookahead(*args, **common, remat=remat, lookahead_lr=lookahead_lr)
     return _penalty(*args, **common, penalty_lambda=penalty_lambda)

@@ -154,7 +154,7 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
             return meta.meta_gradient(
                 state["rater"], proxy, proxy_opt, batches, val_batch, proxy_key,
                 rater_fn=rater_fn, loss_fn=loss_fn, inner_opt=inner_opt, mode=rate_cfg.mode,
-                remat=rate_cfg.remat, mixed_mode=rate_cfg.mixed_mode,
+                remat=rate_cfg.remat, mixed_mode=rate_cfg.mixed_mode, unroll=rate_cfg.unroll,
                 lookahead_lr=rate_cfg.lookahead_lr, penalty_lambda=penalty_lambda)
 
         grads, aux = jax.vmap(one_proxy)(state["proxy"], state["proxy_opt"], train_batches,

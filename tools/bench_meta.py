@@ -1,20 +1,26 @@
 """Benchmark of the meta-gradient engine on the `tiny` DiT, written to docs/BENCHMARKS.md.
 
-Measured side by side in one run (the machines are shared and noisy, so ratios matter):
-  1. time of one `unrolled` meta-step with K inner steps / time of K plain weighted train steps,
-     K in {1, 2, 4, 8} (target <= 3.5);
-  2. XLA temporary memory (`compiled.memory_analysis().temp_size_in_bytes`) for K in {1, 4, 16}
-     without remat, with remat and with the mixed-mode VJP (target: K=16 / K=1 <= 2.0 with remat);
-  3. compile time of the meta-step.
+Every variant of the `unrolled` meta-step (remat "none", "dots", "full", "nested"; the mixed-mode
+VJP alone and with nested remat; "full" and mixed with the K inner steps unrolled into one
+straight-line program) is measured side by side in one run, since the machines are shared and
+noisy:
+  1. time of one meta-step with K inner steps / time of K plain weighted train steps, K in
+     {1, 2, 4, 8} (target <= 3.5): the repeats are interleaved (train steps, then each variant)
+     and the ratio is the median of the repeats' ratios, against the faster of the two train
+     programs (K steps in a `lax.scan`, or unrolled) in each repeat;
+  2. XLA temporary memory (`compiled.memory_analysis().temp_size_in_bytes`) for K in
+     {1, 2, 4, 8, 16} (target: K=16 / K=1 <= 2.0 with remat);
+  3. compile time of each meta-step.
 
 The model and rater are those of the config (default configs/demo.yaml: the demo's tiny DiT).
 
-Usage: python tools/bench_meta.py [--config configs/demo.yaml] [--repeats 5]
+Usage: python tools/bench_meta.py [--config configs/demo.yaml] [--repeats 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import time
@@ -24,12 +30,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from alchemist_jax import meta, models
 from alchemist_jax.config import load_config
 from markdown_sections import write_section
 
 SECTION = "## Meta-gradient engine (`tools/bench_meta.py`)"
+# name -> (remat, mixed_mode, unroll)
+VARIANTS = {"none": ("none", False, 1), "dots": ("dots", False, 1), "full": ("full", False, 1),
+            "nested": ("nested", False, 1), "mixed": ("full", True, 1),
+            "mixed + nested": ("nested", True, 1), "full + unroll": ("full", False, True),
+            "mixed + unroll": ("full", True, True)}
+TIME_KS = (1, 2, 4, 8)
+MEMORY_KS = (1, 2, 4, 8, 16)
+TARGET_RATIO, TARGET_GROWTH = 3.5, 2.0
 
 
 def _batch(batch_size: int, text_length: int, seed: int) -> dict[str, np.ndarray]:
@@ -43,21 +58,24 @@ def _stack(batch: dict, k: int) -> dict:
     return {key: np.stack([value] * k) for key, value in batch.items()}
 
 
-def _time(compiled, args, repeats: int) -> float:
-    """Median seconds of `repeats` calls (after one warm-up)."""
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _interleaved_times(programs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each (compiled, args) in `programs` over `repeats` rounds, one call of every
+    program per round (after one warm-up call each), so that load changes hit all alike."""
+    for compiled, args in programs.values():
         jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in programs}
+    for _ in range(repeats):
+        for name, (compiled, args) in programs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
     args = parser.parse_args()
     cfg = load_config(args.config)
@@ -72,7 +90,7 @@ def main() -> None:
     inner_opt = meta.default_inner_optimizer(cfg.rate.inner_lr)
     opt_state = inner_opt.init(proxy)
 
-    def train_steps(params, opt_state, batches, rng):
+    def train_steps(params, opt_state, batches, rng, unroll):
         """K plain weighted train steps (the rater's weights, no meta-gradient)."""
         def step(carry, inputs):
             params, opt_state = carry
@@ -84,46 +102,64 @@ def main() -> None:
             return (optax.apply_updates(params, updates), opt_state), None
 
         k = jax.tree.leaves(batches)[0].shape[0]
-        return jax.lax.scan(step, (params, opt_state), (batches, jnp.arange(k)))[0]
+        return jax.lax.scan(step, (params, opt_state), (batches, jnp.arange(k)),
+                            unroll=unroll)[0]
 
-    def meta_step(rater, params, opt_state, batches, val_batch, rng, remat="full",
-                  mixed_mode=False):
-        return meta.meta_gradient(rater, params, opt_state, batches, val_batch, rng,
-                                  rater_fn=rater_fn, loss_fn=loss_fn, inner_opt=inner_opt,
-                                  remat=remat, mixed_mode=mixed_mode)
+    def meta_step(remat, mixed_mode, unroll):
+        return jax.jit(lambda *a: meta.meta_gradient(
+            *a, rater_fn=rater_fn, loss_fn=loss_fn, inner_opt=inner_opt, remat=remat,
+            mixed_mode=mixed_mode, unroll=unroll))
 
-    rows_time, rows_memory = [], []
-    for k in (1, 2, 4, 8):
-        batches = _stack(batch, k)
-        start = time.perf_counter()
-        meta_compiled = jax.jit(meta_step).lower(rater, proxy, opt_state, batches, batch,
-                                                 key).compile()
-        compile_s = time.perf_counter() - start
-        train_compiled = jax.jit(train_steps).lower(proxy, opt_state, batches, key).compile()
-        meta_s = _time(meta_compiled, (rater, proxy, opt_state, batches, batch, key),
-                       args.repeats)
-        train_s = _time(train_compiled, (proxy, opt_state, batches, key), args.repeats)
-        rows_time.append((k, meta_s * 1e3, train_s * 1e3, meta_s / train_s, compile_s))
-        print(f"K={k}: meta {meta_s*1e3:.1f} ms, {k} train steps {train_s*1e3:.1f} ms, "
-              f"ratio {meta_s/train_s:.2f}, compile {compile_s:.1f} s", flush=True)
+    ratios, millis, memory, compile_s = {}, {}, {}, {}
+    ks = sorted(set(TIME_KS) | set(MEMORY_KS))
+    with tqdm(total=len(ks) * len(VARIANTS), desc="compiling meta-steps") as bar:
+        for k in ks:
+            batches = _stack(batch, k)
+            meta_args = (rater, proxy, opt_state, batches, batch, key)
+            programs = {}
+            for name, (remat, mixed, unroll) in VARIANTS.items():
+                start = time.perf_counter()
+                compiled = meta_step(remat, mixed, unroll).lower(*meta_args).compile()
+                compile_s[k, name] = time.perf_counter() - start
+                memory[k, name] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+                programs[name] = (compiled, meta_args)
+                bar.update()
+            if k not in TIME_KS:
+                continue
+            train_args = (proxy, opt_state, batches, key)
+            trains = {f"train{suffix}": (jax.jit(functools.partial(train_steps, unroll=unroll))
+                                         .lower(*train_args).compile(), train_args)
+                      for suffix, unroll in (("", 1), (" unrolled", True))}
+            times = _interleaved_times({**trains, **programs}, args.repeats)
+            fastest_train = [min(pair) for pair in zip(times["train"], times["train unrolled"])]
+            for name, seconds in times.items():
+                millis[k, name] = statistics.median(seconds) * 1e3
+                ratios[k, name] = statistics.median(
+                    s / t for s, t in zip(seconds, fastest_train))
+            tqdm.write(f"K={k}: " + ", ".join(f"{name} {ratios[k, name]:.2f}"
+                                              for name in VARIANTS))
 
-    for k in (1, 4, 16):
-        batches = _stack(batch, k)
-        row = [k]
-        for remat, mixed in (("none", False), ("full", False), ("full", True)):
-            lowered = jax.jit(lambda *a: meta_step(*a, remat=remat, mixed_mode=mixed)).lower(
-                rater, proxy, opt_state, batches, batch, key)
-            row.append(lowered.compile().memory_analysis().temp_size_in_bytes / 2**20)
-        rows_memory.append(row)
-        print(f"K={k}: temp MiB none {row[1]:.1f}, remat {row[2]:.1f}, mixed {row[3]:.1f}",
-              flush=True)
-
-    write_report(args, rows_time, rows_memory, models.count_params(proxy),
+    write_report(args, ratios, millis, memory, compile_s, models.count_params(proxy),
                  models.count_params(rater))
 
 
-def write_report(args, rows_time, rows_memory, proxy_params: int, rater_params: int) -> None:
-    base = rows_memory[0]
+def write_report(args, ratios, millis, memory, compile_s, proxy_params: int,
+                 rater_params: int) -> None:
+    """Rewrites this benchmark's section of `args.out` with the three tables."""
+    names = list(VARIANTS)
+    header = "| K | " + " | ".join(names) + " |"
+    rule = "|---" * (len(names) + 1) + "|"
+
+    def ratio_cell(k, name):
+        text = f"{ratios[k, name]:.2f} ({millis[k, name]:.0f} ms)"
+        return f"**{text}**" if ratios[k, name] <= TARGET_RATIO else text
+
+    def memory_cell(k, name):
+        growth = memory[k, name] / memory[MEMORY_KS[0], name]
+        text = f"{memory[k, name]:.1f} ({growth:.2f}x)"
+        return f"**{text}**" if growth <= TARGET_GROWTH and name != "none" else text
+
+    groups = ", ".join(f"K={k}: G={meta.nested_group_count(k)}" for k in MEMORY_KS)
     lines = [
         SECTION, "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
@@ -131,16 +167,30 @@ def write_report(args, rows_time, rows_memory, proxy_params: int, rater_params: 
         f"the DiT and rater of `{args.config}` ({proxy_params:,} trainable proxy parameters, "
         f"28x28x1, {args.text_length} tokens; rater {rater_params:,} parameters), batch "
         f"{args.batch}, validation batch = batch, inner Adam (eps 1e-3, eps_root 1e-12), "
-        f"median of {args.repeats}. Command: `python tools/bench_meta.py --config "
-        f"{args.config}`.", "",
-        "| K | meta-step (ms) | K train steps (ms) | ratio (target <= 3.5) | compile (s) |",
-        "|---|---|---|---|---|",
-        *[f"| {k} | {m:.1f} | {t:.1f} | {r:.2f} | {c:.1f} |" for k, m, t, r, c in rows_time],
+        f"{args.repeats} interleaved repeats. Columns: `remat` policy; \"mixed\" is "
+        f"`mixed_mode=True` (its custom VJP keeps each step's inputs, as \"full\"); \"nested\" "
+        f"checkpoints G groups of K/G steps ({groups}); \"+ unroll\" is `unroll=True` (the K "
+        f"inner steps as one straight-line program instead of a `lax.scan` loop). The ratio's "
+        f"denominator is the faster of K train steps in a scan or unrolled. Command: "
+        f"`python tools/bench_meta.py --config {args.config}`.", "",
+        f"Time of one `unrolled` meta-step / time of K plain weighted train steps (median of the "
+        f"repeats' ratios; median meta-step time in brackets; bold: target <= {TARGET_RATIO} "
+        f"met):", "",
+        "| K | K train steps (scan / unrolled) | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 2) + "|",
+        *[f"| {k} | {millis[k, 'train']:.0f} / {millis[k, 'train unrolled']:.0f} ms | "
+          + " | ".join(ratio_cell(k, name) for name in names) + " |" for k in TIME_KS],
         "",
-        "XLA temporary memory of the meta-step (MiB) and growth relative to K=1:", "",
-        "| K | no remat | remat (default) | remat + mixed-mode VJP |", "|---|---|---|---|",
-        *[f"| {k} | {a:.1f} ({a / base[1]:.2f}x) | {b:.1f} ({b / base[2]:.2f}x) | "
-          f"{c:.1f} ({c / base[3]:.2f}x) |" for k, a, b, c in rows_memory],
+        f"XLA temporary memory of the meta-step, MiB (growth relative to K=1; bold: target "
+        f"<= {TARGET_GROWTH}x met with remat):", "",
+        header, rule,
+        *[f"| {k} | " + " | ".join(memory_cell(k, name) for name in names) + " |"
+          for k in MEMORY_KS],
+        "",
+        "Compile time of the meta-step (s):", "",
+        header, rule,
+        *[f"| {k} | " + " | ".join(f"{compile_s[k, name]:.0f}" for name in names) + " |"
+          for k in MEMORY_KS],
         "",
     ]
     write_section(args.out, SECTION, "\n".join(lines), "Benchmarks")

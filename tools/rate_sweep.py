@@ -25,7 +25,15 @@ from pathlib import Path
 
 from markdown_sections import write_section
 
-KINDS = ("all", "noise", "blank", "blur", "lowres", "caption_swap", "duplicate")
+FIRST_KINDS = ("all", "noise", "blank", "blur", "lowres", "caption_swap", "duplicate")
+
+
+def kind_columns(results: list[dict]) -> list[str]:
+    """The defect kinds the runs measured (their `auroc/<kind>` metrics): the tuned six in their
+    usual order, any others after them alphabetically."""
+    measured = {kind for r in results for kind in r.get("auroc", {})}
+    return ([k for k in FIRST_KINDS if k in measured]
+            + sorted(measured - set(FIRST_KINDS)))
 
 
 def mode_overrides(mode: str, proxy_steps: int | None) -> list[str]:
@@ -73,33 +81,43 @@ def run_one(config: str, root: Path, mode: str, seed: int, proxy_steps: int | No
     if status != 0:  # stopped early: report the last measured AUROC with its step
         print(f"{mode} seed {seed}: exit {status} after step {measured[-1]['step']}", flush=True)
     final = measured[-1]
+    auroc = {key.removeprefix("auroc/"): value for key, value in final.items()
+              if key.startswith("auroc/")}
     result = {"mode": mode, "seed": seed, "seconds": seconds, "step": final["step"],
-              **{kind: final.get(f"auroc/{kind}") for kind in KINDS}}
-    print(f"{mode} seed {seed}: " + " ".join(f"{k} {result[k]:.3f}" for k in KINDS)
+              "auroc": auroc}
+    print(f"{mode} seed {seed}: " + " ".join(f"{k} {v:.3f}" for k, v in auroc.items())
           + f" ({seconds:.0f} s)", flush=True)
     return result
 
 
 def write_results(path: Path, title: str, header: str, results: list[dict]) -> None:
+    kinds = kind_columns(results)
+
+    def cell(r, kind):
+        return f"{r['auroc'][kind]:.3f}" if kind in r["auroc"] else "n/a"
+
     lines = [f"## {title}", "", header, "",
-             "| mode | seed | meta-steps | " + " | ".join(KINDS) + " | wall time (s) |",
-             "|---|---|---|" + "---|" * len(KINDS) + "---|"]
+             "| mode | seed | meta-steps | " + " | ".join(kinds) + " | wall time (s) |",
+             "|---|---|---|" + "---|" * len(kinds) + "---|"]
     for r in results:
         if r.get("failed"):
-            lines.append(f"| {r['mode']} | {r['seed']} | failed |" + " |" * (len(KINDS) + 1))
+            lines.append(f"| {r['mode']} | {r['seed']} | failed |" + " |" * (len(kinds) + 1))
             continue
         lines.append(f"| {r['mode']} | {r['seed']} | {r['step']} | "
-                     + " | ".join(f"{r[k]:.3f}" for k in KINDS) + f" | {r['seconds']:.0f} |")
+                     + " | ".join(cell(r, k) for k in kinds) + f" | {r['seconds']:.0f} |")
     by_mode: dict[str, list[dict]] = {}
     for r in results:
         if not r.get("failed"):
             by_mode.setdefault(r["mode"], []).append(r)
     lines += ["", "Mean ± std over seeds:", "",
-              "| mode | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]
+              "| mode | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for mode, rows in by_mode.items():
         cells = []
-        for k in KINDS:
-            values = [r[k] for r in rows]
+        for k in kinds:
+            values = [r["auroc"][k] for r in rows if k in r["auroc"]]
+            if not values:
+                cells.append("n/a")
+                continue
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
