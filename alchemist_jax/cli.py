@@ -103,11 +103,32 @@ def _cmd_score(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _cmd_dedup(args: argparse.Namespace) -> None:
+    from alchemist_jax import dedup
+
+    _use_compilation_cache()
+    cfg = _load(args, **{"data.source": args.source})
+    summary = dedup.run(cfg, args.out, rater_dir=args.rater_dir)
+    line = (f"dedup: {summary['count']} samples, {summary['groups']} groups, "
+            f"{summary['grouped']} samples in groups of 2 or more -> {summary['path']}")
+    if "pair_precision" in summary:  # the pool has injected copies
+        measured = {key: summary[key] for key in ("recall_duplicate", "recall_near_duplicate",
+                                                  "pair_precision")}
+        line += " (injected copies: " + ", ".join(
+            f"{key} {'-' if value is None else f'{value:.3f}'}"
+            for key, value in measured.items()) + ")"
+    print(line)
+
+
 def _cmd_select(args: argparse.Namespace) -> None:
     from alchemist_jax import selection
 
+    # `--ratings A B key=value`: argparse hands overrides written after the files to --ratings.
+    overrides = [p for p in args.ratings if "=" in p.name and not p.exists()]
+    args.overrides = [*args.overrides, *map(str, overrides)]
+    ratings = [p for p in args.ratings if p not in overrides]
     cfg = _load(args, **{"select.policy": args.policy, "select.keep": args.keep})
-    summary = selection.run(cfg, args.ratings, args.out)
+    summary = selection.run(cfg, ratings, args.out, dedup=args.dedup)
     print(json.dumps(summary, indent=2))
 
 
@@ -192,10 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scorer `rater`: the workdir of an `alchemist-jax rate` run")
     score.set_defaults(run=_cmd_score)
 
+    dedup = commands.add_parser(
+        "dedup", help="group exact and near duplicates of the pool (dedup.parquet)")
+    _add_config_arguments(dedup)
+    dedup.add_argument("--out", type=Path, required=True, help="the dedup.parquet to write")
+    dedup.add_argument("--source", default=None,
+                       help="shortcut for data.source (built-in name, manifest, folder, TFDS)")
+    dedup.add_argument("--rater-dir", type=Path, default=None,
+                       help="dedup.embedding=rater: the workdir of an `alchemist-jax rate` run")
+    dedup.set_defaults(run=_cmd_dedup)
+
     select = commands.add_parser(
         "select", help="choose the training subset from ratings (selection.parquet)")
     _add_config_arguments(select)
-    select.add_argument("--ratings", type=Path, required=True, help="a ratings.parquet")
+    select.add_argument("--ratings", type=Path, nargs="+", required=True,
+                        help="one or more ratings.parquet; several are fused (rank percentiles "
+                             "within clusters, weighted by select.weights)")
+    select.add_argument("--dedup", type=Path, default=None,
+                        help="a dedup.parquet: keep at most the best-scored member of each "
+                             "duplicate group")
     select.add_argument("--out", type=Path, required=True, help="the selection.parquet to write")
     select.add_argument("--policy", default=None,
                         help=f"shortcut for select.policy ({', '.join(config_lib.POLICIES)})")

@@ -33,6 +33,13 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 DEFECT_KINDS = ("noise", "blur", "blank", "caption_swap", "duplicate", "lowres")
+EXTRA_DEFECT_KINDS = ("near_duplicate",)  # opt-in, outside the six the defaults are tuned on
+# Kept apart from everything tuning looks at, to measure how selection generalises.
+HELDOUT_DEFECT_KINDS = ("watermark", "jpeg", "bad_crop", "letterbox", "boilerplate_caption",
+                        "truncated_caption", "keyword_stuffing")
+ALL_DEFECT_KINDS = DEFECT_KINDS + EXTRA_DEFECT_KINDS + HELDOUT_DEFECT_KINDS
+DEFECT_FAMILIES = {"tuned": DEFECT_KINDS, "heldout": HELDOUT_DEFECT_KINDS}  # names in `kinds`
+DefectKind = Literal[ALL_DEFECT_KINDS + tuple(DEFECT_FAMILIES)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +76,7 @@ class CorruptConfig:
     """Defect injection for benchmarks (`alchemist_jax.data.corrupt`)."""
 
     fraction: float = 0.0  # fraction of the training pool to corrupt; 0 disables
-    kinds: tuple[str, ...] = DEFECT_KINDS
+    kinds: tuple[DefectKind, ...] = DEFECT_KINDS  # kinds, or family names `tuned` / `heldout`
     seed: int = 0
 
 
@@ -156,7 +163,8 @@ class RateConfig:
     seed: int = 0
 
 
-SCORERS = ("rater", "loss", "el2n", "grand", "clarity", "edge_density", "low_frequency")
+SCORERS = ("rater", "loss", "el2n", "grand", "clarity", "edge_density", "low_frequency",
+           "clip_score", "alignment")
 POLICIES = ("filter", "shift_gsample", "gsample", "topk", "bottomk", "random", "block",
             "threshold", "weighted", "cdf_accept")
 
@@ -166,13 +174,21 @@ class ScoreConfig:
     """The scoring pass (`alchemist-jax score`): one score per sample id, higher = better."""
 
     scorer: Literal["rater", "loss", "el2n", "grand", "clarity", "edge_density",
-                    "low_frequency"] = "rater"
+                    "low_frequency", "clip_score", "alignment"] = "rater"
     batch_size: int = 256
     chunk_size: int = 4096  # samples per atomically written chunk (the unit of resuming)
     proxy_steps: int = 1000  # loss: steps of the proxy trained on the validation set
     early_steps: int = 100  # el2n / grand: steps of the early-training proxy
     draws: int = 4  # loss / el2n / grand: fixed (t, noise) draws averaged per sample
     seed: int = 0
+    clip_path: Optional[str] = None  # clip_score: a local HF CLIP directory (safetensors)
+    # alignment: does the caption describe the image? Models trained on the validation set:
+    # contrastive (a small CLIP-like model) or diffusion (a proxy DiT's loss under other captions
+    # minus under its own); docs/RESULTS.md "Caption–image alignment" compares them.
+    alignment_method: Literal["contrastive", "diffusion"] = "contrastive"
+    alignment_steps: int = 500  # contrastive: training steps (diffusion: score.proxy_steps)
+    alignment_references: int = 256  # most distinct validation captions compared against
+    alignment_t_min: float = 0.5  # diffusion: draws' flow times are t_min + (1 - t_min) U(0, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +207,29 @@ class SelectConfig:
     start: float = 0.0  # block: rank percentile where the window starts
     threshold: Optional[float] = None  # threshold: keep scores >= it (None: the keep quantile)
     temperature: float = 1.0  # weighted / cdf_accept: sharpness of the score-based sampling
+    weights: tuple[float, ...] = ()  # fusion: weight of each ratings file, in order; (): equal
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DedupConfig:
+    """Near-duplicate detection (`alchemist-jax dedup`): groups of exact and near copies."""
+
+    embedding: Literal["pixels", "rater"] = "pixels"  # rater: a rating run's image features
+    max_hamming: int = 16  # pHash bits (of 64) that may differ between duplicates
+    min_cosine: float = 0.9  # least cosine similarity of the embeddings of duplicates
+    min_aligned_cosine: float = 0.995  # final check: pixel correlation at the best shift
+    max_shift: int = 2  # final check: largest shift (px, each axis) searched
+    border: int = 2  # final check: px at the frame edges left out (filled in by shifts)
+    align_size: int = 64  # final check: larger images are shrunk to this side first
+    align_blur: float = 0.0  # final check: px std of a Gaussian blur (0: none)
+    bands: int = 4  # pHash rotations used as sort keys (one per leading band)
+    projection_tables: int = 8  # random-hyperplane sort keys of the embeddings
+    window: int = 8  # neighbours in each key's sorted order compared with each sample
+    embedding_size: int = 14  # pixels: side of the downsampled canonical image
+    blur: float = 1.0  # pixels: std of the Gaussian blur before downsampling (0: none)
+    batch_size: int = 1024  # images fingerprinted per jitted call
+    seed: int = 0  # draws the random hyperplanes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +267,8 @@ class PipelineConfig:
     """The whole pipeline (`alchemist-jax pipeline`, `./tools/demo.sh`): rate, score, select,
     train every arm for each seed, evaluate, report."""
 
-    arms: tuple[str, ...] = ("alchemist", "alchemist_shift_gsample", "release", "topk",
-                             "random", "full")
+    arms: tuple[str, ...] = ("alchemist", "meta_only", "meta_alignment",
+                             "alchemist_shift_gsample", "release", "topk", "random", "full")
     seeds: tuple[int, ...] = (0,)  # downstream seeds (training order and initialisation)
     keep: float = 0.5
     budget: Literal["steps", "epochs", "both"] = "steps"  # epochs: steps scale with subset size
@@ -247,6 +285,7 @@ class Config:
     rate: RateConfig = RateConfig()
     score: ScoreConfig = ScoreConfig()
     select: SelectConfig = SelectConfig()
+    dedup: DedupConfig = DedupConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     pipeline: PipelineConfig = PipelineConfig()

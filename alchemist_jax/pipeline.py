@@ -2,8 +2,11 @@
 
   rate      learn each rater the arms need: `exact` (cfg.rate as configured) and, for the
             paper-faithful `release` arm, `penalty` (the released first-order scheme)
-  score     one score per pool id from each rater's EMA parameters -> ratings/<rater>.parquet
-  select    each arm's subset of the pool -> selections/<arm>.parquet (+ .json summary)
+  score     one score per pool id from each rater's EMA parameters, and from each other scorer
+            the arms fuse (`alignment`) -> ratings/<name>.parquet
+  dedup     duplicate groups of the pool, for the arms that collapse them -> dedup.parquet
+  select    each arm's subset of the pool, its ratings fused and its duplicates collapsed when
+            it has several / a dedup file -> selections/<arm>.parquet (+ .json summary)
   train     a fresh T2I model per arm and seed -> train/<run>/seed<S>/ (equal steps; with
             pipeline.budget epochs|both also equal epochs for arms of another size: <arm>-epochs)
   evaluate  test loss, FCD, text alignment and a sample grid -> eval/<run>/seed<S>/
@@ -26,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from alchemist_jax import config as config_lib
-from alchemist_jax import evaluation, rate, report, scoring, selection, train
+from alchemist_jax import dedup, evaluation, rate, report, scoring, selection, train
 from alchemist_jax.data import load_splits, preprocess
 from alchemist_jax.data.cache import atomic_write_bytes
 
@@ -37,28 +40,41 @@ log = logging.getLogger("alchemist_jax.pipeline")
 class Arm:
     """One way of choosing the downstream training set.
 
-    rater: `exact` / `penalty` (whose ratings the policy ranks) or None.
+    ratings: whose ratings the policy ranks (ratings/<name>.parquet), fused when there are
+      several (weighted by select.weights, in this order): meta raters (`RATERS`) or scorers
+      (`config.SCORERS`, e.g. `alignment`); empty for none.
     policy: a selection policy (`config.POLICIES`), or None for a fixed subset: the whole pool
       (`clean_only` False) or its clean samples (True, needs injected defects: the oracle).
+    dedup: collapse the duplicate groups of dedup.parquet (each keeps its best-scored member)
+      before the budget is applied.
     """
 
-    rater: str | None
+    ratings: tuple[str, ...]
     policy: str | None
+    dedup: bool = False
     clean_only: bool = False
 
 
+# Meta raters: learned by `rate` (`rater_config`) and scored with score.scorer=rater.
+RATERS = ("exact", "penalty")
+
+# `alchemist` is the whole method; `meta_only` and `meta_alignment` add one of its components
+# at a time (the meta rater, + the alignment scorer; `alchemist` = + dedup).
 ARMS: dict[str, Arm] = {
-    "alchemist": Arm("exact", "filter"),
-    "alchemist_shift_gsample": Arm("exact", "shift_gsample"),
-    "release": Arm("penalty", "shift_gsample"),
-    "topk": Arm("exact", "topk"),
-    "random": Arm(None, "random"),
-    "full": Arm(None, None),
-    "oracle": Arm(None, None, clean_only=True),
+    "alchemist": Arm(("exact", "alignment"), "filter", dedup=True),
+    "meta_only": Arm(("exact",), "filter"),
+    "meta_alignment": Arm(("exact", "alignment"), "filter"),
+    "alchemist_shift_gsample": Arm(("exact",), "shift_gsample"),
+    "release": Arm(("penalty",), "shift_gsample"),
+    "topk": Arm(("exact",), "topk"),
+    "random": Arm((), "random"),
+    "full": Arm((), None),
+    "oracle": Arm((), None, clean_only=True),
 }
 
 # A rerun must agree on these sections (the pipeline section may change: more seeds or arms).
-RESULT_SECTIONS = ("data", "model", "rater", "rate", "score", "select", "train", "evaluate")
+RESULT_SECTIONS = ("data", "model", "rater", "rate", "score", "dedup", "select", "train",
+                   "evaluate")
 
 
 def rater_config(cfg: config_lib.Config, rater: str) -> config_lib.Config:
@@ -86,6 +102,13 @@ def validate(cfg: config_lib.Config, has_defects: bool) -> None:
                                      "(data.corrupt.fraction > 0) to know the clean samples")
     if not 0 < cfg.pipeline.keep <= 1:
         raise config_lib.ConfigError(f"pipeline.keep must be in (0, 1], got {cfg.pipeline.keep}")
+    weights = cfg.select.weights
+    for name in cfg.pipeline.arms:
+        fused = ARMS[name].ratings
+        if weights and len(fused) > 1 and len(weights) != len(fused):
+            raise config_lib.ConfigError(
+                f"select.weights has {len(weights)} values, but arm {name!r} fuses "
+                f"{len(fused)} ratings ({', '.join(fused)}): give one weight each, in that order")
 
 
 def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
@@ -98,16 +121,16 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
     config_lib.write_run_config(cfg, workdir, RESULT_SECTIONS)
     arms = {name: ARMS[name] for name in cfg.pipeline.arms}
 
-    raters = sorted({arm.rater for arm in arms.values() if arm.rater}, key=["exact",
-                                                                           "penalty"].index)
-    for rater in raters:
+    needed = {name for arm in arms.values() for name in arm.ratings}
+    for rater in (r for r in RATERS if r in needed):
         _stage(f"rate ({rater})")
         rate.rate(rater_config(cfg, rater), workdir / "rate" / rater)
-        ratings = workdir / "ratings" / f"{rater}.parquet"
-        if not ratings.exists():
-            _stage(f"score ({rater})")
-            scoring.run(dataclasses.replace(cfg, score=dataclasses.replace(
-                cfg.score, scorer="rater")), ratings, rater_dir=workdir / "rate" / rater)
+        _score(cfg, rater, "rater", workdir, rater_dir=workdir / "rate" / rater)
+    for scorer in sorted(needed - set(RATERS)):
+        _score(cfg, scorer, scorer, workdir)
+    if any(arm.dedup for arm in arms.values()):
+        _stage("dedup")
+        dedup.run(cfg, workdir / "dedup.parquet")
 
     _stage("select")
     pool_ids = splits.train.ids
@@ -163,6 +186,16 @@ def _stage(name: str) -> None:
     log.info("== %s", name)
 
 
+def _score(cfg: config_lib.Config, name: str, scorer: str, workdir: Path,
+           rater_dir: Path | None = None) -> None:
+    """Writes ratings/<name>.parquet with score.scorer=`scorer`, unless it is there."""
+    ratings = workdir / "ratings" / f"{name}.parquet"
+    if not ratings.exists():
+        _stage(f"score ({name})")
+        scoring.run(dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, scorer=scorer)),
+                    ratings, rater_dir=rater_dir)
+
+
 def _select(cfg: config_lib.Config, name: str, arm: Arm, splits, workdir: Path) -> np.ndarray:
     """The ids arm `name` trains on (read back from selections/<name>.parquet when present)."""
     out = workdir / "selections" / f"{name}.parquet"
@@ -177,14 +210,18 @@ def _select(cfg: config_lib.Config, name: str, arm: Arm, splits, workdir: Path) 
         summary = {"count": len(selected), "pool_size": len(pool_ids),
                    "policy": "clean samples" if arm.clean_only else "whole pool"}
     else:
-        if arm.rater is None:  # random: the policy reads no scores
-            ids, scores = pool_ids, np.zeros(len(pool_ids))
-        else:
-            ids, scores = selection.read_ratings(workdir / "ratings" / f"{arm.rater}.parquet")
-        select_cfg = dataclasses.replace(cfg.select, policy=arm.policy, keep=cfg.pipeline.keep)
-        selected, summary = selection.select_for_source(select_cfg, scores, ids, splits.train)
-        if arm.rater is None:
+        # Files are named relative to the run folder, in the summaries and the report.
+        ratings = {f"ratings/{rating}.parquet": selection.read_ratings(
+            workdir / "ratings" / f"{rating}.parquet") for rating in arm.ratings}
+        duplicates = (("dedup.parquet", dedup.read_groups(workdir / "dedup.parquet"))
+                      if arm.dedup else None)
+        select_cfg = dataclasses.replace(
+            cfg.select, policy=arm.policy, keep=cfg.pipeline.keep,
+            weights=cfg.select.weights if len(arm.ratings) > 1 else ())
+        selected, summary = selection.select_for_source(select_cfg, ratings, splits.train,
+                                                        duplicates=duplicates)
+        if not arm.ratings:
             summary.pop("rank_histogram", None)  # ranks of constant scores mean nothing
-    selection.write_selection(out, selected, {"arm": name, "rater": arm.rater, **summary})
+    selection.write_selection(out, selected, {"arm": name, **summary})
     log.info("%s: kept %d of %d", name, len(selected), len(pool_ids))
     return selected

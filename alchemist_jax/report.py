@@ -7,10 +7,12 @@ ratings/, selections/, train/, eval/, results.json, rate/) and shows every part 
 the configuration, rating histograms coloured by defect kind, the AUROC of each rater per defect
 kind, contact sheets of the best, middle, worst and pruned samples, the rank histograms of the
 selections, validation-loss curves, the final method x metric table (also written as
-report/results.md) and the rating curves and generated samples. A part whose inputs are absent
-(no defects, fewer arms, a single seed, a run still in progress) is left out and listed on the
-page under "Not in this run". Malformed inputs (a Parquet file without its columns, duplicate
-ids, a results row without its arm) stop the build with a one-line ValueError naming the file.
+report/results.md), the contribution of each component of the method (meta rater, + alignment,
++ dedup: test loss, FCD and AUROC per defect kind of the score each arm ranks by) and the rating
+curves and generated samples. A part whose inputs are absent (no defects, fewer arms, a single
+seed, a run still in progress) is left out and listed on the page under "Not in this run".
+Malformed inputs (a Parquet file without its columns, duplicate ids, a results row without its
+arm) stop the build with a one-line ValueError naming the file.
 The page uses relative links and inline CSS only; every file is written atomically.
 """
 
@@ -37,6 +39,8 @@ from alchemist_jax.evaluation import defect_auroc, normalize_within_groups
 METRICS = {"test_loss": ("test loss ↓", "min"), "fcd": ("FCD ↓", "min"),
            "alignment": ("alignment ↑", "max")}
 BUDGETS = ("steps", "epochs")
+# The pipeline arms that add one component of the method at a time (pipeline.ARMS), in order.
+COMPONENT_ARMS = ("meta_only", "meta_alignment", "alchemist")
 SHEET_SIZE = 12  # examples per contact sheet (two rows of six)
 CLEAN = "clean"
 
@@ -515,6 +519,77 @@ def _results_section(run: _RunFolder) -> str | None:
     return _section("Results", "".join(parts))
 
 
+def _components_section(run: _RunFolder) -> str | None:
+    folder = run.workdir / "selections"
+    summaries = {arm: _read_json(folder / f"{arm}.json") for arm in COMPONENT_ARMS
+                 if (folder / f"{arm}.json").exists()}
+    if len(summaries) < 2:
+        run.missing.append(f"selections/ holds fewer than two of the arms "
+                           f"{', '.join(COMPONENT_ARMS)}: no table of component contributions")
+        return None
+    for arm, summary in summaries.items():
+        if not isinstance(summary, dict) or "ratings" not in summary:
+            raise ValueError(f"{folder / arm}.json: no 'ratings' (the files the arm ranked by)")
+    results_path = run.workdir / "results.json"
+    rows = _read_json(results_path) if results_path.exists() else []
+    aurocs = _component_aurocs(run, summaries)
+    kinds = sorted({kind for result in aurocs.values() for kind in result} - {"all"})
+    header = ["arm", "ranks by", "test loss ↓", "FCD ↓",
+              *(["AUROC all", *kinds] if aurocs else [])]
+    body = []
+    for arm, summary in summaries.items():
+        inputs = [Path(name).stem for name in summary["ratings"]]
+        if summary.get("dedup"):
+            inputs.append("dedup")
+        seeds = [r for r in rows if r.get("run") == arm and r.get("budget") == "steps"]
+        metrics = [_format_mean_std(*_mean_std([r.get(m) for r in seeds]))
+                   for m in ("test_loss", "fcd")]
+        result = aurocs.get(arm, {})
+        cells = [f"{result[k]:.3f}" if k in result else "n/a" for k in ["all", *kinds]]
+        body.append([arm, " + ".join(inputs), *metrics, *(cells if aurocs else [])])
+    text = ("<p>Each arm adds one component of the method: the meta-learned rater alone, then "
+            "the alignment scorer fused with it (rank percentiles within clusters, "
+            "<code>select.weights</code>), then duplicates collapsed before the budget (each "
+            "dedup group keeps its best-scored member). Test loss and FCD: mean ± sample std "
+            "over seeds at equal steps. AUROC (clean against each defect kind, z-scored within "
+            "caption class) of the score the arm's selection ranks by, with collapsed "
+            "duplicates below every other sample.</p>")
+    return _section("Component contributions",
+                    text + _table(header, body, table_id="components"))
+
+
+def _component_aurocs(run: _RunFolder, summaries: dict[str, dict]) -> dict[str, dict]:
+    """arm -> `defect_auroc` of the score its selection ranks by (collapsed duplicates 1e-6 of
+    the score range below the lowest score), recomputed from its ratings and dedup files; {}
+    when the pool or the defects are missing, no entry for an arm whose file is missing (both
+    noted in run.missing)."""
+    from alchemist_jax import dedup, selection
+
+    if run.pool is None or run.defects is None:
+        run.missing.append("component AUROC: needs the pool of config.yaml and defects.parquet")
+        return {}
+    aurocs = {}
+    for arm, summary in summaries.items():
+        files = [*summary["ratings"], *([summary["dedup"]] if summary.get("dedup") else [])]
+        absent = [name for name in files if not (run.workdir / name).exists()]
+        if absent:
+            run.missing.append(f"{absent[0]}: no component AUROC of arm {arm}")
+            continue
+        ratings = {name: selection.read_ratings(run.workdir / name)
+                   for name in summary["ratings"]}
+        duplicates = (None if not summary.get("dedup") else
+                      (summary["dedup"], dedup.read_groups(run.workdir / summary["dedup"])))
+        config = dataclasses.replace(run.cfg.select, weights=tuple(summary.get("weights", ())))
+        ranked = selection.ranking_scores(config, ratings, run.pool, duplicates=duplicates)
+        low, high = ranked.scores.min(), ranked.scores.max()
+        scores = np.where(ranked.eligible, ranked.scores, low - 1e-6 * ((high - low) or 1.0))
+        where = f"selections/{arm}.json"
+        kinds = run.kinds(ranked.ids, where)
+        aurocs[arm] = defect_auroc(scores, [None if k == CLEAN else k for k in kinds],
+                                   run.groups(ranked.ids, where))
+    return aurocs
+
+
 def _figures_section(run: _RunFolder) -> str | None:
     groups = [
         ("Rating curves", "rate/*/curves.png",
@@ -546,7 +621,8 @@ def _figures_section(run: _RunFolder) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 SECTIONS = (_config_section, _ratings_section, _auroc_section, _samples_section,
-            _selections_section, _curves_section, _results_section, _figures_section)
+            _selections_section, _curves_section, _results_section, _components_section,
+            _figures_section)
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }

@@ -15,6 +15,10 @@
               clarity        variance of the Laplacian (sharpness)
               edge_density   fraction of pixels on a Sobel edge
               low_frequency  -fraction of the spectral energy in the lowest frequencies
+              clip_score     cosine similarity of the image and caption embeddings of a local
+                             HF CLIP checkpoint (`score.clip_path`, `models.clip`)
+              alignment      how well the caption fits the image, by models trained on the
+                             validation set (`score.alignment_method`, `alignment`)
   run       `run(cfg, out, rater_dir)`: load + preprocess the splits, build the scorer, score.
 
 The proxy scores use fixed draws: draw d of the sample with id i takes its flow time t and noise
@@ -51,10 +55,12 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
-from alchemist_jax import models, rate, train
+from alchemist_jax import alignment, models, rate, train
 from alchemist_jax.data import load_splits, preprocess
 from alchemist_jax.data.cache import atomic_write_parquet
 from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.data.tokenizer import Tokenizer
+from alchemist_jax.models import clip
 
 log = logging.getLogger("alchemist_jax.scoring")
 
@@ -417,18 +423,26 @@ def _heuristic_factory(name: str) -> Callable[[ScoringInputs], ScoreBatch]:
     return factory
 
 
+def _train_proxy(inputs: ScoringInputs, data: ArraySource, steps: int, desc: str
+                 ) -> train.Trained:
+    """A DiT of the config trained `steps` steps on `data` (seed `score.seed`), in the
+    resumable `inputs.proxy_workdir`."""
+    cfg = inputs.cfg
+    # The proxies warm up over at most a tenth of their steps (early proxies are short).
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, warmup_steps=min(cfg.train.warmup_steps, steps // 10)))
+    return train.train_model(cfg, data, inputs.proxy_workdir, steps=steps,
+                             seed=cfg.score.seed, desc=desc)
+
+
 def _proxy_factory(kind: str) -> Callable[[ScoringInputs], ScoreBatch]:
     def factory(inputs: ScoringInputs) -> ScoreBatch:
-        cfg, score_cfg = inputs.cfg, inputs.cfg.score
+        score_cfg = inputs.cfg.score
         if kind == "loss":  # trained for long on the clean validation set
             data, steps = inputs.validation, score_cfg.proxy_steps
         else:  # early in training on the pool itself (EL2N / GraNd)
             data, steps = inputs.pool, score_cfg.early_steps
-        # The proxies warm up over at most a tenth of their steps (early proxies are short).
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, warmup_steps=min(cfg.train.warmup_steps, steps // 10)))
-        trained = train.train_model(cfg, data, inputs.proxy_workdir, steps=steps,
-                                    seed=score_cfg.seed, desc=f"{kind} proxy")
+        trained = _train_proxy(inputs, data, steps, f"{kind} proxy")
         score = proxy_score_fn(kind, trained.graphdef, trained.rest, draws=score_cfg.draws,
                                seed=score_cfg.seed)
         return lambda batch: score(trained.params, rate.model_inputs(batch),
@@ -437,29 +451,91 @@ def _proxy_factory(kind: str) -> Callable[[ScoringInputs], ScoreBatch]:
     return factory
 
 
+def clip_scorer(inputs: ScoringInputs) -> ScoreBatch:
+    """score_batch of the CLIP checkpoint in `score.clip_path`: the cosine similarity (B,) of
+    each image with its caption. CLIP sees the pool's preprocessed images (`clip.clip_pixels`);
+    the captions are decoded from the pool's tokens and tokenized again by the checkpoint's
+    tokenizer, to its own context length."""
+    example = inputs.pool[0]
+    if "image" not in example or "tokens" not in example:
+        raise ValueError(f"score.scorer=clip_score needs pixel images and captions; the pool "
+                         f"{inputs.pool.name} has {', '.join(sorted(example))}")
+    checkpoint = clip.load_clip(inputs.cfg.score.clip_path)
+    captions = Tokenizer(inputs.cfg.data.max_text_length)
+    score = clip.clip_score_fn(checkpoint)
+
+    def score_batch(batch):
+        tokens = checkpoint.tokenize(captions.decode(batch["tokens"], batch["token_mask"]))
+        return score(checkpoint.params, batch["image"], tokens)
+
+    return score_batch
+
+
+def alignment_scorer(inputs: ScoringInputs) -> ScoreBatch:
+    """score_batch of `score.alignment_method` (`alignment`), its model trained on the
+    validation set: the contrastive model's log-softmax of the own caption (not checkpointed: it
+    trains in about a minute, and again identically on a resumed run), or the diffusion margin
+    of a proxy DiT trained `score.proxy_steps` steps (resumable, like the `loss` proxy)."""
+    score_cfg = inputs.cfg.score
+    if "tokens" not in inputs.pool[0] and "text_embedding" not in inputs.pool[0]:
+        raise ValueError(f"score.scorer=alignment needs captions; the pool {inputs.pool.name} "
+                         "has none")
+    validation = rate.model_inputs(_columns(inputs.validation, 0, len(inputs.validation)))
+    references = alignment.reference_captions(validation, score_cfg.alignment_references,
+                                              score_cfg.seed)
+    if score_cfg.alignment_method == "contrastive":
+        graphdef, params, rest = alignment.train_contrastive(
+            validation, alignment.ContrastiveTraining(steps=score_cfg.alignment_steps),
+            score_cfg.seed, desc="alignment model")
+        margin = alignment.contrastive_margin_fn(graphdef, rest, references)
+        return lambda batch: margin(params, rate.model_inputs(batch))
+    trained = _train_proxy(inputs, inputs.validation, score_cfg.proxy_steps, "alignment proxy")
+    margin = alignment.diffusion_margin_fn(trained.graphdef, trained.rest, references,
+                                           draws=score_cfg.draws, seed=score_cfg.seed,
+                                           t_min=score_cfg.alignment_t_min)
+    return lambda batch: margin(trained.params, rate.model_inputs(batch),
+                                *models.split_ids(batch["id"]))
+
+
 SCORERS: dict[str, Callable[[ScoringInputs], ScoreBatch]] = {
     "rater": lambda inputs: rater_scorer(inputs.rating_run, inputs.pool[0]),
     **{kind: _proxy_factory(kind) for kind in PROXY_SCORERS},
     **{name: _heuristic_factory(name) for name in HEURISTICS},
+    "clip_score": clip_scorer,
+    "alignment": alignment_scorer,
 }
 assert tuple(SCORERS) == config_lib.SCORERS, "every scorer of the config has a factory"
 
 # score.* fields each scorer's result depends on (batch and chunk sizes never change a score).
 _SCORE_FIELDS = {"loss": ("proxy_steps", "draws", "seed"),
                  "el2n": ("early_steps", "draws", "seed"),
-                 "grand": ("early_steps", "draws", "seed")}
+                 "grand": ("early_steps", "draws", "seed"),
+                 "clip_score": ("clip_path",),
+                 "alignment": ("alignment_method", "alignment_references", "seed")}
+# ... and those of each alignment method.
+_ALIGNMENT_FIELDS = {"contrastive": ("alignment_steps",),
+                     "diffusion": ("proxy_steps", "draws", "alignment_t_min")}
+
+
+def _trains_a_proxy(score_cfg: config_lib.ScoreConfig) -> bool:
+    """Whether the scores come from a DiT trained by `_train_proxy` (they depend on the config's
+    `model` and `train` sections)."""
+    return score_cfg.scorer in PROXY_SCORERS or (
+        score_cfg.scorer == "alignment" and score_cfg.alignment_method == "diffusion")
 
 
 def config_fingerprint(cfg: config_lib.Config, rating_run: RatingRun | None = None) -> str:
     """sha256 of the JSON of the config the scores depend on: `data`, the scorer and its
-    `score.*` fields; `model` and `train` for the proxy scorers; the rating run's `rater` and
-    `rate` sections for the rater."""
+    `score.*` fields; `model` and `train` for the scorers with a proxy DiT; the rating run's
+    `rater` and `rate` sections for the rater."""
     scorer = cfg.score.scorer
+    fields = _SCORE_FIELDS.get(scorer, ())
+    if scorer == "alignment":
+        fields += _ALIGNMENT_FIELDS[cfg.score.alignment_method]
     parts: dict[str, Any] = {
         "data": config_lib.to_dict(cfg.data),
-        "score": {key: getattr(cfg.score, key)
-                  for key in ("scorer", *_SCORE_FIELDS.get(scorer, ()))}}
-    if scorer in PROXY_SCORERS:
+        "score": {key: getattr(cfg.score, key) for key in ("scorer", *fields)}}
+    if _trains_a_proxy(cfg.score):
         parts.update(model=config_lib.to_dict(cfg.model), train=config_lib.to_dict(cfg.train))
     if rating_run is not None:
         parts.update(rater=config_lib.to_dict(rating_run.config.rater),
@@ -493,6 +569,9 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
     """
     out = Path(out)
     scorer = cfg.score.scorer
+    if scorer == "clip_score" and cfg.score.clip_path is None:
+        raise ValueError("score.scorer=clip_score needs score.clip_path=DIR: a local directory "
+                         "with an HF CLIP checkpoint (config.json + model.safetensors)")
     if scorer == "rater" and rater_dir is None:
         raise ValueError("score.scorer=rater needs the rating run: pass --rater DIR (the "
                          "--workdir of `alchemist-jax rate`)")
@@ -507,7 +586,7 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
     scores = _finished(out, pool.ids, metadata)
     if scores is None:
         validation = (preprocess.materialize(splits.validation, transform)
-                      if scorer == "loss" else None)
+                      if scorer in ("loss", "alignment") else None)
         # The proxy trains inside the chunk folder: resumed with it, removed with it.
         proxy_workdir = chunk_folder(out) / f"proxy-{metadata['config_sha256'][:16]}"
         score_batch = SCORERS[scorer](ScoringInputs(cfg, pool, validation, rating_run,

@@ -1,9 +1,12 @@
 """Choosing the training subset from ratings (`alchemist-jax select`).
 
     selected = select(scores, ids, policy="filter", keep=0.5, seed=0, groups=groups, drop=0.25)
+    fused = fuse([meta_scores, alignment_scores], weights=[1.0, 1.0], groups=groups)
+    eligible = best_of_duplicates(fused, ids, duplicate_groups)
     groups, names = cluster_groups(pool, "auto", clusters=20, seed=0)
-    selected, summary = select_for_source(cfg.select, scores, ids, pool)
-    summary = run(cfg, Path("ratings.parquet"), Path("selection.parquet"))
+    selected, summary = select_for_source(cfg.select, {"ratings.parquet": (ids, scores)}, pool)
+    summary = run(cfg, [Path("meta.parquet"), Path("alignment.parquet")], Path("selection.parquet"),
+                  dedup=Path("dedup.parquet"))
 
 Scores are higher = better. Within a group of n samples, samples are ranked best first (ties
 broken by id) and the rank percentile of the sample at rank r (0-based) is u = r / n, in [0, 1),
@@ -34,14 +37,24 @@ scores >= the threshold (with None: each group's share plus ties at its cut), `c
 count whose expectation is exactly round(keep * N). Everything is deterministic from `seed`; each
 group draws from its own generator seeded by (seed, group position), and results do not depend on
 the order of the input rows.
+
+Fusion (several ratings files and a dedup file, METHOD.md §8): each file's scores become rank
+percentiles within the ranking clusters (`rank_normalize`), combined as a weighted mean
+(`select.weights`, one per file; equal by default) into the fused score in [0, 1]; with one file
+the policy ranks its own scores (the same order within every cluster) and the fused score is
+their percentile. Duplicates are then collapsed: of each dedup group only the member with the
+highest fused score (ties: the smallest id) stays eligible (`best_of_duplicates`). The budget is still round(keep * N) of the whole pool;
+it is shared among the clusters in proportion to their eligible members, and the policy chooses
+among those.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +86,8 @@ PARAMETER_DEFAULTS: dict[str, Any] = {
 GROUPINGS = ("auto", "label", "caption", "kmeans", "none")
 HISTOGRAM_BINS = 20
 PARQUET_METADATA_KEY = b"alchemist_jax.selection"
+# The summary keys a selection file records in its metadata: how it was made and from what.
+RECIPE_KEYS = ("policy", "keep", "group_by", "params", "ratings", "weights", "dedup")
 _TOLERANCE = 1e-9  # float slack when comparing fractions such as keep + drop to 1
 
 
@@ -131,7 +146,8 @@ def allocate(total: int, sizes: np.ndarray) -> np.ndarray:
 
 
 def select(scores: np.ndarray, ids: np.ndarray, *, policy: str, keep: float, seed: int,
-           groups: np.ndarray | None = None, **params: Any) -> np.ndarray:
+           groups: np.ndarray | None = None, eligible: np.ndarray | None = None,
+           **params: Any) -> np.ndarray:
     """The ids chosen by `policy` (see the module docstring), sorted ascending.
 
     Args:
@@ -142,22 +158,33 @@ def select(scores: np.ndarray, ids: np.ndarray, *, policy: str, keep: float, see
         `cdf_accept`: see the module docstring).
       seed: seeds every random draw.
       groups: int (N,) cluster of each sample, or None for one global ranking.
+      eligible: bool (N,) the samples that may be chosen (e.g. `best_of_duplicates`), or None
+        for all. The budget round(keep * N) counts the whole pool; each cluster's share is
+        allocated in proportion to its eligible members, and the policy ranks only those.
       **params: the policy's parameters, named like the SelectConfig fields (drop, head, mu,
         sigma, start, threshold, temperature); missing ones take SelectConfig's defaults.
     Returns:
       int64 (K,) selected ids, ascending.
     Raises:
       ValueError: see `resolve_params`; also mismatched lengths, duplicate ids, NaN or infinite
-        scores, an empty pool or a keep that rounds to no sample.
+        scores, an empty pool, a keep that rounds to no sample or asks for more samples than
+        are eligible.
     """
     scores, ids, groups = _check_inputs(scores, ids, groups)
+    eligible = np.ones(len(ids), bool) if eligible is None else np.asarray(eligible, bool)
+    if eligible.shape != ids.shape:
+        raise ValueError(f"eligible {eligible.shape} must have the shape of ids {ids.shape}")
     resolved = resolve_params(policy, keep, **params)
     total = round(keep * len(ids))
     if total == 0:
         raise ValueError(f"select.keep={keep} of {len(ids)} samples keeps no sample")
+    if total > eligible.sum():
+        raise ValueError(f"select.keep={keep} asks for {total} samples but only "
+                         f"{int(eligible.sum())} of {len(ids)} are eligible (the others are "
+                         "duplicates of a better-scored sample)")
     by_id = np.argsort(ids, kind="stable")  # canonical order: results ignore the row order
-    scores, ids, groups = scores[by_id], ids[by_id], groups[by_id]
-    members_of = _group_members(groups)
+    scores, ids, groups, eligible = scores[by_id], ids[by_id], groups[by_id], eligible[by_id]
+    members_of = [members[eligible[members]] for members in _group_members(groups)]
     shares = allocate(total, np.array([len(m) for m in members_of]))
     chosen = [
         ids[members[_POLICIES[policy](scores[members], int(share),
@@ -298,6 +325,92 @@ _POLICIES: dict[str, Callable[..., np.ndarray]] = {
     "bottomk": _bottomk, "random": _random, "block": _block, "threshold": _threshold,
     "weighted": _weighted, "cdf_accept": _cdf_accept,
 }
+
+
+# ==============================================================================================
+# Fusion of several scorers and collapse of duplicates (pure)
+# ==============================================================================================
+
+
+def rank_normalize(scores: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Rank percentile (N,) in [0, 1] of each score within its group, 1 = the best of the
+    group, 0 = the worst: (r - 1) / (n - 1), r the ascending rank among the group's n members,
+    tied scores sharing the average of their ranks. A group of one sample gets 0.5.
+
+    Args:
+      scores: float (N,), higher = better.
+      groups: int (N,) cluster of each sample, or None for one group.
+    """
+    from scipy.stats import rankdata
+
+    scores = np.asarray(scores, np.float64)
+    groups = np.zeros(len(scores), np.int64) if groups is None else np.asarray(groups)
+    percentiles = np.empty(len(scores))
+    for members in _group_members(groups):
+        n = len(members)
+        percentiles[members] = 0.5 if n == 1 else (rankdata(scores[members]) - 1) / (n - 1)
+    return percentiles
+
+
+def fuse(scores: Sequence[np.ndarray], weights: Sequence[float] | None = None,
+         groups: np.ndarray | None = None) -> np.ndarray:
+    """The fused score (N,) in [0, 1], higher = better: the weighted mean of the scorers' rank
+    percentiles within the groups, sum_f w_f · rank_normalize(scores_f, groups) / sum_f w_f.
+
+    Why ranks: scorers speak on different scales (a rater's logit, a loss margin, a cosine) and
+    carry per-class offsets (a meta-learned rater gives whole caption classes higher scores,
+    METHOD.md §8), so a weighted sum of raw scores would let the widest scale or the largest
+    offset decide. A percentile within the cluster removes both: each scorer contributes only
+    the order it gives inside the cluster, and the weights mean what they say.
+
+    Args:
+      scores: F arrays (N,), one per scorer, aligned (the same sample at the same position).
+      weights: (F,) non-negative, with a positive sum; None or empty: equal weights.
+      groups: int (N,) cluster of each sample, or None for one group.
+    Raises:
+      ValueError: no scorer, arrays of different lengths, non-finite scores, a weight count
+        other than F, negative weights or weights summing to 0.
+    """
+    if len(scores) == 0:
+        raise ValueError("fuse needs the scores of at least one scorer")
+    columns = [np.asarray(s, np.float64) for s in scores]
+    if any(c.shape != columns[0].shape or c.ndim != 1 for c in columns):
+        raise ValueError(f"fuse: scores of shapes {[c.shape for c in columns]} must be 1-D of "
+                         "one length")
+    for number, column in enumerate(columns):
+        _check_finite(column, f"scorer {number}")
+    if weights is None or len(weights) == 0:
+        weights = np.ones(len(columns))
+    weights = np.asarray(weights, np.float64)
+    if weights.shape != (len(columns),):
+        raise ValueError(f"select.weights has {weights.size} values for {len(columns)} "
+                         "scorers; give one per ratings file, in order, or none for equal weights")
+    if (weights < 0).any() or not weights.sum() > 0:
+        raise ValueError(f"select.weights must be >= 0 with a positive sum, got "
+                         f"{weights.tolist()}")
+    fused = sum(w * rank_normalize(c, groups) for w, c in zip(weights, columns))
+    return fused / weights.sum()
+
+
+def best_of_duplicates(scores: np.ndarray, ids: np.ndarray,
+                       duplicate_groups: np.ndarray) -> np.ndarray:
+    """Which samples stay eligible when duplicates are collapsed: bool (N,), True for exactly
+    one member of each duplicate group, the one with the highest score (ties: the smallest id).
+
+    Args:
+      scores: float (N,), higher = better (normally the fused score: comparable across clusters).
+      ids: int64 (N,), unique.
+      duplicate_groups: int (N,) duplicate group of each sample (a sample without duplicates is
+        a group of its own).
+    """
+    scores, ids = np.asarray(scores, np.float64), np.asarray(ids)
+    duplicate_groups = np.asarray(duplicate_groups)
+    order = np.lexsort((ids, -scores, duplicate_groups))  # by group, best first, then by id
+    ordered = duplicate_groups[order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]]
+    eligible = np.zeros(len(ids), bool)
+    eligible[order[first]] = True
+    return eligible
 
 
 # ==============================================================================================
@@ -532,49 +645,124 @@ def kmeans(features, k: int, seed: int, weights: np.ndarray | None = None,
 # ==============================================================================================
 
 
-def select_for_source(config: SelectConfig, scores: np.ndarray, ids: np.ndarray, source: Source,
-                      *, origin: str = "ratings") -> tuple[np.ndarray, dict[str, Any]]:
+@dataclasses.dataclass(frozen=True)
+class RankingScores:
+    """What a selection from the pool ranks, one entry per pool sample, in pool order.
+
+    ids: int64 (N,) the pool's ids.
+    scores: float64 (N,) higher = better: the ratings file's own scores when there is one file,
+      the fused score (`fuse`) when there are several, zeros when there is none.
+    eligible: bool (N,) False for the duplicates collapsed into a better member of their group.
+    groups: int64 (N,) ranking cluster; names: the cluster names; grouping: the `group_by`
+      used (`auto` resolved).
+    ratings, weights, dedup: the inputs: ratings names (files), the weight of each, the dedup
+      name or None.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    eligible: np.ndarray
+    groups: np.ndarray
+    names: list[str]
+    grouping: str
+    ratings: list[str]
+    weights: list[float]
+    dedup: str | None
+
+
+def ranking_scores(config: SelectConfig, ratings: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                   source: Source, *,
+                   duplicates: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None
+                   ) -> RankingScores:
+    """Joins ratings files (and a dedup file) on the pool's ids and fuses them (see the module
+    docstring).
+
+    Args:
+      config: the `select` section (group_by, clusters, seed, weights).
+      ratings: name (the file; errors and the record use it) -> (ids int64 (N,), scores float
+        (N,)), each covering the pool's ids exactly once, in any order; empty: constant scores
+        (for policies that read none, such as `random`).
+      source: the pool.
+      duplicates: (name, (ids int64 (N,), duplicate group int (N,))) of a dedup file covering the
+        pool's ids, or None.
+    Raises:
+      ValueError: a file whose ids are not exactly the pool's (named, with an example id),
+        non-finite scores, weights that do not match the files, bad config values.
+    """
+    pool_ids = np.asarray(source.ids, np.int64)
+    if config.weights and len(config.weights) != len(ratings):
+        raise ValueError(f"select.weights has {len(config.weights)} values for "
+                         f"{len(ratings)} ratings files ({', '.join(ratings)}); give one per "
+                         "file, in order, or none for equal weights")
+    columns = []
+    for name, (ids, scores) in ratings.items():
+        origin = f"ratings file {name}"
+        scores = np.asarray(scores, np.float64)
+        _check_finite(scores, origin)
+        aligned = np.empty(len(pool_ids))
+        aligned[_pool_positions(np.asarray(ids, np.int64), pool_ids, origin)] = scores
+        columns.append(aligned)
+    grouping, groups, names = _grouping(source, config.group_by, config.clusters, config.seed)
+    weights = list(config.weights) or [1.0] * len(columns)
+    if columns:
+        fused = fuse(columns, weights, groups)
+        scores = columns[0] if len(columns) == 1 else fused
+    else:
+        fused = scores = np.zeros(len(pool_ids))
+    eligible = np.ones(len(pool_ids), bool)
+    if duplicates is not None:
+        name, (ids, duplicate_groups) = duplicates
+        grouped = np.empty(len(pool_ids), np.int64)
+        grouped[_pool_positions(np.asarray(ids, np.int64), pool_ids, f"dedup file {name}")] = \
+            duplicate_groups
+        eligible = best_of_duplicates(fused, pool_ids, grouped)
+    return RankingScores(pool_ids, scores, eligible, groups, names, grouping, list(ratings),
+                         weights, None if duplicates is None else duplicates[0])
+
+
+def select_for_source(config: SelectConfig, ratings: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                      source: Source, *,
+                      duplicates: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None
+                      ) -> tuple[np.ndarray, dict[str, Any]]:
     """Selects from the ratings of the pool `source` as `config` says.
 
     Args:
       config: the `select` section.
-      scores: float (N,) higher = better, one per pool sample.
-      ids: int64 (N,) the rated ids, in any order; must be exactly the pool's ids.
-      source: the pool (its clusters come from `cluster_groups(config.group_by, ...)`).
-      origin: how errors name the ratings (e.g. the ratings file).
+      ratings, source, duplicates: see `ranking_scores`.
     Returns:
-      (selected ids int64 ascending, the summary: `summarize`'s dict plus "policy", "keep" and
-      "group_by" — the grouping used, `auto` resolved).
+      (selected ids int64 ascending, the summary: `summarize`'s dict of the ranked scores plus
+      "policy", "keep", "group_by" — the grouping used, `auto` resolved —, "ratings",
+      "weights", "dedup" and "duplicates_collapsed", the number of samples made ineligible).
     Raises:
-      ValueError: ratings that are not one per pool id, non-finite scores, bad config values.
+      ValueError: see `ranking_scores`; also bad policy parameters or a keep larger than the
+        eligible part of the pool.
     """
-    scores, ids = np.asarray(scores, np.float64), np.asarray(ids, np.int64)
-    _check_finite(scores, origin)
-    positions = _pool_positions(ids, source.ids, origin)
     params = resolve_params(config.policy, config.keep, **{
         name: getattr(config, name) for name in POLICY_PARAMETERS[config.policy]})
-    grouping, groups, names = _grouping(source, config.group_by, config.clusters, config.seed)
-    groups = groups[positions]
-    selected = select(scores, ids, policy=config.policy, keep=config.keep, seed=config.seed,
-                      groups=groups, **params)
-    summary = summarize(scores, ids, selected, groups, names, {**params, "seed": config.seed})
-    return selected, {"policy": config.policy, "keep": config.keep, "group_by": grouping,
-                      **summary}
+    ranked = ranking_scores(config, ratings, source, duplicates=duplicates)
+    selected = select(ranked.scores, ranked.ids, policy=config.policy, keep=config.keep,
+                      seed=config.seed, groups=ranked.groups, eligible=ranked.eligible, **params)
+    summary = summarize(ranked.scores, ranked.ids, selected, ranked.groups, ranked.names,
+                        {**params, "seed": config.seed})
+    return selected, {"policy": config.policy, "keep": config.keep, "group_by": ranked.grouping,
+                      "ratings": ranked.ratings, "weights": ranked.weights,
+                      "dedup": ranked.dedup,
+                      "duplicates_collapsed": int((~ranked.eligible).sum()), **summary}
 
 
 def _pool_positions(ids: np.ndarray, pool_ids: np.ndarray, origin: str) -> np.ndarray:
-    """The pool index of each rated id; the ratings must cover the pool exactly once."""
+    """The pool index of each id of file `origin`; the file must cover the pool exactly once."""
     _check_unique(ids, origin)
     order = np.argsort(pool_ids, kind="stable")
     found = np.minimum(np.searchsorted(pool_ids[order], ids), len(pool_ids) - 1)
     known = pool_ids[order][found] == ids
     if not known.all():
-        raise ValueError(f"{origin}: {int((~known).sum())} rated ids are not in the pool "
+        raise ValueError(f"{origin}: {int((~known).sum())} of its ids are not in the pool "
                          f"(e.g. id {int(ids[~known][0])})")
     if len(ids) < len(pool_ids):
-        unrated = np.setdiff1d(pool_ids, ids)
-        raise ValueError(f"{origin}: {len(unrated)} pool ids have no rating "
-                         f"(e.g. id {int(unrated[0])})")
+        missing = np.setdiff1d(pool_ids, ids)
+        raise ValueError(f"{origin}: {len(missing)} pool ids are missing (e.g. id "
+                         f"{int(missing[0])})")
     return order[found]
 
 
@@ -604,34 +792,47 @@ def read_ratings(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_selection(out: Path, selected: np.ndarray, summary: dict[str, Any]) -> None:
-    """Writes `out` (Parquet, column `id` int64; the policy, keep, grouping and parameters as JSON
-    in the file metadata, those of them the summary has) and the summary as
-    `out.with_suffix('.json')`, both atomically."""
+    """Writes `out` (Parquet, column `id` int64; the recipe — policy, keep, grouping,
+    parameters and the inputs: ratings files, weights, dedup file — as JSON in the file
+    metadata, those of them the summary has) and the summary as `out.with_suffix('.json')`,
+    both atomically."""
     out = Path(out)
-    recipe = {key: summary[key] for key in ("policy", "keep", "group_by", "params")
-              if key in summary}
+    recipe = {key: summary[key] for key in RECIPE_KEYS if key in summary}
     table = pa.table({"id": pa.array(np.asarray(selected, np.int64), pa.int64())})
     table = table.replace_schema_metadata({PARQUET_METADATA_KEY: json.dumps(recipe)})
     atomic_write_parquet(out, table)
     atomic_write_bytes(out.with_suffix(".json"), (json.dumps(summary, indent=2) + "\n").encode())
 
 
-def run(cfg: Config, ratings_path: Path, out: Path) -> dict[str, Any]:
-    """`alchemist-jax select`: reads the ratings, selects from the pool of `cfg.data` with
-    `cfg.select`, writes `out` and its summary (`write_selection`), prints a short account and
-    returns the summary."""
+def run(cfg: Config, ratings: Path | Sequence[Path], out: Path,
+        dedup: Path | None = None) -> dict[str, Any]:
+    """`alchemist-jax select`: reads the ratings file(s) (and the dedup file), selects from the
+    pool of `cfg.data` with `cfg.select`, writes `out` and its summary (`write_selection`),
+    prints a short account and returns the summary."""
     from alchemist_jax.data import load_splits
 
-    ratings_path = Path(ratings_path)
-    ids, scores = read_ratings(ratings_path)
+    paths = [Path(ratings)] if isinstance(ratings, (str, Path)) else [Path(p) for p in ratings]
+    if not paths:
+        raise ValueError("select needs at least one ratings file")
+    repeated = [p for n, p in enumerate(paths) if p in paths[:n]]
+    if repeated:
+        raise ValueError(f"ratings file {repeated[0]} is given twice; use select.weights to "
+                         "weigh a file more")
+    read = {str(path): read_ratings(path) for path in paths}
+    duplicates = None
+    if dedup is not None:
+        from alchemist_jax.dedup import read_groups
+
+        duplicates = (str(dedup), read_groups(Path(dedup)))
     pool = load_splits(cfg.data).train
-    selected, summary = select_for_source(cfg.select, scores, ids, pool,
-                                          origin=f"ratings file {ratings_path}")
+    selected, summary = select_for_source(cfg.select, read, pool, duplicates=duplicates)
     write_selection(Path(out), selected, summary)
     rates = summary["cluster_keep_rates"].values()
+    collapsed = (f", {summary['duplicates_collapsed']} duplicates collapsed"
+                 if dedup is not None else "")
     print(f"selected {summary['count']} of {summary['pool_size']} samples "
-          f"({summary['policy']}, keep {summary['keep']}) in {len(rates)} clusters by "
+          f"({summary['policy']}, keep {summary['keep']}, {len(paths)} ratings "
+          f"file{'s' * (len(paths) > 1)}{collapsed}) in {len(rates)} clusters by "
           f"{summary['group_by']}: keep rate per cluster {min(rates):.3f}-{max(rates):.3f}; "
           f"wrote {out}")
     return summary
-

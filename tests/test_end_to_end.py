@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from alchemist_jax import cli, pipeline
+from alchemist_jax import cli, dedup, pipeline
 from alchemist_jax.config import ConfigError, load_config
 from alchemist_jax.data import load_splits
 
@@ -23,7 +23,8 @@ TINY = [
     "train.checkpoint_every=2",
     "evaluate.classifier_steps=20", "evaluate.sample_steps=2", "evaluate.grid_captions=2",
     "evaluate.grid_samples=2",
-    "pipeline.arms=[alchemist,alchemist_shift_gsample,release,topk,random,full,oracle]",
+    "pipeline.arms=[alchemist,meta_only,meta_alignment,alchemist_shift_gsample,release,topk,"
+    "random,full,oracle]",
     "pipeline.seeds=[0]", "pipeline.budget=both", "pipeline.penalty_steps=2",
 ]
 
@@ -37,13 +38,16 @@ def test_pipeline_outputs_are_complete_and_consistent(tmp_path, capsys):
     pool_ids = set(splits.train.ids.tolist())
     clean_ids = {i for i, kind in zip(splits.train.ids.tolist(), splits.defects) if kind is None}
 
-    for rater in ("exact", "penalty"):
-        ratings = pq.read_table(workdir / "ratings" / f"{rater}.parquet")
+    for name in ("exact", "penalty", "alignment"):
+        ratings = pq.read_table(workdir / "ratings" / f"{name}.parquet")
         assert ratings.schema.field("id").type == "int64"
         assert ratings.schema.field("score").type == "float"
         assert sorted(ratings.column("id").to_pylist()) == sorted(pool_ids)  # one row per id
         assert np.isfinite(ratings.column("score").to_numpy()).all()
-        assert (workdir / "rate" / rater / "metrics.jsonl").exists()
+        assert (workdir / "rate" / name / "metrics.jsonl").exists() == (name != "alignment")
+    dedup_ids, duplicate_groups = dedup.read_groups(workdir / "dedup.parquet")
+    assert sorted(dedup_ids.tolist()) == sorted(pool_ids)
+    group_of = dict(zip(dedup_ids.tolist(), duplicate_groups.tolist()))
 
     sizes = {}
     for arm in cfg.pipeline.arms:
@@ -52,18 +56,23 @@ def test_pipeline_outputs_are_complete_and_consistent(tmp_path, capsys):
         assert len(set(ids)) == len(ids) == summary["count"]
         assert set(ids) <= pool_ids
         assert summary["arm"] == arm
+        assert summary.get("ratings", []) == [f"ratings/{name}.parquet"
+                                              for name in pipeline.ARMS[arm].ratings]
+        assert summary.get("dedup") == ("dedup.parquet" if arm == "alchemist" else None)
         sizes[arm] = len(ids)
-    assert {arm: sizes[arm] for arm in ("alchemist", "alchemist_shift_gsample", "release",
-                                        "topk", "random")} == dict.fromkeys(
-        ("alchemist", "alchemist_shift_gsample", "release", "topk", "random"), 48)
+        if arm == "alchemist":  # at most one sample of each duplicate group
+            assert len({group_of[i] for i in ids}) == len(ids)
+    half = ("alchemist", "meta_only", "meta_alignment", "alchemist_shift_gsample", "release",
+            "topk", "random")
+    assert {arm: sizes[arm] for arm in half} == dict.fromkeys(half, 48)
     assert sizes["full"] == 96
     assert set(pq.read_table(workdir / "selections" / "oracle.parquet").column("id")
                .to_pylist()) == clean_ids
 
     rows = json.loads((workdir / "results.json").read_text())
-    # 7 arms at equal steps; at equal epochs the 50% arms reuse their runs, full and oracle
+    # 9 arms at equal steps; at equal epochs the 50% arms reuse their runs, full and oracle
     # train for 96/48 and 67/48 times the steps.
-    assert len(rows) == 14
+    assert len(rows) == 18
     epochs = {row["arm"]: row for row in rows if row["budget"] == "epochs"}
     assert epochs["full"]["run"] == "full-epochs" and epochs["full"]["steps"] == 8
     assert epochs["oracle"]["steps"] == round(4 * len(clean_ids) / 48)
@@ -77,7 +86,7 @@ def test_pipeline_outputs_are_complete_and_consistent(tmp_path, capsys):
         assert (workdir / "eval" / row["run"] / "seed0" / "samples.png").exists()
         assert (workdir / "train" / row["run"] / "seed0" / "metrics.jsonl").exists()
     html = (workdir / "report" / "index.html").read_text()
-    assert "AUROC" in html and "full-epochs" in html
+    assert "AUROC" in html and "full-epochs" in html and 'id="components"' in html
     out = capsys.readouterr().out
     assert "report:" in out and "alchemist" in out
 
@@ -93,3 +102,7 @@ def test_pipeline_config_errors(tmp_path):
                                                    "pipeline.arms=[oracle]"])
     with pytest.raises(ConfigError, match="`oracle` needs injected defects"):
         pipeline.run(cfg, tmp_path / "other")
+    cfg = load_config("configs/demo.yaml", TINY + ["select.weights=[1.0, 2.0, 3.0]"])
+    with pytest.raises(ConfigError, match=r"select.weights has 3 values, but arm 'alchemist' "
+                                          r"fuses 2 ratings \(exact, alignment\)"):
+        pipeline.run(cfg, tmp_path / "third")

@@ -288,3 +288,78 @@ def test_screenshot_is_not_blank(run_folder, built):
     shot = Path(result.stdout.strip().splitlines()[-1])
     pixels = np.asarray(Image.open(shot).convert("L"), np.float64)
     assert pixels.shape == (4000, 1280) and pixels.std() > 10
+
+
+def test_component_contributions_table(tmp_path):
+    """meta only / + alignment / + dedup: test loss and FCD from results.json, AUROC of the
+    score each selection ranks by, recomputed here from the same files."""
+    from alchemist_jax import selection
+
+    cfg = _write_config(tmp_path, ["data.corrupt.fraction=0.3"])
+    splits = data.load_splits(cfg.data)
+    pq.write_table(splits.truth, tmp_path / "defects.parquet")
+    ids = splits.train.ids
+    kinds = np.array([d or "clean" for d in splits.defects])
+    rng = np.random.default_rng(4)
+    # The meta rater sees image defects, the alignment scorer caption swaps; a copy scores like
+    # its source (both raters), so only the dedup file tells them apart.
+    meta = rng.normal(size=len(ids)) + 2.0 * np.isin(kinds, ["clean", "caption_swap",
+                                                             "duplicate"])
+    alignment = rng.normal(size=len(ids)) + 2.0 * (kinds != "caption_swap")
+    index_of = {int(i): n for n, i in enumerate(ids)}
+    duplicate_groups = ids.copy()
+    for n, (kind, source) in enumerate(zip(splits.defects,
+                                           splits.truth.column("source_id").to_pylist())):
+        if kind == "duplicate":
+            meta[n], alignment[n] = meta[index_of[source]], alignment[index_of[source]]
+            duplicate_groups[n] = source
+    (tmp_path / "ratings").mkdir()
+    for name, scores in (("exact", meta), ("alignment", alignment)):
+        pq.write_table(pa.table({"id": ids, "score": scores.astype(np.float32)}),
+                       tmp_path / "ratings" / f"{name}.parquet")
+    _, inverse, sizes = np.unique(duplicate_groups, return_inverse=True, return_counts=True)
+    pq.write_table(pa.table({"id": ids, "group": duplicate_groups,
+                             "group_size": sizes[inverse].astype(np.int32)}),
+                   tmp_path / "dedup.parquet")
+    rows = []
+    for arm, names, collapse in (("meta_only", ["exact"], False),
+                                 ("meta_alignment", ["exact", "alignment"], False),
+                                 ("alchemist", ["exact", "alignment"], True)):
+        ratings = {f"ratings/{n}.parquet": selection.read_ratings(
+            tmp_path / "ratings" / f"{n}.parquet") for n in names}
+        duplicates = (("dedup.parquet", (ids, duplicate_groups)) if collapse else None)
+        chosen, summary = selection.select_for_source(cfg.select, ratings, splits.train,
+                                                      duplicates=duplicates)
+        selection.write_selection(tmp_path / "selections" / f"{arm}.parquet", chosen,
+                                  {"arm": arm, **summary})
+        for seed, loss in enumerate((0.5, 0.7)):
+            rows.append({"arm": arm, "run": arm, "budget": "steps", "seed": seed,
+                         "test_loss": loss + len(names) / 10, "fcd": 10.0 * len(names)})
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+
+    table = _Page(report.build(tmp_path).read_text()).tables["components"]
+    body = {row[0]: dict(zip(table[0], row)) for row in table[1:]}
+    assert list(body) == ["meta_only", "meta_alignment", "alchemist"]
+    assert [body[a]["ranks by"] for a in body] == ["exact", "exact + alignment",
+                                                  "exact + alignment + dedup"]
+    # mean of (0.5, 0.7) + 0.1 per file; sample std sqrt(0.02) = 0.1414.
+    assert body["meta_only"]["test loss ↓"] == "0.7000 ± 0.1414"
+    assert body["alchemist"]["test loss ↓"] == "0.8000 ± 0.1414"
+    assert body["meta_alignment"]["FCD ↓"] == "20.0000 ± 0.0000"
+    labels = splits.train.labels
+    meta32, alignment32 = meta.astype(np.float32), alignment.astype(np.float32)
+    fused = selection.fuse([meta32, alignment32], groups=labels)
+    eligible = selection.best_of_duplicates(fused, ids, duplicate_groups)
+    expected = {"meta_only": meta32, "meta_alignment": fused,
+                "alchemist": np.where(eligible, fused, -1e-6)}  # fused spans [0, 1]
+    defects = splits.defects
+    for arm, scores in expected.items():
+        for kind, value in defect_auroc(scores, defects, splits.caption_classes).items():
+            assert float(body[arm][f"AUROC {kind}" if kind == "all" else kind]) == \
+                pytest.approx(value, abs=5e-4), (arm, kind)
+    # Alignment lifts caption swaps; dedup lifts duplicates where the copy has the larger id
+    # (a copy and its source tie, and the smaller id stays).
+    assert float(body["meta_alignment"]["caption_swap"]) > float(
+        body["meta_only"]["caption_swap"]) + 0.3
+    assert float(body["alchemist"]["duplicate"]) > float(
+        body["meta_alignment"]["duplicate"]) + 0.15

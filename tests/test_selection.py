@@ -227,6 +227,138 @@ def test_errors_name_the_problem():
 
 
 # ----------------------------------------------------------------------------------------------
+# Fusion of several ratings and collapse of duplicates
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rank_normalize_within_clusters_by_hand():
+    scores = np.array([3.0, 1.0, 3.0, 2.0, 0.5, -1.0, 7.0, 4.0])
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    # cluster 0: ascending ranks 1 -> 1, 2 -> 2, the two 3s share (3 + 4) / 2 = 3.5; minus 1,
+    # over n - 1 = 3. cluster 1: ranks 2, 1, 3 over 2. cluster 2 has one sample: 0.5.
+    expected = [2.5 / 3, 0.0, 2.5 / 3, 1 / 3, 0.5, 0.0, 1.0, 0.5]
+    np.testing.assert_allclose(selection.rank_normalize(scores, groups), expected, atol=1e-15)
+    # One group: ascending ranks -1 -> 1, 0.5 -> 2, 1 -> 3, 2 -> 4, the 3s 5.5, 4 -> 7, 7 -> 8.
+    np.testing.assert_allclose(selection.rank_normalize(scores), [
+        4.5 / 7, 2 / 7, 4.5 / 7, 3 / 7, 1 / 7, 0.0, 1.0, 6 / 7], atol=1e-15)
+
+
+def test_fusion_ignores_scales_and_per_cluster_offsets():
+    rng = np.random.default_rng(0)
+    first, second = rng.normal(size=(2, 40))
+    groups = np.repeat([0, 1, 2, 3], 10)
+    fused = selection.fuse([first, second], groups=groups)
+    # A scorer on another scale with a different offset in every cluster fuses identically.
+    rescaled = 1000 * second + 50 * groups
+    np.testing.assert_allclose(selection.fuse([first, rescaled], groups=groups), fused,
+                               atol=1e-15)
+    assert fused.min() >= 0 and fused.max() <= 1
+    np.testing.assert_allclose(
+        fused, (selection.rank_normalize(first, groups)
+                + selection.rank_normalize(second, groups)) / 2, atol=1e-15)
+
+
+def test_weights_change_the_order_as_computed_by_hand():
+    a = np.array([4.0, 3.0, 2.0, 1.0])  # percentiles 1, 2/3, 1/3, 0
+    b = np.array([1.0, 2.0, 4.0, 3.0])  # percentiles 0, 1/3, 1, 2/3
+    ids = np.arange(4)
+    np.testing.assert_allclose(selection.fuse([a, b]), [1 / 2, 1 / 2, 2 / 3, 1 / 3], atol=1e-15)
+    np.testing.assert_allclose(selection.fuse([a, b], [3, 1]), [3 / 4, 7 / 12, 1 / 2, 1 / 6],
+                               atol=1e-15)
+    np.testing.assert_allclose(selection.fuse([a, b], [1, 3]), [1 / 4, 5 / 12, 5 / 6, 1 / 2],
+                               atol=1e-15)
+
+    def top_half(weights):
+        return selection.select(selection.fuse([a, b], weights), ids, policy="topk", keep=0.5,
+                                seed=0).tolist()
+
+    assert top_half(None) == [0, 2]  # 2/3 first, then the tie of ids 0 and 1 goes to id 0
+    assert top_half([3, 1]) == [0, 1]
+    assert top_half([1, 3]) == [2, 3]
+    assert top_half([1, 0]) == [0, 1]  # a zero weight silences its scorer
+    with pytest.raises(ValueError, match="select.weights has 3 values for 2 scorers"):
+        selection.fuse([a, b], [1, 1, 1])
+    with pytest.raises(ValueError, match=r"select.weights must be >= 0 with a positive sum"):
+        selection.fuse([a, b], [1, -1])
+
+
+def test_a_duplicate_group_keeps_exactly_its_best_member():
+    ids = np.arange(10, 18)
+    scores = np.array([0.2, 0.9, 0.5, 0.1, 0.7, 0.7, 0.3, 0.3])
+    duplicates = np.array([0, 0, 0, 1, 2, 2, 3, 3])
+    # group 0: id 11 (0.9); group 1: id 13 alone; groups 2 and 3 tie: the smaller id, 14 and 16.
+    expected = [False, True, False, True, True, False, True, False]
+    assert selection.best_of_duplicates(scores, ids, duplicates).tolist() == expected
+    shuffle = np.random.default_rng(0).permutation(8)
+    shuffled = selection.best_of_duplicates(scores[shuffle], ids[shuffle], duplicates[shuffle])
+    assert shuffled.tolist() == np.array(expected)[shuffle].tolist()
+
+
+@pytest.mark.parametrize("policy", EXACT_POLICIES)
+def test_keep_count_exact_after_collapsing_and_never_two_duplicates(policy):
+    scores, ids, groups = _pool(size=203)
+    rng = np.random.default_rng(1)
+    duplicates = rng.integers(0, 150, size=203)  # about 50 samples are somebody's duplicate
+    eligible = selection.best_of_duplicates(scores, ids, duplicates)
+    assert eligible.sum() == len(np.unique(duplicates))
+    for keep in (0.2, 0.5, 0.55):
+        chosen = selection.select(scores, ids, policy=policy, keep=keep, seed=3, groups=groups,
+                                  eligible=eligible)
+        assert len(chosen) == round(keep * 203)  # the budget counts the whole pool
+        picked = np.isin(ids, chosen)
+        assert not picked[~eligible].any()
+        assert np.bincount(duplicates[picked]).max() == 1
+        # Shares follow the eligible members of each cluster.
+        kept = np.bincount(groups[picked], minlength=groups.max() + 1)
+        np.testing.assert_array_equal(kept, selection.allocate(
+            len(chosen), np.bincount(groups[eligible], minlength=groups.max() + 1)))
+    with pytest.raises(ValueError, match=f"select.keep=0.7 asks for 142 samples but only "
+                                         f"{eligible.sum()} of 203 are eligible"):
+        selection.select(scores, ids, policy=policy, keep=0.7, seed=3, eligible=eligible)
+
+
+def test_collapse_before_the_budget_on_a_pool():
+    # Ten samples in two labels, two scorers that agree, three copies of one sample (ids 0, 5, 7)
+    # and a pair (ids 2, 3). Only the best copy competes, and the budget is 5 of all 10.
+    source = ArraySource("p", np.arange(10), None, None, labels=np.array([0] * 5 + [1] * 5))
+    first = np.array([9.0, 1.0, 8.0, 7.0, 2.0, 8.5, 3.0, 8.8, 4.0, 5.0])
+    ratings = {"a.parquet": (np.arange(10), first),
+               "b.parquet": (np.arange(10)[::-1], first[::-1] * 100)}
+    duplicates = ("dedup.parquet", (np.arange(10), np.array([0, 1, 2, 2, 4, 0, 6, 0, 8, 9])))
+    config = SelectConfig(policy="topk", keep=0.5)
+    chosen, summary = selection.select_for_source(config, ratings, source, duplicates=duplicates)
+    # Both files rank alike, so fused = the within-label percentile of `first`:
+    #   label 0, ids 0-4: 1, 0, 3/4, 1/2, 1/4;  label 1, ids 5-9: 3/4, 0, 1, 1/4, 1/2.
+    # Copies 0, 5, 7 score 1, 3/4, 1: the tie of 0 and 7 goes to id 0; of 2 and 3, 2 stays.
+    # Eligible: 0, 1, 2, 4 (label 0) and 6, 8, 9 (label 1); shares of 5 by 4 and 3: 3 and 2.
+    assert summary["duplicates_collapsed"] == 3
+    assert chosen.tolist() == [0, 2, 4, 8, 9]
+    assert summary["ratings"] == ["a.parquet", "b.parquet"] and summary["weights"] == [1.0, 1.0]
+    assert summary["dedup"] == "dedup.parquet" and summary["count"] == 5
+    without, _ = selection.select_for_source(config, ratings, source)
+    assert without.tolist() == [0, 2, 3, 5, 7]
+
+
+def test_mismatched_ids_and_weights_name_the_file():
+    source = ArraySource("p", np.arange(10, 20), None, None, labels=np.zeros(10, np.int64))
+    good = (np.arange(10, 20), np.arange(10.0))
+    config = SelectConfig(keep=0.5)
+    for ids, message in [(np.arange(11, 20), "b.parquet: 1 pool ids are missing (e.g. id 10)"),
+                         (np.arange(11, 21), "b.parquet: 1 of its ids are not in the pool "
+                                             "(e.g. id 20)")]:
+        with pytest.raises(ValueError, match=re.escape(f"ratings file {message}")):
+            selection.select_for_source(config, {"a.parquet": good,
+                                                 "b.parquet": (ids, np.zeros(len(ids)))}, source)
+        with pytest.raises(ValueError, match=re.escape(f"dedup file {message}")):
+            selection.select_for_source(config, {"a.parquet": good}, source,
+                                        duplicates=("b.parquet", (ids, ids)))
+    with pytest.raises(ValueError, match=re.escape(
+            "select.weights has 3 values for 2 ratings files (a.parquet, b.parquet)")):
+        selection.select_for_source(SelectConfig(weights=(1.0, 2.0, 3.0)),
+                                    {"a.parquet": good, "b.parquet": good}, source)
+
+
+# ----------------------------------------------------------------------------------------------
 # Clusters
 # ----------------------------------------------------------------------------------------------
 
@@ -325,7 +457,8 @@ def test_run_end_to_end_and_bad_ratings(tmp_path, capsys):
     assert len(chosen) == 60 and np.isin(chosen, pool_ids).all()
     recipe = json.loads(table.schema.metadata[selection.PARQUET_METADATA_KEY])
     assert recipe == {"policy": "filter", "keep": 0.3, "group_by": "label",
-                      "params": {"drop": 0.25, "seed": 0}}
+                      "params": {"drop": 0.25, "seed": 0}, "ratings": [str(ratings)],
+                      "weights": [1.0], "dedup": None}
     written = json.loads(out.with_suffix(".json").read_text())
     assert written == summary and written["count"] == 60 and written["pool_size"] == 200
     assert len(written["cluster_keep_rates"]) == 20
@@ -334,8 +467,8 @@ def test_run_end_to_end_and_bad_ratings(tmp_path, capsys):
     shares = selection.allocate(60, sizes)
     assert written["cluster_keep_rates"] == pytest.approx(
         {f"label {label}": shares[label] / sizes[label] for label in range(20)})
-    assert "selected 60 of 200 samples (filter, keep 0.3) in 20 clusters by label" in (
-        capsys.readouterr().out)
+    assert ("selected 60 of 200 samples (filter, keep 0.3, 1 ratings file) in 20 clusters by "
+            "label") in capsys.readouterr().out
 
     # The command line runs the same function (--policy / --keep are config shortcuts).
     assert cli.main(["select", "--config", "configs/demo.yaml", *TINY, "--ratings",
@@ -345,8 +478,9 @@ def test_run_end_to_end_and_bad_ratings(tmp_path, capsys):
 
     bad = tmp_path / "bad.parquet"
     for ids, scores, message in [
-        (pool_ids[1:], np.zeros(199), "1 pool ids have no rating"),
-        (np.r_[pool_ids, 10**9], np.zeros(201), "1 rated ids are not in the pool"),
+        (pool_ids[1:], np.zeros(199), f"1 pool ids are missing (e.g. id {pool_ids[0]})"),
+        (np.r_[pool_ids, 10**9], np.zeros(201), "1 of its ids are not in the pool (e.g. id "
+                                                "1000000000)"),
         (np.r_[pool_ids, pool_ids[0]], np.zeros(201), "1 ids occur more than once"),
         (pool_ids, np.r_[np.nan, np.zeros(199)], "1 scores are NaN"),
     ]:
@@ -364,9 +498,53 @@ def test_select_for_source_matches_select():
     source = ArraySource("s", np.sort(ids), None, ["a cat", "a dog", "a car"] * 20,
                          labels=np.sort(ids) % 4)
     config = SelectConfig(policy="shift_gsample", keep=0.4, seed=5)
-    chosen, summary = selection.select_for_source(config, scores, ids, source)
+    chosen, summary = selection.select_for_source(config, {"r.parquet": (ids, scores)}, source)
     expected = selection.select(scores, ids, policy="shift_gsample", keep=0.4, seed=5,
                                 groups=ids % 4, head=0.25, mu=0.54, sigma=0.25)
     np.testing.assert_array_equal(chosen, expected)
     assert summary["params"] == {"head": 0.25, "mu": 0.54, "sigma": 0.25, "seed": 5}
     assert summary["group_by"] == "label" and summary["policy"] == "shift_gsample"
+
+
+def test_command_fuses_files_collapses_duplicates_and_records_its_inputs(tmp_path, capsys):
+    cfg = load_config("configs/demo.yaml", TINY + ["select.weights=[2.0, 1.0]"])
+    pool = load_splits(cfg.data).train
+    pool_ids, labels = pool.ids, pool.labels
+    rng = np.random.default_rng(0)
+    first, second = rng.normal(size=(2, 200))
+    paths = [tmp_path / "meta.parquet", tmp_path / "alignment.parquet"]
+    _write_ratings(paths[0], pool_ids, first)
+    order = rng.permutation(200)
+    _write_ratings(paths[1], pool_ids[order], second[order])  # rows in another order
+    duplicate_groups = np.r_[np.arange(40) // 2, 20 + np.arange(160)]  # 20 pairs
+    dedup = tmp_path / "dedup.parquet"
+    pq.write_table(pa.table({
+        "id": pa.array(pool_ids, pa.int64()), "group": pa.array(duplicate_groups, pa.int64()),
+        "group_size": pa.array(np.bincount(duplicate_groups)[duplicate_groups], pa.int32())}),
+        dedup)
+    out = tmp_path / "fused.parquet"
+    # Overrides may follow the ratings files.
+    assert cli.main(["select", "--config", "configs/demo.yaml", *TINY, "--ratings",
+                     *map(str, paths), "select.weights=[2.0,1.0]", "--dedup", str(dedup),
+                     "--out", str(out)]) == 0
+    chosen = pq.read_table(out).column("id").to_numpy()
+    fused = (2 * selection.rank_normalize(first.astype(np.float32), labels)
+             + selection.rank_normalize(second.astype(np.float32), labels)) / 3
+    eligible = selection.best_of_duplicates(fused, pool_ids, duplicate_groups)
+    expected = selection.select(fused, pool_ids, policy="filter", keep=0.3, seed=0,
+                                groups=labels, eligible=eligible, drop=0.25)
+    np.testing.assert_array_equal(chosen, expected)
+    assert len(chosen) == 60 and eligible.sum() == 180
+    assert np.bincount(duplicate_groups[np.isin(pool_ids, chosen)]).max() == 1
+    recipe = json.loads(pq.read_schema(out).metadata[selection.PARQUET_METADATA_KEY])
+    assert recipe["ratings"] == list(map(str, paths)) and recipe["weights"] == [2.0, 1.0]
+    assert recipe["dedup"] == str(dedup)
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["duplicates_collapsed"] == 20
+    assert "2 ratings files, 20 duplicates collapsed" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match=re.escape(f"ratings file {paths[0]} is given twice")):
+        selection.run(cfg, [paths[0], paths[0]], tmp_path / "x.parquet")
+    pq.write_table(pa.table({"id": pool_ids, "cluster": pool_ids}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="bad.parquet is not a dedup file: no column group"):
+        selection.run(cfg, paths, tmp_path / "x.parquet", dedup=tmp_path / "bad.parquet")
