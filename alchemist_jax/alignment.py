@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from alchemist_jax import models
 from alchemist_jax.data.tokenizer import VOCAB_SIZE
-from alchemist_jax.models.dit import precomputed_caption, visual_input
+from alchemist_jax.models.dit import caption_features, visual_input
 from alchemist_jax.models.text_encoder import masked_mean
 
 CAPTION_FIELDS = ("tokens", "token_mask", "text_embedding")  # what a reference caption holds
@@ -197,14 +197,7 @@ class ContrastiveModel(nnx.Module):
     def embed_captions(self, captions: dict) -> jax.Array:
         """Caption fields (B, ...) -> (B, D), unit norm: a bag of tokens (word order is not
         seen) or the masked mean of precomputed `text_embedding`, then a Linear."""
-        if self.token_embedding is None:
-            features, mask = precomputed_caption(captions)
-        else:
-            if "text_embedding" in captions:
-                raise ValueError("the contrastive model was built for token captions; the batch "
-                                 "carries a precomputed `text_embedding`")
-            features = jnp.take(self.token_embedding[...], captions["tokens"], axis=0)
-            mask = captions["token_mask"]
+        features, mask = caption_features(self.token_embedding, captions, "contrastive model")
         return _unit(self.text_proj(masked_mean(features, mask)))
 
     def scale(self) -> jax.Array:

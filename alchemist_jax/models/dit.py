@@ -50,6 +50,20 @@ def precomputed_caption(batch: dict) -> tuple[jax.Array, jax.Array]:
     return features, mask
 
 
+def caption_features(token_embedding: nnx.Param | None, batch: dict,
+                     owner: str) -> tuple[jax.Array, jax.Array]:
+    """Caption features (B, L, D) and mask (B, L) of a model with its own token table: rows of
+    `token_embedding` (VOCAB, D) looked up by `tokens`, masked by `token_mask`; a model built
+    without a table (None) reads the precomputed `text_embedding` instead. `owner` names the model
+    in the error for a batch of the other kind."""
+    if token_embedding is None:
+        return precomputed_caption(batch)
+    if "text_embedding" in batch:
+        raise ValueError(f"the {owner} was built for token captions; the batch carries a "
+                         "precomputed `text_embedding`")
+    return jnp.take(token_embedding[...], batch["tokens"], axis=0), batch["token_mask"]
+
+
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
     """Sinusoidal features of flow times t in [0, 1] (scaled by 1000 like DDPM steps).
 

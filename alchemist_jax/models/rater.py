@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alchemist_jax.data.tokenizer import VOCAB_SIZE
-from alchemist_jax.models.dit import precomputed_caption, visual_input
+from alchemist_jax.models.dit import caption_features, visual_input
 from alchemist_jax.models.text_encoder import masked_mean
 
 
@@ -67,14 +67,7 @@ class Rater(nnx.Module):
         x = jax.nn.silu(self.conv1(x))
         x = jax.nn.silu(self.conv2(x))
         f = self.image_proj(x.mean(axis=(1, 2)))
-        if self.token_embedding is None:
-            captions, mask = precomputed_caption(batch)
-        else:
-            if "text_embedding" in batch:
-                raise ValueError("the rater was built for token captions; the batch carries a "
-                                 "precomputed `text_embedding`")
-            captions = jnp.take(self.token_embedding[...], batch["tokens"], axis=0)
-            mask = batch["token_mask"]
+        captions, mask = caption_features(self.token_embedding, batch, "rater")
         e = self.text_proj(masked_mean(captions, mask))
         return jnp.concatenate([f, e, f * e], axis=-1)
 
