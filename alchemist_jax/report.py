@@ -33,7 +33,8 @@ from alchemist_jax import config as config_lib
 from alchemist_jax.data.cache import (DataUnavailableError, atomic_save_figure,
                                       atomic_write_bytes)
 from alchemist_jax.data.sources import Source
-from alchemist_jax.evaluation import defect_auroc, normalize_within_groups
+from alchemist_jax.evaluation import (credit_kept_copies, defect_auroc,
+                                      normalize_within_groups)
 
 # Metric of results.json -> (column title, which way is better).
 METRICS = {"test_loss": ("test loss ↓", "min"), "fcd": ("FCD ↓", "min"),
@@ -159,6 +160,7 @@ class _RunFolder:
     pool: Source | None = None  # the corrupted training pool, when it could be opened
     classes: dict[int, int] | None = None  # pool id -> caption class
     defects: dict[int, str] | None = None  # pool id -> defect kind or CLEAN
+    copied_from: dict[int, int] = dataclasses.field(default_factory=dict)  # exact duplicates
     ratings: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
     missing: list[str] = dataclasses.field(default_factory=list)
 
@@ -203,6 +205,11 @@ def _load_run(workdir: Path) -> _RunFolder:
         ids = _unique_ids(table.column("id").to_numpy(), defects_path)
         run.defects = {int(i): kind or CLEAN
                        for i, kind in zip(ids, table.column("defect").to_pylist())}
+        if "source_id" in table.column_names:
+            run.copied_from = {
+                int(i): int(source) for i, kind, source in zip(
+                    ids, table.column("defect").to_pylist(),
+                    table.column("source_id").to_pylist()) if kind == "duplicate"}
     else:
         run.missing.append("defects.parquet: no injected defects, so no AUROC table and no "
                            "defect colouring")
@@ -553,7 +560,9 @@ def _components_section(run: _RunFolder) -> str | None:
             "dedup group keeps its best-scored member). Test loss and FCD: mean ± sample std "
             "over seeds at equal steps. AUROC (clean against each defect kind, z-scored within "
             "caption class) of the score the arm's selection ranks by, with collapsed "
-            "duplicates below every other sample.</p>")
+            "duplicates below every other sample; an exact copy kept in place of its collapsed "
+            "source counts as clean and the source as the duplicate (the two are the same "
+            "image and caption).</p>")
     return _section("Component contributions",
                     text + _table(header, body, table_id="components"))
 
@@ -584,9 +593,10 @@ def _component_aurocs(run: _RunFolder, summaries: dict[str, dict]) -> dict[str, 
         low, high = ranked.scores.min(), ranked.scores.max()
         scores = np.where(ranked.eligible, ranked.scores, low - 1e-6 * ((high - low) or 1.0))
         where = f"selections/{arm}.json"
-        kinds = run.kinds(ranked.ids, where)
-        aurocs[arm] = defect_auroc(scores, [None if k == CLEAN else k for k in kinds],
-                                   run.groups(ranked.ids, where))
+        kinds = [None if k == CLEAN else k for k in run.kinds(ranked.ids, where)]
+        if duplicates is not None:
+            kinds = credit_kept_copies(kinds, ranked.ids, ranked.eligible, run.copied_from)
+        aurocs[arm] = defect_auroc(scores, kinds, run.groups(ranked.ids, where))
     return aurocs
 
 

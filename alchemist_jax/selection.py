@@ -39,8 +39,8 @@ group draws from its own generator seeded by (seed, group position), and results
 the order of the input rows.
 
 Fusion (several ratings files and a dedup file, METHOD.md §8): each file's scores become rank
-percentiles within the ranking clusters (`rank_normalize`), combined as a weighted mean
-(`select.weights`, one per file; equal by default) into the fused score in [0, 1]; with one file
+percentiles within the ranking clusters (`rank_normalize`), combined as a weighted geometric
+mean (`select.weights`, one per file; equal by default) into the fused score in (0, 1); with one file
 the policy ranks its own scores (the same order within every cluster) and the fused score is
 their percentile. Duplicates are then collapsed: of each dedup group only the member with the
 highest fused score (ties: the smallest id) stays eligible (`best_of_duplicates`). The budget is still round(keep * N) of the whole pool;
@@ -333,9 +333,10 @@ _POLICIES: dict[str, Callable[..., np.ndarray]] = {
 
 
 def rank_normalize(scores: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-    """Rank percentile (N,) in [0, 1] of each score within its group, 1 = the best of the
-    group, 0 = the worst: (r - 1) / (n - 1), r the ascending rank among the group's n members,
-    tied scores sharing the average of their ranks. A group of one sample gets 0.5.
+    """Mid-rank percentile (N,) in (0, 1) of each score within its group, higher = better:
+    (r - 1/2) / n, r the ascending rank among the group's n members, tied scores sharing the
+    average of their ranks (so a group of one sample gets 1/2). Never 0, so that `fuse` can
+    multiply percentiles.
 
     Args:
       scores: float (N,), higher = better.
@@ -347,15 +348,23 @@ def rank_normalize(scores: np.ndarray, groups: np.ndarray | None = None) -> np.n
     groups = np.zeros(len(scores), np.int64) if groups is None else np.asarray(groups)
     percentiles = np.empty(len(scores))
     for members in _group_members(groups):
-        n = len(members)
-        percentiles[members] = 0.5 if n == 1 else (rankdata(scores[members]) - 1) / (n - 1)
+        percentiles[members] = (rankdata(scores[members]) - 0.5) / len(members)
     return percentiles
 
 
 def fuse(scores: Sequence[np.ndarray], weights: Sequence[float] | None = None,
          groups: np.ndarray | None = None) -> np.ndarray:
-    """The fused score (N,) in [0, 1], higher = better: the weighted mean of the scorers' rank
-    percentiles within the groups, sum_f w_f · rank_normalize(scores_f, groups) / sum_f w_f.
+    """The fused score (N,) in (0, 1), higher = better: the weighted geometric mean of the
+    scorers' rank percentiles within the groups, exp(sum_f w_f · log u_f / sum_f w_f) with
+    u_f = rank_normalize(scores_f, groups).
+
+    Why a geometric mean: each scorer sees its own defects and is near chance on the others (the
+    meta rater on caption swaps, the alignment scorer on duplicates), so a sample should rank low
+    when any one scorer puts it low. An arithmetic mean halves the flagging scorer's vote with
+    the other's chance-level one; a product keeps it (a percentile near 0 pulls the product near
+    0). On the built-in pool (docs/RESULTS.md) the geometric mean of the meta rater and the
+    alignment scorer separates clean from defective samples with AUROC 0.892 against 0.867 for
+    the arithmetic mean.
 
     Why ranks: scorers speak on different scales (a rater's logit, a loss margin, a cosine) and
     carry per-class offsets (a meta-learned rater gives whole caption classes higher scores,
@@ -388,8 +397,8 @@ def fuse(scores: Sequence[np.ndarray], weights: Sequence[float] | None = None,
     if (weights < 0).any() or not weights.sum() > 0:
         raise ValueError(f"select.weights must be >= 0 with a positive sum, got "
                          f"{weights.tolist()}")
-    fused = sum(w * rank_normalize(c, groups) for w, c in zip(weights, columns))
-    return fused / weights.sum()
+    log_fused = sum(w * np.log(rank_normalize(c, groups)) for w, c in zip(weights, columns))
+    return np.exp(log_fused / weights.sum())
 
 
 def best_of_duplicates(scores: np.ndarray, ids: np.ndarray,

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from alchemist_jax.evaluation import auroc, defect_auroc, normalize_within_groups
+from alchemist_jax.evaluation import (auroc, credit_kept_copies, defect_auroc,
+                                      normalize_within_groups)
 
 
 def _reference_auroc(pos, neg):
@@ -37,3 +38,18 @@ def test_defect_auroc_per_kind():
     assert result["noise"] == 1.0
     assert result["blur"] == pytest.approx(1 / 3)
     assert result["all"] == pytest.approx(_reference_auroc([5, 6, 7], [1, 6.5, 0]))
+
+
+def test_a_kept_copy_trades_labels_with_its_collapsed_source():
+    ids = np.array([10, 11, 12, 13, 14, 15])
+    defects = [None, "duplicate", None, "duplicate", "duplicate", "noise"]
+    copied_from = {11: 10, 13: 12, 14: 12}
+    # 11 kept, its source 10 collapsed: they trade. 12 kept: its copies stay duplicates.
+    eligible = np.array([False, True, True, False, False, True])
+    assert credit_kept_copies(defects, ids, eligible, copied_from) == [
+        "duplicate", None, None, "duplicate", "duplicate", "noise"]
+    # 13 kept over its source 12 (14 collapsed too): 13 and 12 trade, 14 stays a duplicate.
+    eligible = np.array([True, False, False, True, False, True])
+    assert credit_kept_copies(defects, ids, eligible, copied_from) == [
+        None, "duplicate", "duplicate", None, "duplicate", "noise"]
+    assert credit_kept_copies(defects, ids, np.ones(6, bool), copied_from) == defects

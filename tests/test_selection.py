@@ -234,13 +234,13 @@ def test_errors_name_the_problem():
 def test_rank_normalize_within_clusters_by_hand():
     scores = np.array([3.0, 1.0, 3.0, 2.0, 0.5, -1.0, 7.0, 4.0])
     groups = np.array([0, 0, 0, 0, 1, 1, 1, 2])
-    # cluster 0: ascending ranks 1 -> 1, 2 -> 2, the two 3s share (3 + 4) / 2 = 3.5; minus 1,
-    # over n - 1 = 3. cluster 1: ranks 2, 1, 3 over 2. cluster 2 has one sample: 0.5.
-    expected = [2.5 / 3, 0.0, 2.5 / 3, 1 / 3, 0.5, 0.0, 1.0, 0.5]
+    # cluster 0: ascending ranks 1 -> 1, 2 -> 2, the two 3s share (3 + 4) / 2 = 3.5; minus 1/2,
+    # over n = 4. cluster 1: ranks 2, 1, 3 over 3. cluster 2 has one sample: 1/2.
+    expected = [3 / 4, 1 / 8, 3 / 4, 3 / 8, 1.5 / 3, 0.5 / 3, 2.5 / 3, 0.5]
     np.testing.assert_allclose(selection.rank_normalize(scores, groups), expected, atol=1e-15)
     # One group: ascending ranks -1 -> 1, 0.5 -> 2, 1 -> 3, 2 -> 4, the 3s 5.5, 4 -> 7, 7 -> 8.
-    np.testing.assert_allclose(selection.rank_normalize(scores), [
-        4.5 / 7, 2 / 7, 4.5 / 7, 3 / 7, 1 / 7, 0.0, 1.0, 6 / 7], atol=1e-15)
+    np.testing.assert_allclose(selection.rank_normalize(scores), np.array([
+        5.0, 2.5, 5.0, 3.5, 1.5, 0.5, 7.5, 6.5]) / 8, atol=1e-15)
 
 
 def test_fusion_ignores_scales_and_per_cluster_offsets():
@@ -252,29 +252,32 @@ def test_fusion_ignores_scales_and_per_cluster_offsets():
     rescaled = 1000 * second + 50 * groups
     np.testing.assert_allclose(selection.fuse([first, rescaled], groups=groups), fused,
                                atol=1e-15)
-    assert fused.min() >= 0 and fused.max() <= 1
+    assert fused.min() > 0 and fused.max() < 1
     np.testing.assert_allclose(
-        fused, (selection.rank_normalize(first, groups)
-                + selection.rank_normalize(second, groups)) / 2, atol=1e-15)
+        fused, np.sqrt(selection.rank_normalize(first, groups)
+                       * selection.rank_normalize(second, groups)), atol=1e-15)
 
 
 def test_weights_change_the_order_as_computed_by_hand():
-    a = np.array([4.0, 3.0, 2.0, 1.0])  # percentiles 1, 2/3, 1/3, 0
-    b = np.array([1.0, 2.0, 4.0, 3.0])  # percentiles 0, 1/3, 1, 2/3
+    a = np.array([4.0, 3.0, 2.0, 1.0])  # percentiles 7/8, 5/8, 3/8, 1/8
+    b = np.array([1.0, 2.0, 4.0, 3.0])  # percentiles 1/8, 3/8, 7/8, 5/8
     ids = np.arange(4)
-    np.testing.assert_allclose(selection.fuse([a, b]), [1 / 2, 1 / 2, 2 / 3, 1 / 3], atol=1e-15)
-    np.testing.assert_allclose(selection.fuse([a, b], [3, 1]), [3 / 4, 7 / 12, 1 / 2, 1 / 6],
-                               atol=1e-15)
-    np.testing.assert_allclose(selection.fuse([a, b], [1, 3]), [1 / 4, 5 / 12, 5 / 6, 1 / 2],
-                               atol=1e-15)
+    # Geometric means: (7·1, 5·3, 3·7, 1·5)^(1/2) / 8 = 0.331, 0.484, 0.573, 0.280.
+    np.testing.assert_allclose(selection.fuse([a, b]), np.sqrt([7, 15, 21, 5]) / 8, atol=1e-15)
+    # (a^3 b)^(1/4): (343, 375, 189, 5)^(1/4) / 8 = 0.538, 0.550, 0.464, 0.187.
+    np.testing.assert_allclose(selection.fuse([a, b], [3, 1]),
+                               np.array([343, 375, 189, 5]) ** 0.25 / 8, atol=1e-15)
+    # (a b^3)^(1/4): (7, 135, 1029, 125)^(1/4) / 8 = 0.203, 0.426, 0.708, 0.418.
+    np.testing.assert_allclose(selection.fuse([a, b], [1, 3]),
+                               np.array([7, 135, 1029, 125]) ** 0.25 / 8, atol=1e-15)
 
     def top_half(weights):
         return selection.select(selection.fuse([a, b], weights), ids, policy="topk", keep=0.5,
                                 seed=0).tolist()
 
-    assert top_half(None) == [0, 2]  # 2/3 first, then the tie of ids 0 and 1 goes to id 0
+    assert top_half(None) == [1, 2]
     assert top_half([3, 1]) == [0, 1]
-    assert top_half([1, 3]) == [2, 3]
+    assert top_half([1, 3]) == [1, 2]
     assert top_half([1, 0]) == [0, 1]  # a zero weight silences its scorer
     with pytest.raises(ValueError, match="select.weights has 3 values for 2 scorers"):
         selection.fuse([a, b], [1, 1, 1])
@@ -528,8 +531,8 @@ def test_command_fuses_files_collapses_duplicates_and_records_its_inputs(tmp_pat
                      *map(str, paths), "select.weights=[2.0,1.0]", "--dedup", str(dedup),
                      "--out", str(out)]) == 0
     chosen = pq.read_table(out).column("id").to_numpy()
-    fused = (2 * selection.rank_normalize(first.astype(np.float32), labels)
-             + selection.rank_normalize(second.astype(np.float32), labels)) / 3
+    fused = np.exp((2 * np.log(selection.rank_normalize(first.astype(np.float32), labels))
+                    + np.log(selection.rank_normalize(second.astype(np.float32), labels))) / 3)
     eligible = selection.best_of_duplicates(fused, pool_ids, duplicate_groups)
     expected = selection.select(fused, pool_ids, policy="filter", keep=0.3, seed=0,
                                 groups=labels, eligible=eligible, drop=0.25)

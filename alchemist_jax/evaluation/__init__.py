@@ -8,12 +8,13 @@
   (`alchemist-jax evaluate` calls `run`).
 """
 
-from alchemist_jax.evaluation.defects import auroc, defect_auroc, normalize_within_groups
+from alchemist_jax.evaluation.defects import (auroc, credit_kept_copies, defect_auroc,
+                                              normalize_within_groups)
 from alchemist_jax.evaluation.classifier import (Classifier, UnlabeledDataError,
                                                  feature_classifier, load_test_data)
 from alchemist_jax.evaluation.generative import (evaluate_model, fcd, frechet_distance,
                                                  generate, run, try_feature_classifier)
 
-__all__ = ["Classifier", "UnlabeledDataError", "auroc", "defect_auroc", "evaluate_model", "fcd",
+__all__ = ["Classifier", "UnlabeledDataError", "auroc", "credit_kept_copies", "defect_auroc", "evaluate_model", "fcd",
            "feature_classifier", "frechet_distance", "generate", "load_test_data",
            "normalize_within_groups", "run", "try_feature_classifier"]

@@ -64,3 +64,29 @@ def defect_auroc(scores: np.ndarray, defects: Sequence[str | None],
     for kind in sorted(set(kinds) - {""}):
         result[kind] = auroc(clean, normalized[kinds == kind])
     return result
+
+
+def credit_kept_copies(defects: Sequence[str | None], ids: np.ndarray, eligible: np.ndarray,
+                       copied_from: dict[int, int]) -> list[str | None]:
+    """`defects` with each kept exact copy and its collapsed source swapping labels.
+
+    An exact `duplicate` is the same image and caption as its source under another id, so no
+    scorer can tell which of the two is "the copy"; deduplication keeps one of them, by id when
+    the scores tie. When it keeps the copy and collapses the source, the collapsed member is
+    the redundant one: this labels the source `duplicate` and the copy clean, so that the AUROC
+    of a deduplicated ranking measures the redundancy removed, not the order of ids.
+
+    Args:
+      defects: (N,) defect kind per sample, None for clean.
+      ids: int (N,) pool ids, aligned with `defects` and `eligible`.
+      eligible: bool (N,) False for the samples deduplication collapsed.
+      copied_from: pool id of each exact `duplicate` -> the pool id it copies.
+    """
+    labels = list(defects)
+    position = {int(i): k for k, i in enumerate(ids)}
+    for copy, source in copied_from.items():
+        c, s = position.get(copy), position.get(source)
+        if (c is not None and s is not None and labels[c] == "duplicate" and labels[s] is None
+                and eligible[c] and not eligible[s]):
+            labels[c], labels[s] = None, "duplicate"
+    return labels
