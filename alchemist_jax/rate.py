@@ -283,7 +283,7 @@ def validate_rate_config(cfg: config_lib.Config) -> None:
         raise config_lib.ConfigError(f"rate.meta_every ({r.meta_every}) must be >= "
                                      f"rate.inner_steps ({r.inner_steps})")
     for key in ("steps", "inner_steps", "population", "val_batch_size", "checkpoint_every",
-                "log_every"):
+                "log_every", "unroll"):
         if getattr(r, key) < 1:
             raise config_lib.ConfigError(f"rate.{key} must be >= 1, got {getattr(r, key)}")
     devices = jax.device_count()

@@ -79,6 +79,7 @@ def test_rerun_with_other_config_is_refused(tmp_path):
     ("rate.mode=lookahead", "rate.mode=lookahead needs rate.inner_steps=1"),
     ("rate.meta_every=1", "rate.meta_every (1) must be >= rate.inner_steps (2)"),
     ("rate.population=0", "rate.population must be >= 1"),
+    ("rate.unroll=0", "rate.unroll must be >= 1, got 0"),
 ])
 def test_config_cross_checks(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
