@@ -60,6 +60,7 @@ from alchemist_jax import config as config_lib
 from alchemist_jax import models, rate, scoring
 from alchemist_jax.data import load_splits, preprocess
 from alchemist_jax.data.cache import atomic_write_parquet
+from alchemist_jax.data.corrupt import IMAGE_COPYING_KINDS
 from alchemist_jax.data.sources import ArraySource
 
 log = logging.getLogger("alchemist_jax.dedup")
@@ -67,7 +68,6 @@ log = logging.getLogger("alchemist_jax.dedup")
 HASH_BITS = 64
 DCT_SIZE = 32  # pHash: the image is resized to 32 x 32 before the DCT
 HASH_SIDE = 8  # and the 8 x 8 lowest frequencies give the 64 bits
-COPY_KINDS = ("duplicate", "near_duplicate")  # defects of `corrupt` that copy another image
 # Mean squared deviation (in [-1, 1] units) below which an image region counts as constant: the
 # rounding residue of a constant float32 image is ~1e-14; one pixel one gray level off in a
 # 28 x 28 image gives ~1e-7.
@@ -462,7 +462,8 @@ def pair_metrics(ids: np.ndarray, groups: np.ndarray, truth: pa.Table,
                  exact_of: np.ndarray | None = None) -> dict[str, Any]:
     """How well `groups` recovers the copies that `corrupt` injected.
 
-    A pair of samples in one predicted group is true when one is a copy (`COPY_KINDS`) of the
+    A pair of samples in one predicted group is true when one is a copy
+    (`corrupt.IMAGE_COPYING_KINDS`) of the
     other or both copy the same source.
 
     Args:
@@ -485,7 +486,7 @@ def pair_metrics(ids: np.ndarray, groups: np.ndarray, truth: pa.Table,
     if not np.array_equal(truth_ids, ids):
         raise ValueError("the defect table and the groups list different ids")
     defects = np.asarray(truth.column("defect").to_pylist(), dtype=object)
-    is_copy = np.isin(defects, COPY_KINDS)
+    is_copy = np.isin(defects, IMAGE_COPYING_KINDS)
     sources = np.array([-1 if s is None else s for s in truth.column("source_id").to_pylist()],
                        np.int64)
     # The picture each sample shows, as a pool index: its source's for a copy, else its own.
@@ -495,7 +496,7 @@ def pair_metrics(ids: np.ndarray, groups: np.ndarray, truth: pa.Table,
     together = groups == groups[original]
     metrics: dict[str, Any] = {
         f"recall_{kind}": float(np.mean(together[defects == kind])) if np.any(defects == kind)
-        else None for kind in COPY_KINDS}
+        else None for kind in IMAGE_COPYING_KINDS}
     pairs, true_pairs = _pairs_within(groups), _pairs_within(groups, original)
     metrics.update(missed_copies=int(np.sum(is_copy & ~together)), pairs=pairs,
                    true_pairs=true_pairs, pair_precision=true_pairs / pairs if pairs else None)
