@@ -207,10 +207,10 @@ def _zero_cotangent(x):
 # ----------------------------------------------------------------------------- inner step
 
 
-def _make_inner_step(rate, loss_fn, inner_opt, mixed_mode):
-    """step(r, θ, s, batch, key) -> (θ', s', w (B,), ℓ (B,)) with weights w = rate(r, batch): r is
-    φ (rate = rater_fn) or the batch's precomputed weights (rate returns them). The returned w and ℓ
-    are reports, not for AD."""
+def _make_inner_step(loss_fn, inner_opt, mixed_mode):
+    """step(w, θ, s, batch, key) -> (θ', s', ℓ (B,)) for the batch's precomputed weights w (B,).
+
+    The returned ℓ is a report, not for AD."""
 
     def weighted_grad(theta, weights, batch, key):
         def inner_objective(th):
@@ -222,12 +222,11 @@ def _make_inner_step(rate, loss_fn, inner_opt, mixed_mode):
         updates, opt_state = inner_opt.update(grads, opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state
 
-    def step(rater_input, theta, opt_state, batch, key):
-        weights = rate(rater_input, batch)
+    def step(weights, theta, opt_state, batch, key):
         grads, losses = weighted_grad(theta, weights, batch, key)
         _checked_pair(weights, losses)
         theta, opt_state = apply_opt(grads, opt_state, theta)
-        return theta, opt_state, weights, losses
+        return theta, opt_state, losses
 
     if not mixed_mode:
         return step
@@ -235,26 +234,24 @@ def _make_inner_step(rate, loss_fn, inner_opt, mixed_mode):
     # MixFlow-MG: a custom VJP whose residuals are the step's inputs only, and whose backward pass
     # differentiates ∇θ L_in forward-over-reverse instead of reverse-over-reverse.
     @jax.custom_vjp
-    def mixed_step(rater_input, theta, opt_state, batch, key):
-        return step(rater_input, theta, opt_state, batch, key)
+    def mixed_step(weights, theta, opt_state, batch, key):
+        return step(weights, theta, opt_state, batch, key)
 
-    def mixed_fwd(rater_input, theta, opt_state, batch, key):
-        residuals = (rater_input, theta, opt_state, batch, key)
+    def mixed_fwd(weights, theta, opt_state, batch, key):
+        residuals = (weights, theta, opt_state, batch, key)
         return step(*residuals), residuals
 
     def mixed_bwd(residuals, cotangents):
-        rater_input, theta, opt_state, batch, key = residuals
-        # The weights/losses outputs are reports: the caller stop_gradients them, so their
-        # cotangents are always zero and are ignored here.
-        theta_bar, opt_state_bar, _, _ = cotangents
-        weights, rate_vjp = jax.vjp(lambda r: rate(r, batch), rater_input)
+        weights, theta, opt_state, batch, key = residuals
+        # The losses output is a report: the caller stop_gradients it, so its cotangent is always
+        # zero and is ignored here.
+        theta_bar, opt_state_bar, _ = cotangents
 
         def grad_and_losses(th):  # θ -> (∇θ L_in, ℓ), weights fixed
             return weighted_grad(th, weights, batch, key)
 
         # One forward-over-reverse linearisation gives both the HVP and the per-example JVP.
         (grads, losses), tangent_fn = jax.linearize(grad_and_losses, theta)
-        _checked_pair(weights, losses)
         _, opt_vjp = jax.vjp(apply_opt, grads, opt_state, theta)
         grads_bar, opt_state_bar_in, theta_bar_direct = opt_vjp((theta_bar, opt_state_bar))
         # HVP: H_θθ ḡ (the Hessian of L_in is symmetric, so its VJP is its JVP);
@@ -262,28 +259,27 @@ def _make_inner_step(rate, loss_fn, inner_opt, mixed_mode):
         hvp, losses_jvp = tangent_fn(grads_bar)
         theta_bar_in = jax.tree.map(jnp.add, theta_bar_direct, hvp)
         weights_bar = (losses_jvp / losses.shape[0]).astype(weights.dtype)
-        (rater_input_bar,) = rate_vjp(weights_bar)
-        return (rater_input_bar, theta_bar_in, opt_state_bar_in,
+        return (weights_bar, theta_bar_in, opt_state_bar_in,
                 jax.tree.map(_zero_cotangent, batch), _zero_cotangent(key))
 
     mixed_step.defvjp(mixed_fwd, mixed_bwd)
     return mixed_step
 
 
-# ----------------------------------------------------------------------------- the modes
+def _make_rate_batches(rater_fn, recompute):
+    """rate(φ, train_batches) -> w (K, B): the weights of the K inner batches.
 
-
-def _make_rate_batches(rater_fn):
-    """rate(φ, train_batches) -> w (K, B): the weights of the K inner batches, for "nested".
-
-    The weights do not depend on θ, so the inner steps can take them as inputs; then no scan
-    carries a cotangent of φ. With φ inside the steps, the backward pass of each scan level (two
-    for "nested") holds and updates its own rater-sized φ̄ (for the CLIP-vocabulary embedding of
-    `models.Rater`, 12 MiB each). The custom VJP rates the batches again one at a time, after the
-    inner steps' backward pass (it needs their w̄), accumulating φ̄ in a scan: one batch's rater
-    activations are alive at a time.
+    The weights do not depend on θ, so the inner steps take them as inputs: the rater runs once
+    over all K batches before the steps and is differentiated once after them, and no scan
+    carries a cotangent of φ (for the CLIP-vocabulary embedding of `models.Rater`, 12 MiB that
+    each step's backward pass would otherwise fill and add). Without `recompute` the rater's
+    activations of all K batches are kept for the backward pass. With `recompute` (for
+    ``remat="nested"``) a custom VJP rates the batches again one at a time after the inner steps'
+    backward pass, accumulating φ̄ in a scan: one batch's rater activations are alive at a time.
     """
     rate = jax.vmap(rater_fn, in_axes=(None, 0))
+    if not recompute:
+        return rate
 
     @jax.custom_vjp
     def rate_batches(phi, batches):
@@ -308,6 +304,9 @@ def _make_rate_batches(rater_fn):
     return rate_batches
 
 
+# ----------------------------------------------------------------------------- the modes
+
+
 def _val_loss(loss_fn, theta, val_batch, key):
     losses = _checked_losses(loss_fn(theta, val_batch, key), "loss_fn")
     return jnp.mean(losses), losses
@@ -315,12 +314,8 @@ def _val_loss(loss_fn, theta, val_batch, key):
 
 def _unrolled(rater_params, proxy_params, opt_state, train_batches, val_batch, keys, val_key, *,
               rater_fn, loss_fn, inner_opt, remat, mixed_mode, unroll):
-    if remat == "nested":
-        # The steps take precomputed weights: no scan level carries a cotangent of φ.
-        rate, rate_batches = (lambda weights, batch: weights), _make_rate_batches(rater_fn)
-    else:
-        rate, rate_batches = rater_fn, None
-    step = _make_inner_step(rate, loss_fn, inner_opt, mixed_mode)
+    rate_batches = _make_rate_batches(rater_fn, recompute=remat == "nested")
+    step = _make_inner_step(loss_fn, inner_opt, mixed_mode)
     if not mixed_mode:
         # In mixed mode the custom VJP already keeps only the step's inputs: per-step remat adds
         # nothing (the group checkpoints of "nested" still apply).
@@ -329,21 +324,21 @@ def _unrolled(rater_params, proxy_params, opt_state, train_batches, val_batch, k
     def meta_loss_fn(phi):
         def body(carry, xs):
             theta, s = carry
-            batch_weights, batch, key = xs  # batch_weights: None unless rated before the scan
-            rater_input = phi if batch_weights is None else batch_weights
-            theta, s, weights, losses = step(rater_input, theta, s, batch, key)
-            return (theta, s), (jax.lax.stop_gradient(weights), jax.lax.stop_gradient(losses))
+            weights, batch, key = xs
+            theta, s, losses = step(weights, theta, s, batch, key)
+            return (theta, s), jax.lax.stop_gradient(losses)
 
-        all_weights = None if rate_batches is None else rate_batches(phi, train_batches)
-        init, xs = (proxy_params, opt_state), (all_weights, train_batches, keys)
+        weights = rate_batches(phi, train_batches)
+        init, xs = (proxy_params, opt_state), (weights, train_batches, keys)
         if remat == "nested":
             groups = nested_group_count(keys.shape[0])
-            (theta, s), (weights, losses) = _nested_scan(body, init, xs, groups, unroll)
+            (theta, s), losses = _nested_scan(body, init, xs, groups, unroll)
         else:
-            (theta, s), (weights, losses) = jax.lax.scan(body, init, xs, unroll=unroll)
+            (theta, s), losses = jax.lax.scan(body, init, xs, unroll=unroll)
         meta_loss, val_losses = _val_loss(loss_fn, theta, val_batch, val_key)
         return meta_loss, dict(meta_loss=meta_loss, val_losses=val_losses, proxy_params=theta,
-                               inner_opt_state=s, weights=weights, inner_losses=losses)
+                               inner_opt_state=s, weights=jax.lax.stop_gradient(weights),
+                               inner_losses=losses)
 
     return jax.grad(meta_loss_fn, has_aux=True)(rater_params)
 
@@ -444,9 +439,10 @@ def meta_gradient(rater_params, proxy_params, inner_opt_state, train_batches, va
         residuals), "full" (`jax.checkpoint`, nothing saveable: keep only the step's inputs, i.e.
         K carries θ_k, s_k), "dots" (save matmul outputs without batch dims), "nested" ("full" per
         step, and the K steps run as G = `nested_group_count(K)` checkpointed groups of K/G: only
-        G + K/G carries are held, for one more forward pass of each step; the rater's weights of
-        all K batches are computed before the steps and differentiated after them, so that no
-        scan level holds a rater-sized φ̄). Same numbers, different memory/compute. Ignored by
+        G + K/G carries are held, for one more forward pass of each step, and the rater's activations are
+        recomputed one batch at a time instead of kept). In every policy the rater runs once over
+        the K batches before the steps and is differentiated once after them: no scan carries a
+        rater-sized φ̄. Same numbers, different memory/compute. Ignored by
         "penalty" (nothing is differentiated through a step); mixed_mode ignores the per-step
         policy (its custom VJP already keeps only the step's inputs) but honours the groups of
         "nested". For K = 1 (and "lookahead") "nested" is "full"; docs/BENCHMARKS.md compares all.
