@@ -9,12 +9,15 @@ noisy:
      and the ratio is the median of the repeats' ratios, against the faster of the two train
      programs (K steps in a `lax.scan`, or unrolled) in each repeat;
   2. XLA temporary memory (`compiled.memory_analysis().temp_size_in_bytes`) for K in
-     {1, 2, 4, 8, 16} (target: K=16 / K=1 <= 2.0 with remat);
+     {1, 2, 4, 8, 16} (target: K=16 / K=1 <= 2.0 with remat; the unrolled-scan variants up to
+     K=8 only, their K=16 program takes ~10 minutes to compile), and its growth K=16 / K=1 at
+     larger batches for the remat variants (`--memory-batches`);
   3. compile time of each meta-step.
 
 The model and rater are those of the config (default configs/demo.yaml: the demo's tiny DiT).
 
 Usage: python tools/bench_meta.py [--config configs/demo.yaml] [--repeats 7]
+                                  [--memory-batches 64 256]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ VARIANTS = {"none": ("none", False, 1), "dots": ("dots", False, 1), "full": ("fu
             "mixed + unroll": ("full", True, True)}
 TIME_KS = (1, 2, 4, 8)
 MEMORY_KS = (1, 2, 4, 8, 16)
+BATCH_GROWTH_VARIANTS = ("full", "nested", "mixed + nested")
 TARGET_RATIO, TARGET_GROWTH = 3.5, 2.0
 
 
@@ -76,6 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--memory-batches", type=int, nargs="*", default=[64, 256],
+                        help="larger batches at which to measure memory growth K=16 / K=1")
     parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
     args = parser.parse_args()
     cfg = load_config(args.config)
@@ -105,28 +111,35 @@ def main() -> None:
         return jax.lax.scan(step, (params, opt_state), (batches, jnp.arange(k)),
                             unroll=unroll)[0]
 
-    def meta_step(remat, mixed_mode, unroll):
-        return jax.jit(lambda *a: meta.meta_gradient(
+    def compile_meta_step(name, k, meta_batch):
+        remat, mixed_mode, unroll = VARIANTS[name]
+        meta_args = (rater, proxy, opt_state, _stack(meta_batch, k), meta_batch, key)
+        compiled = jax.jit(lambda *a: meta.meta_gradient(
             *a, rater_fn=rater_fn, loss_fn=loss_fn, inner_opt=inner_opt, remat=remat,
-            mixed_mode=mixed_mode, unroll=unroll))
+            mixed_mode=mixed_mode, unroll=unroll)).lower(*meta_args).compile()
+        return compiled, meta_args
 
-    ratios, millis, memory, compile_s = {}, {}, {}, {}
+    def measured(name, k):
+        return VARIANTS[name][2] == 1 or k in TIME_KS
+
+    ratios, millis, memory, compile_s, batch_growth = {}, {}, {}, {}, {}
     ks = sorted(set(TIME_KS) | set(MEMORY_KS))
-    with tqdm(total=len(ks) * len(VARIANTS), desc="compiling meta-steps") as bar:
+    total = sum(measured(name, k) for k in ks for name in VARIANTS)
+    total += 2 * len(args.memory_batches) * len(BATCH_GROWTH_VARIANTS)
+    with tqdm(total=total, desc="compiling meta-steps") as bar:
         for k in ks:
-            batches = _stack(batch, k)
-            meta_args = (rater, proxy, opt_state, batches, batch, key)
             programs = {}
-            for name, (remat, mixed, unroll) in VARIANTS.items():
+            for name in VARIANTS:
+                if not measured(name, k):
+                    continue
                 start = time.perf_counter()
-                compiled = meta_step(remat, mixed, unroll).lower(*meta_args).compile()
+                programs[name] = compile_meta_step(name, k, batch)
                 compile_s[k, name] = time.perf_counter() - start
-                memory[k, name] = compiled.memory_analysis().temp_size_in_bytes / 2**20
-                programs[name] = (compiled, meta_args)
+                memory[k, name] = programs[name][0].memory_analysis().temp_size_in_bytes / 2**20
                 bar.update()
             if k not in TIME_KS:
                 continue
-            train_args = (proxy, opt_state, batches, key)
+            train_args = (proxy, opt_state, _stack(batch, k), key)
             trains = {f"train{suffix}": (jax.jit(functools.partial(train_steps, unroll=unroll))
                                          .lower(*train_args).compile(), train_args)
                       for suffix, unroll in (("", 1), (" unrolled", True))}
@@ -138,14 +151,25 @@ def main() -> None:
                     s / t for s, t in zip(seconds, fastest_train))
             tqdm.write(f"K={k}: " + ", ".join(f"{name} {ratios[k, name]:.2f}"
                                               for name in VARIANTS))
+        for name in BATCH_GROWTH_VARIANTS:
+            for k in (MEMORY_KS[0], MEMORY_KS[-1]):
+                batch_growth[args.batch, name, k] = memory[k, name]
+        for batch_size in args.memory_batches:
+            large_batch = _batch(batch_size, args.text_length, 0)
+            for name in BATCH_GROWTH_VARIANTS:
+                for k in (MEMORY_KS[0], MEMORY_KS[-1]):
+                    compiled, _ = compile_meta_step(name, k, large_batch)
+                    batch_growth[batch_size, name, k] = (
+                        compiled.memory_analysis().temp_size_in_bytes / 2**20)
+                    bar.update()
 
-    write_report(args, ratios, millis, memory, compile_s, models.count_params(proxy),
-                 models.count_params(rater))
+    write_report(args, ratios, millis, memory, compile_s, batch_growth,
+                 models.count_params(proxy), models.count_params(rater))
 
 
-def write_report(args, ratios, millis, memory, compile_s, proxy_params: int,
+def write_report(args, ratios, millis, memory, compile_s, batch_growth, proxy_params: int,
                  rater_params: int) -> None:
-    """Rewrites this benchmark's section of `args.out` with the three tables."""
+    """Rewrites this benchmark's section of `args.out` with the four tables."""
     names = list(VARIANTS)
     header = "| K | " + " | ".join(names) + " |"
     rule = "|---" * (len(names) + 1) + "|"
@@ -155,6 +179,8 @@ def write_report(args, ratios, millis, memory, compile_s, proxy_params: int,
         return f"**{text}**" if ratios[k, name] <= TARGET_RATIO else text
 
     def memory_cell(k, name):
+        if (k, name) not in memory:
+            return "—"
         growth = memory[k, name] / memory[MEMORY_KS[0], name]
         text = f"{memory[k, name]:.1f} ({growth:.2f}x)"
         return f"**{text}**" if growth <= TARGET_GROWTH and name != "none" else text
@@ -189,10 +215,29 @@ def write_report(args, ratios, millis, memory, compile_s, proxy_params: int,
         "",
         "Compile time of the meta-step (s):", "",
         header, rule,
-        *[f"| {k} | " + " | ".join(f"{compile_s[k, name]:.0f}" for name in names) + " |"
+        *[f"| {k} | " + " | ".join(f"{compile_s[k, name]:.0f}" if (k, name) in compile_s
+                                   else "—" for name in names) + " |"
           for k in MEMORY_KS],
         "",
     ]
+    if args.memory_batches:
+        k_low, k_high = MEMORY_KS[0], MEMORY_KS[-1]
+
+        def growth_cell(batch_size, name):
+            low, high = (batch_growth[batch_size, name, k] for k in (k_low, k_high))
+            text = f"{low:.1f} → {high:.1f} ({high / low:.2f}x)"
+            return f"**{text}**" if high / low <= TARGET_GROWTH else text
+
+        lines += [
+            f"XLA temporary memory at larger batches (training and validation batch), MiB, "
+            f"K={k_low} → K={k_high} (growth; bold: target <= {TARGET_GROWTH}x met):", "",
+            "| batch | " + " | ".join(BATCH_GROWTH_VARIANTS) + " |",
+            "|---" * (len(BATCH_GROWTH_VARIANTS) + 1) + "|",
+            *[f"| {batch_size} | " + " | ".join(growth_cell(batch_size, name)
+                                                for name in BATCH_GROWTH_VARIANTS) + " |"
+              for batch_size in sorted({size for size, _, _ in batch_growth})],
+            "",
+        ]
     write_section(args.out, SECTION, "\n".join(lines), "Benchmarks")
 
 
