@@ -439,10 +439,10 @@ def meta_gradient(rater_params, proxy_params, inner_opt_state, train_batches, va
         residuals), "full" (`jax.checkpoint`, nothing saveable: keep only the step's inputs, i.e.
         K carries θ_k, s_k), "dots" (save matmul outputs without batch dims), "nested" ("full" per
         step, and the K steps run as G = `nested_group_count(K)` checkpointed groups of K/G: only
-        G + K/G carries are held, for one more forward pass of each step, and the rater's activations are
-        recomputed one batch at a time instead of kept). In every policy the rater runs once over
-        the K batches before the steps and is differentiated once after them: no scan carries a
-        rater-sized φ̄. Same numbers, different memory/compute. Ignored by
+        G + K/G carries are held, for one more forward pass of each step, and the rater's
+        activations are recomputed one batch at a time instead of kept). In every policy the
+        rater runs once over the K batches before the steps and is differentiated once after
+        them: no scan carries a rater-sized φ̄. Same numbers, different memory/compute. Ignored by
         "penalty" (nothing is differentiated through a step); mixed_mode ignores the per-step
         policy (its custom VJP already keeps only the step's inputs) but honours the groups of
         "nested". For K = 1 (and "lookahead") "nested" is "full"; docs/BENCHMARKS.md compares all.
