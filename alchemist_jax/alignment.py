@@ -244,9 +244,9 @@ def contrastive_loss(model: ContrastiveModel, batch: dict) -> jax.Array:
     pair with exactly the same caption as row i counts as a positive of row i (its target mass is
     shared), so repeated captions are not pushed apart. Returns a scalar."""
     images = model.embed_images(visual_input(batch))
-    captions = model.embed_captions({k: batch[k] for k in CAPTION_FIELDS if k in batch})
+    captions = model.embed_captions(batch)
     logits = model.scale() * images @ captions.T  # (B, B)
-    same = _same_caption(batch, {k: batch[k] for k in CAPTION_FIELDS if k in batch})
+    same = _same_caption(batch, batch)
     targets = same / jnp.sum(same, axis=1, keepdims=True)  # symmetric: rows and columns alike
     return 0.5 * (optax.softmax_cross_entropy(logits, targets).mean()
                   + optax.softmax_cross_entropy(logits.T, targets).mean())

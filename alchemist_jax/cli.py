@@ -124,7 +124,7 @@ def _cmd_select(args: argparse.Namespace) -> None:
     from alchemist_jax import selection
 
     # `--ratings A B key=value`: argparse hands overrides written after the files to --ratings.
-    overrides = [p for p in args.ratings if "=" in p.name and not p.exists()]
+    overrides = [p for p in args.ratings if "=" in p.parts[0] and not p.exists()]
     args.overrides = [*args.overrides, *map(str, overrides)]
     ratings = [p for p in args.ratings if p not in overrides]
     cfg = _load(args, **{"select.policy": args.policy, "select.keep": args.keep})

@@ -173,8 +173,7 @@ POLICIES = ("filter", "shift_gsample", "gsample", "topk", "bottomk", "random", "
 class ScoreConfig:
     """The scoring pass (`alchemist-jax score`): one score per sample id, higher = better."""
 
-    scorer: Literal["rater", "loss", "el2n", "grand", "clarity", "edge_density",
-                    "low_frequency", "clip_score", "alignment"] = "rater"
+    scorer: Literal[SCORERS] = "rater"
     batch_size: int = 256
     chunk_size: int = 4096  # samples per atomically written chunk (the unit of resuming)
     proxy_steps: int = 1000  # loss: steps of the proxy trained on the validation set

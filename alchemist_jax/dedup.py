@@ -57,7 +57,7 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
-from alchemist_jax import models, rate, scoring
+from alchemist_jax import rate, scoring
 from alchemist_jax.data import load_splits, preprocess
 from alchemist_jax.data.cache import atomic_write_parquet
 from alchemist_jax.data.corrupt import IMAGE_COPYING_KINDS
@@ -192,10 +192,7 @@ def rater_image_features(run: scoring.RatingRun, example: dict[str, np.ndarray]
     """The learned embedding: `features(batch) -> (B, Dr)` unit-norm image features f of the EMA
     rater of a rating run (`Rater.features`, mean-pooled convolutions: tolerant to shifts).
     `example` is one preprocessed example of the pool (fixes the input shapes)."""
-    batch = {k: np.asarray(v)[None] for k, v in rate.model_inputs(example).items()}
-    graphdef, params, rest = models.init_rater(run.config.rater, batch, jax.random.key(0),
-                                               run.config.data.max_text_length)
-    ema = scoring.restore_rater(run, params)
+    graphdef, ema, rest = scoring.ema_rater(run, example)
     width = run.config.rater.width
 
     @jax.jit
@@ -419,12 +416,14 @@ def find_groups(ids: np.ndarray, hashes: np.ndarray, embeddings: np.ndarray,
     exact_of = np.arange(count) if exact_of is None else np.asarray(exact_of, np.int64)
     unique = np.flatnonzero(exact_of == np.arange(count))
     copies = np.flatnonzero(exact_of != np.arange(count))
-    keys = np.concatenate([rotated_hash_keys(hashes[unique], cfg.bands),
-                           simhash_keys(embeddings[unique], cfg.projection_tables, cfg.seed)])
+    if len(copies):  # only the first of each set of exact copies is searched
+        hashes, embeddings = hashes[unique], embeddings[unique]
+    keys = np.concatenate([rotated_hash_keys(hashes, cfg.bands),
+                           simhash_keys(embeddings, cfg.projection_tables, cfg.seed)])
     progress = tqdm(total=len(keys), desc="dedup candidates", unit="key",
                     disable=not show_progress)
-    close, stats = close_pairs(sort_orders(keys), cfg.window, hashes[unique],
-                               embeddings[unique], cfg.max_hamming, cfg.min_cosine, progress)
+    close, stats = close_pairs(sort_orders(keys), cfg.window, hashes, embeddings,
+                               cfg.max_hamming, cfg.min_cosine, progress)
     progress.close()
     near = unique[close]
     if images is not None:
@@ -614,7 +613,9 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
                 "config_sha256": config_fingerprint(cfg, rating_run), "source": pool.name,
                 "count": str(len(pool))}
     stored = _complete(out, pool.ids, metadata)
-    exact_of = exact_duplicates(pool.extra["image"])
+    # Exact copies: for the search, and for the pair metrics when the defects are known.
+    exact_of = (exact_duplicates(pool.extra["image"])
+                if stored is None or splits.truth is not None else None)
     seconds = 0.0
     if stored is None:
         start = time.perf_counter()

@@ -233,9 +233,7 @@ def _make_inner_step(loss_fn, inner_opt, mixed_mode):
 
     # MixFlow-MG: a custom VJP whose residuals are the step's inputs only, and whose backward pass
     # differentiates ∇θ L_in forward-over-reverse instead of reverse-over-reverse.
-    @jax.custom_vjp
-    def mixed_step(weights, theta, opt_state, batch, key):
-        return step(weights, theta, opt_state, batch, key)
+    mixed_step = jax.custom_vjp(step)
 
     def mixed_fwd(weights, theta, opt_state, batch, key):
         residuals = (weights, theta, opt_state, batch, key)

@@ -128,7 +128,7 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
         _score(cfg, rater, "rater", workdir, rater_dir=workdir / "rate" / rater)
     for scorer in sorted(needed - set(RATERS)):
         _score(cfg, scorer, scorer, workdir)
-    if any(arm.dedup for arm in arms.values()):
+    if any(arm.dedup for arm in arms.values()) and not (workdir / "dedup.parquet").exists():
         _stage("dedup")
         dedup.run(cfg, workdir / "dedup.parquet")
 

@@ -383,13 +383,19 @@ def restore_rater(run: RatingRun, like: nnx.State) -> nnx.State:
     return restored["state"]["rater_ema"]
 
 
-def rater_scorer(run: RatingRun, example: dict[str, np.ndarray]) -> ScoreBatch:
-    """score_batch of the EMA rater of `run`: the instance logits u (B,) (`Rater.scores`).
-    `example` is one example of the pool (fixes the input shapes)."""
+def ema_rater(run: RatingRun, example: dict[str, np.ndarray]):
+    """(graphdef, EMA parameters, rest) of the rater of `run`, for `nnx.merge`. `example` is one
+    example of the pool (fixes the input shapes)."""
     batch = {k: np.asarray(v)[None] for k, v in rate.model_inputs(example).items()}
     graphdef, params, rest = models.init_rater(run.config.rater, batch, jax.random.key(0),
                                                run.config.data.max_text_length)
-    ema = restore_rater(run, params)
+    return graphdef, restore_rater(run, params), rest
+
+
+def rater_scorer(run: RatingRun, example: dict[str, np.ndarray]) -> ScoreBatch:
+    """score_batch of the EMA rater of `run`: the instance logits u (B,) (`Rater.scores`).
+    `example` is one example of the pool (fixes the input shapes)."""
+    graphdef, ema, rest = ema_rater(run, example)
     score = jax.jit(models.rater_score_fn(graphdef, rest))
     return lambda b: score(ema, rate.model_inputs(b))
 

@@ -63,7 +63,8 @@ def vocabulary_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _load_clip_tokenizer():
+def load_clip_tokenizer():
+    """The `CLIPTokenizer` of the built-in CLIP vocabulary (`vocabulary_dir`), loaded once."""
     # Imported lazily (transformers is slow to import); only its tokenizer is used, so its
     # "PyTorch was not found" notice is noise here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -83,7 +84,7 @@ class Tokenizer:
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         self.max_length = max_length
-        self._tokenizer = _load_clip_tokenizer()
+        self._tokenizer = load_clip_tokenizer()
 
     @property
     def pad_id(self) -> int:

@@ -449,11 +449,13 @@ def _tokenizer(directory: Path, vocab_size: int) -> Any:
     """`CLIPTokenizer` of the directory when it has tokenizer files, else of the built-in CLIP
     vocabulary (`data.tokenizer`)."""
     own = any(all((directory / name).is_file() for name in names) for names in TOKENIZER_FILES)
-    source = directory if own else tokenizer_lib.vocabulary_dir()
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers import CLIPTokenizer
+    if own:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(source))
+        source, tokenizer = directory, CLIPTokenizer.from_pretrained(str(directory))
+    else:
+        source, tokenizer = tokenizer_lib.vocabulary_dir(), tokenizer_lib.load_clip_tokenizer()
     if len(tokenizer) > vocab_size:
         raise ValueError(f"the tokenizer of {source} has {len(tokenizer)} tokens but "
                          f"{directory / 'config.json'} has text_config.vocab_size={vocab_size}")
