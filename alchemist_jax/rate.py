@@ -4,7 +4,8 @@
             preprocessed once into memory; grain iterators with resumable state
   models    P proxy DiTs (stacked, trained side by side with jax.vmap) and one rater
   steps     pure functions jitted once on a mesh with explicit shardings and donated state:
-            `meta_step` (K unrolled proxy steps + the rater's meta-gradient update),
+            `meta_step` (K unrolled proxy steps + the rater's meta-gradient update; its
+            gradient alone is `meta_gradient`),
             `proxy_steps` (plain weighted steps), `reset_proxy` (staggered re-initialisation)
   loop      meta-steps with a progress bar, metrics to JSONL + TensorBoard, periodic AUROC
             when the defects are known, orbax checkpoints (state + iterator positions) from
@@ -89,6 +90,7 @@ class RatingProgram:
     """The jitted steps of a rating run and the shardings they were compiled for."""
 
     init_state: Callable[[jax.Array], dict]
+    meta_gradient: Callable[..., tuple[Any, dict]]
     meta_step: Callable[..., tuple[dict, dict]]
     proxy_steps: Callable[..., dict]
     reset_proxy: Callable[[dict, jax.Array], dict]
@@ -100,6 +102,19 @@ class RatingProgram:
 
 def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def _meta_metrics(grads, aux: dict) -> dict[str, jax.Array]:
+    """Scalars of one meta-step: losses, the spread of the weights (P, K, B) and the norm of the
+    population-averaged meta-gradient."""
+    weights = aux["weights"]
+    batch = weights.shape[-1]
+    probs = weights / weights.sum(-1, keepdims=True)
+    entropy = -(probs * jnp.log(jnp.maximum(probs, 1e-30))).sum(-1) / jnp.log(batch)
+    ess = weights.sum(-1) ** 2 / (weights**2).sum(-1) / batch
+    return {"meta_loss": aux["meta_loss"].mean(), "proxy_loss": aux["inner_losses"].mean(),
+            "weight_entropy": entropy.mean(), "weight_ess": ess.mean(),
+            "weight_max": weights.max(-1).mean(), "rater_grad_norm": _global_norm(grads)}
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -147,8 +162,10 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
         k, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         return {**state, "rng": jax.random.key_data(k)}, sub
 
-    def meta_step(state: dict, train_batches: dict, val_batch: dict, penalty_lambda):
-        state, k = next_key(state)
+    def population_meta_gradient(state: dict, train_batches: dict, val_batch: dict,
+                                 penalty_lambda, k: jax.Array):
+        """The rater's meta-gradient averaged over the P proxies, and `meta.meta_gradient`'s
+        auxiliary outputs per proxy (leading axis P)."""
 
         def one_proxy(proxy, proxy_opt, batches, proxy_key):
             return meta.meta_gradient(
@@ -159,19 +176,21 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
 
         grads, aux = jax.vmap(one_proxy)(state["proxy"], state["proxy_opt"], train_batches,
                                          jax.random.split(k, population))
-        grads = jax.tree.map(lambda g: g.mean(axis=0), grads)  # population average
+        return jax.tree.map(lambda g: g.mean(axis=0), grads), aux
+
+    def meta_gradient(state: dict, train_batches: dict, val_batch: dict, penalty_lambda):
+        """What `meta_step` would apply, without applying it: (rater gradient, its metrics)."""
+        _, k = next_key(state)
+        grads, aux = population_meta_gradient(state, train_batches, val_batch, penalty_lambda, k)
+        return grads, _meta_metrics(grads, aux)
+
+    def meta_step(state: dict, train_batches: dict, val_batch: dict, penalty_lambda):
+        state, k = next_key(state)
+        grads, aux = population_meta_gradient(state, train_batches, val_batch, penalty_lambda, k)
         updates, opt_state = rater_opt.update(grads, state["rater_opt"], state["rater"])
         rater = optax.apply_updates(state["rater"], updates)
         ema = optax.incremental_update(rater, state["rater_ema"], 1.0 - rate_cfg.ema_decay)
-        weights = aux["weights"]  # (P, K, B)
-        batch = weights.shape[-1]
-        probs = weights / weights.sum(-1, keepdims=True)
-        entropy = -(probs * jnp.log(jnp.maximum(probs, 1e-30))).sum(-1) / jnp.log(batch)
-        ess = weights.sum(-1) ** 2 / (weights**2).sum(-1) / batch
-        metrics = {"meta_loss": aux["meta_loss"].mean(), "proxy_loss": aux["inner_losses"].mean(),
-                   "weight_entropy": entropy.mean(), "weight_ess": ess.mean(),
-                   "weight_max": weights.max(-1).mean(),
-                   "rater_grad_norm": _global_norm(grads)}
+        metrics = _meta_metrics(grads, aux)
         state = {**state, "step": state["step"] + 1, "rater": rater, "rater_ema": ema,
                  "rater_opt": opt_state, "proxy": aux["proxy_params"],
                  "proxy_opt": aux["inner_opt_state"]}
@@ -219,10 +238,14 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
     replicated = NamedSharding(mesh, P())
     state_shape = jax.eval_shape(init_state, key)
     state_sharding = jax.tree.map(lambda _: replicated, state_shape)
+    rater_sharding = state_sharding["rater"]
     train_sharding = NamedSharding(mesh, P(None, None, "data"))
     val_sharding = NamedSharding(mesh, P("data"))
     return RatingProgram(
         init_state=jax.jit(init_state, out_shardings=state_sharding),
+        meta_gradient=jax.jit(meta_gradient, in_shardings=(state_sharding, train_sharding,
+                                                            val_sharding, replicated),
+                              out_shardings=(rater_sharding, replicated)),
         meta_step=jax.jit(meta_step, in_shardings=(state_sharding, train_sharding,
                                                     val_sharding, replicated),
                           out_shardings=(state_sharding, replicated), donate_argnums=(0,)),

@@ -1,4 +1,5 @@
-"""Helper for test_rate.py: one meta-step of the tiny rating program on a mesh of N devices.
+"""Helper for test_rate.py: the meta-gradient and one meta-step of the tiny rating program on a
+mesh of N devices.
 
 Run as `python tests/mesh_meta_step.py N OUT.npz` (N fake CPU devices, set before jax loads).
 """
@@ -34,9 +35,15 @@ population, k = cfg.rate.population, cfg.rate.inner_steps
 train = {key: rng.permutation(np.broadcast_to(v, (population, k) + v.shape).reshape(
     -1, *v.shape[1:])).reshape((population, k) + v.shape) for key, v in example.items()}
 val = {key: np.concatenate([v, v]) for key, v in example.items()}
+grads, grad_metrics = program.meta_gradient(state, train, val, np.float32(1.0))
 state, metrics = program.meta_step(state, train, val, np.float32(1.0))
-assert state["proxy"]["final"]["linear"]["kernel"].value.sharding.mesh.devices.size == devices
-leaves = jax.tree.leaves(jax.device_get(state["rater"]))
-# The metrics pin the meta-gradient's norm (Adam's first step alone would only show its signs).
-np.savez(out, *[np.asarray(x) for x in leaves],
-         **{name: np.asarray(value) for name, value in jax.device_get(metrics).items()})
+assert state["proxy"]["final"]["linear"]["kernel"].get_value().sharding.mesh.devices.size == devices
+# The rater's gradient before its optimizer (Adam's first step would turn round-off into signs)
+# and the step's metrics: quantities the math defines, whatever the reduction order.
+named = {jax.tree_util.keystr(path): np.asarray(leaf)
+         for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(grads))}
+np.savez(out, **{f"grad{name}": leaf for name, leaf in named.items()},
+         **{f"metric/{name}": np.asarray(value)
+            for name, value in jax.device_get(metrics).items()},
+         **{f"grad_metric/{name}": np.asarray(value)
+            for name, value in jax.device_get(grad_metrics).items()})

@@ -6,7 +6,8 @@ rater runs in every inner step), mean pool over space, Linear; any H, W, C
 rater's own token embedding table (CLIP vocabulary), then Linear; or, for a rater built for
 precomputed captions, Linear of the masked mean of `text_embedding`. Joint features
 h = [f, e, f * e] (B, 3 Dr) feed:
-  - the instance head: MLP -> instance logit u (B,), unbounded. `scores` returns u; it is computed
+  - the instance head: MLP (no output bias) -> instance logit u (B,), unbounded. `scores` returns
+    u; it is computed
     row by row (no batch statistics), so a sample's score does not depend on its batch.
   - the optional batch head (the paper's "group MLP"): MLP on [mean_B(h), var_B(h)] -> scalar z,
     b = 2 * sigmoid(z) in (0, 2), with the last layer zero-initialised so b = 1 at initialisation.
@@ -52,8 +53,12 @@ class Rater(nnx.Module):
             self.token_embedding = None
             caption_width = text_embedding_dim
         self.text_proj = nnx.Linear(caption_width, width, rngs=rngs)
+        # No bias on the last layer: the weights are softmax(u / temperature), which does not
+        # change when every u moves by one constant, so that bias would get a zero meta-gradient
+        # in every mode (only float round-off, which Adam would turn into drift) and would only
+        # shift every stored score by the same amount. Rankings do not see it either.
         self.instance_head = nnx.Sequential(nnx.Linear(3 * width, hidden, rngs=rngs), jax.nn.silu,
-                                            nnx.Linear(hidden, 1, rngs=rngs))
+                                            nnx.Linear(hidden, 1, use_bias=False, rngs=rngs))
         if batch_head:
             self.batch_head = nnx.Sequential(
                 nnx.Linear(6 * width, hidden, rngs=rngs), jax.nn.silu,
