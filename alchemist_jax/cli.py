@@ -77,11 +77,11 @@ def _use_compilation_cache() -> None:
 
 
 def _cmd_rate(args: argparse.Namespace) -> None:
-    from alchemist_jax import rate
+    from alchemist_jax import rating
 
     _use_compilation_cache()
     cfg = config_lib.load_config(args.config, args.overrides)
-    final = rate.rate(cfg, args.workdir)
+    final = rating.run(cfg, args.workdir)
     print(json.dumps(final, indent=2))
     print(f"rater, proxies and metrics in {args.workdir} (checkpoints/, metrics.jsonl, "
           "tensorboard/, curves.png)")
@@ -133,22 +133,22 @@ def _cmd_select(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from alchemist_jax import train
+    from alchemist_jax import training
 
     _use_compilation_cache()
     if args.selection is not None and args.weights is not None:
         raise ValueError("give --selection or --weights, not both")
     cfg = _load(args)
-    final = train.run(cfg, args.workdir, selection=args.selection, weights=args.weights)
+    final = training.run(cfg, args.workdir, selection=args.selection, weights=args.weights)
     print(json.dumps(final, indent=2))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from alchemist_jax import evaluation
+    from alchemist_jax.evaluation import generative
 
     _use_compilation_cache()
     cfg = _load(args)
-    metrics = evaluation.run(cfg, args.model, args.out)
+    metrics = generative.run(cfg, args.model, args.out)
     print(json.dumps(metrics, indent=2))
 
 

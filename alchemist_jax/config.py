@@ -5,10 +5,17 @@ file under `configs/` and then overridden by `key.sub=value` strings from the co
 
     cfg = load_config("configs/demo.yaml", ["data.batch_size=32", "data.pool.train_size=2000"])
 
-Validation happens at load time, never later: an unknown key fails naming the key and the valid
-keys nearby, a value of the wrong type names the key and the expected type, and a value outside a
-fixed set of choices (a `Literal`) names the choices. Values in override strings are parsed as YAML
-scalars (`true`, `3`, `0.5`, `[a, b]`, `null`).
+Validation happens at load time, in this module only, never later: an unknown key fails naming
+the key and the valid keys nearby, a value of the wrong type names the key and the expected type,
+a value outside a fixed set of choices (a `Literal`) names the choices, a number outside its range
+(`RANGES`) names the key and the range, and settings that contradict each other (`validate`) name
+both keys. Values in override strings are parsed as YAML scalars (`true`, `3`, `0.5`, `[a, b]`,
+`null`); numbers in scientific notation (`3e-4`, which YAML 1.1 reads as a string) are numbers.
+
+The schema is the one source of truth for every named choice: meta-gradient modes and remat
+policies (defined by `alchemist_jax.meta`, which validates its own arguments), scorers
+(`SCORERS`), selection policies (`POLICIES`) and pipeline arms (`ARMS`). The stages map these
+names to their implementations.
 """
 
 from __future__ import annotations
@@ -16,12 +23,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from alchemist_jax.meta import MODES, REMAT_POLICIES
+from alchemist_jax.runtime.io import atomic_write_bytes
 
 
 class ConfigError(ValueError):
@@ -139,7 +151,7 @@ class RateConfig:
     (mode `unrolled`), which is averaged over the population and applied to the rater.
     """
 
-    mode: Literal["unrolled", "lookahead", "penalty"] = "unrolled"
+    mode: Literal[MODES] = "unrolled"
     steps: int = 1500  # meta-steps
     inner_steps: int = 4  # K, unrolled inner steps per meta-step (lookahead: 1)
     meta_every: Optional[int] = None  # M >= K proxy steps per meta-step; None: M = K
@@ -155,7 +167,7 @@ class RateConfig:
     rater_clip: float = 1.0  # global-norm clipping of the meta-gradient
     ema_decay: float = 0.99  # EMA of rater parameters, used for scoring
     val_batch_size: int = 256
-    remat: Literal["none", "full", "dots", "nested"] = "full"
+    remat: Literal[REMAT_POLICIES] = "full"
     mixed_mode: bool = False  # unrolled: MixFlow-MG custom VJP of the inner step
     unroll: int = 1  # unrolled: inner steps per lax.scan iteration (inner_steps: straight-line)
     checkpoint_every: int = 250  # meta-steps
@@ -163,8 +175,10 @@ class RateConfig:
     seed: int = 0
 
 
-SCORERS = ("rater", "loss", "el2n", "grand", "clarity", "edge_density", "low_frequency",
-           "clip_score", "alignment")
+PROXY_SCORERS = ("loss", "el2n", "grand")  # scores from a proxy DiT the scorer trains
+HEURISTIC_SCORERS = ("clarity", "edge_density", "low_frequency")  # pure functions of the image
+SCORERS = ("rater", *PROXY_SCORERS, *HEURISTIC_SCORERS, "clip_score", "alignment")
+GROUPINGS = ("auto", "label", "caption", "kmeans", "none")
 POLICIES = ("filter", "shift_gsample", "gsample", "topk", "bottomk", "random", "block",
             "threshold", "weighted", "cdf_accept")
 
@@ -194,10 +208,9 @@ class ScoreConfig:
 class SelectConfig:
     """Choosing the training subset from ratings (`alchemist-jax select`)."""
 
-    policy: Literal["filter", "shift_gsample", "gsample", "topk", "bottomk", "random", "block",
-                    "threshold", "weighted", "cdf_accept"] = "filter"
+    policy: Literal[POLICIES] = "filter"
     keep: float = 0.5  # R: fraction of the pool kept (exactly round(R * N) ids)
-    group_by: Literal["auto", "label", "caption", "kmeans", "none"] = "auto"  # ranking clusters
+    group_by: Literal[GROUPINGS] = "auto"  # ranking clusters
     clusters: int = 20  # kmeans: number of clusters of caption embeddings
     drop: float = 0.25  # filter: lowest-scored fraction dropped before the random fill
     head: Optional[float] = None  # shift_gsample: top fraction dropped; None: min(.25, .95 - R)
@@ -262,11 +275,49 @@ class EvaluateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Arm:
+    """One way of choosing the downstream training set (a pipeline arm).
+
+    ratings: whose ratings the policy ranks (ratings/<name>.parquet), fused when there are
+      several (weighted by select.weights, in this order): meta raters (`RATERS`) or scorers
+      (`SCORERS`, e.g. `alignment`); empty for none.
+    policy: a selection policy (`POLICIES`), or None for a fixed subset: the whole pool
+      (`clean_only` False) or its clean samples (True, needs injected defects: the oracle).
+    dedup: collapse the duplicate groups of dedup.parquet (each keeps its best-scored member)
+      before the budget is applied.
+    """
+
+    ratings: tuple[str, ...]
+    policy: str | None
+    dedup: bool = False
+    clean_only: bool = False
+
+
+# Meta raters of the pipeline: learned by `rate` (exact: the config's rate section; penalty: the
+# released scheme) and scored with score.scorer=rater.
+RATERS = ("exact", "penalty")
+
+# `alchemist` is the whole method; `meta_only` and `meta_alignment` add one of its components
+# at a time (the meta rater, + the alignment scorer; `alchemist` = + dedup).
+ARMS: dict[str, Arm] = {
+    "alchemist": Arm(("exact", "alignment"), "filter", dedup=True),
+    "meta_only": Arm(("exact",), "filter"),
+    "meta_alignment": Arm(("exact", "alignment"), "filter"),
+    "alchemist_shift_gsample": Arm(("exact",), "shift_gsample"),
+    "release": Arm(("penalty",), "shift_gsample"),
+    "topk": Arm(("exact",), "topk"),
+    "random": Arm((), "random"),
+    "full": Arm((), None),
+    "oracle": Arm((), None, clean_only=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """The whole pipeline (`alchemist-jax pipeline`, `./tools/demo.sh`): rate, score, select,
     train every arm for each seed, evaluate, report."""
 
-    arms: tuple[str, ...] = ("alchemist", "meta_only", "meta_alignment",
+    arms: tuple[Literal[tuple(ARMS)], ...] = ("alchemist", "meta_only", "meta_alignment",
                              "alchemist_shift_gsample", "release", "topk", "random", "full")
     seeds: tuple[int, ...] = (0,)  # downstream seeds (training order and initialisation)
     keep: float = 0.5
@@ -312,7 +363,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: "
+                              f"{' '.join(str(e).split())}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         tree = loaded or {}
@@ -320,8 +372,15 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return _build(Config, tree, prefix="")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list "
+                              f"({str(e).splitlines()[0]})") from None
+        _set_dotted(tree, key.strip(), value)
+    config = _build(Config, tree, prefix="")
+    validate(config)
+    return config
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -342,8 +401,6 @@ def write_run_config(config: Config, workdir: Path, sections: typing.Sequence[st
     Raises:
       ConfigError: the workdir holds a config that differs in one of `sections` (named).
     """
-    from alchemist_jax.data.cache import atomic_write_bytes
-
     path = Path(workdir) / "config.yaml"
     if path.exists():
         stored = yaml.safe_load(path.read_text()) or {}
@@ -354,6 +411,9 @@ def write_run_config(config: Config, workdir: Path, sections: typing.Sequence[st
                 f"{path} holds a different config (section {', '.join(changed)}): resume with "
                 "the same config and overrides, or use a new --workdir")
     atomic_write_bytes(path, to_yaml(config).encode())
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -421,6 +481,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
         return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 3e-4 (no dot, unsigned exponent) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r} expects float, got {value!r}")
         return float(value)
@@ -437,3 +499,136 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r} expects str, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {tp!r} for config key {key!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranges and cross-field checks (run by `load_config`)
+# ----------------------------------------------------------------------------------------------
+
+PHASH_BITS = 64  # bits of the perceptual hash (dedup)
+
+
+def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> tuple[Any, str]:
+    """(predicate, description) of the interval between `low` and `high` (None: unbounded)."""
+    def inside(value: float) -> bool:
+        return ((low is None or (value > low if low_open else value >= low))
+                and (high is None or (value < high if high_open else value <= high)))
+
+    left = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    right = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    if low is None:
+        text = f"{'<' if high_open else '<='} {high:g}"
+    elif high is None:
+        text = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        text = f"in {left}, {right}"
+    return inside, text
+
+
+AT_LEAST_1 = _range(1)
+AT_LEAST_0 = _range(0)
+POSITIVE = _range(0, low_open=True)
+FRACTION = _range(0, 1, high_open=True)  # [0, 1)
+PROPER_FRACTION = _range(0, 1, low_open=True, high_open=True)  # (0, 1)
+SHARE = _range(0, 1, low_open=True)  # (0, 1]
+
+# Dotted key -> allowed range. Every number of the schema is here; None values (unset optional
+# keys) are not checked.
+RANGES: dict[str, tuple[Any, str]] = {
+    "data.validation_fraction": PROPER_FRACTION, "data.resolution": _range(4),
+    "data.max_text_length": _range(2), "data.batch_size": AT_LEAST_1,
+    "data.read_threads": AT_LEAST_0, "data.pool.train_size": AT_LEAST_1,
+    "data.pool.validation_size": AT_LEAST_1, "data.pool.test_size": AT_LEAST_1,
+    "data.shapes.size": AT_LEAST_1, "data.shapes.resolution": _range(8),
+    "data.manifest.max_image_pixels": AT_LEAST_1, "data.corrupt.fraction": _range(0, 1),
+    "model.patch_size": AT_LEAST_1, "model.width": AT_LEAST_1, "model.depth": AT_LEAST_1,
+    "model.heads": AT_LEAST_1, "model.mlp_ratio": POSITIVE, "model.text_width": AT_LEAST_1,
+    "model.text_depth": AT_LEAST_1, "model.text_heads": AT_LEAST_1,
+    "model.caption_dropout": FRACTION,
+    "rater.width": _range(4), "rater.hidden": AT_LEAST_1, "rater.temperature": POSITIVE,
+    "rate.steps": AT_LEAST_1, "rate.inner_steps": AT_LEAST_1, "rate.meta_every": AT_LEAST_1,
+    "rate.population": AT_LEAST_1, "rate.reset_every": AT_LEAST_0,
+    "rate.warm_start_steps": AT_LEAST_0, "rate.inner_lr": POSITIVE, "rate.inner_eps": POSITIVE,
+    "rate.lookahead_lr": POSITIVE, "rate.penalty_decay": AT_LEAST_0, "rate.rater_lr": POSITIVE,
+    "rate.rater_clip": POSITIVE, "rate.ema_decay": FRACTION, "rate.val_batch_size": AT_LEAST_1,
+    "rate.unroll": AT_LEAST_1, "rate.checkpoint_every": AT_LEAST_1, "rate.log_every": AT_LEAST_1,
+    "score.batch_size": AT_LEAST_1, "score.chunk_size": AT_LEAST_1,
+    "score.proxy_steps": AT_LEAST_1, "score.early_steps": AT_LEAST_1, "score.draws": AT_LEAST_1,
+    "score.alignment_steps": AT_LEAST_1, "score.alignment_references": _range(2),
+    "score.alignment_t_min": FRACTION,
+    "select.keep": SHARE, "select.clusters": AT_LEAST_1, "select.drop": FRACTION,
+    "select.head": FRACTION, "select.mu": _range(0, 1), "select.sigma": POSITIVE,
+    "select.start": FRACTION, "select.temperature": POSITIVE,
+    "dedup.max_hamming": _range(0, PHASH_BITS), "dedup.min_cosine": _range(0, 1, low_open=True),
+    "dedup.min_aligned_cosine": _range(0, 1, low_open=True), "dedup.max_shift": AT_LEAST_0,
+    "dedup.border": AT_LEAST_0, "dedup.align_size": _range(4), "dedup.align_blur": AT_LEAST_0,
+    "dedup.bands": _range(1, PHASH_BITS), "dedup.projection_tables": AT_LEAST_0,
+    "dedup.window": AT_LEAST_1, "dedup.embedding_size": AT_LEAST_1, "dedup.blur": AT_LEAST_0,
+    "dedup.batch_size": AT_LEAST_1,
+    "train.steps": AT_LEAST_1, "train.batch_size": AT_LEAST_1, "train.learning_rate": POSITIVE,
+    "train.warmup_steps": AT_LEAST_0, "train.weight_decay": AT_LEAST_0,
+    "train.grad_clip": POSITIVE, "train.eval_every": AT_LEAST_1,
+    "train.checkpoint_every": AT_LEAST_1,
+    "evaluate.test_size": AT_LEAST_1, "evaluate.loss_draws": AT_LEAST_1,
+    "evaluate.sample_steps": AT_LEAST_1, "evaluate.guidance_scale": AT_LEAST_0,
+    "evaluate.classifier_steps": AT_LEAST_1, "evaluate.grid_captions": AT_LEAST_1,
+    "evaluate.grid_samples": AT_LEAST_1,
+    "pipeline.keep": SHARE, "pipeline.penalty_steps": AT_LEAST_1,
+}
+
+
+def _lookup(config: Config, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(config: Config) -> None:
+    """Checks every range of `RANGES` and the settings that must agree with each other.
+
+    Raises:
+      ConfigError: one line naming the key (or keys) and what is allowed.
+    """
+    for dotted, (inside, text) in RANGES.items():
+        value = _lookup(config, dotted)
+        if value is not None and (not math.isfinite(value) or not inside(value)):
+            raise ConfigError(f"config key {dotted!r} must be {text}, got {value!r}")
+    r = config.rate
+    if r.mode == "lookahead" and r.inner_steps != 1:
+        raise ConfigError(f"rate.mode=lookahead needs rate.inner_steps=1 (got {r.inner_steps})")
+    if r.mixed_mode and r.mode != "unrolled":
+        raise ConfigError(f"rate.mixed_mode=true applies to rate.mode=unrolled only (got "
+                          f"{r.mode})")
+    if r.meta_every is not None and r.meta_every < r.inner_steps:
+        raise ConfigError(f"rate.meta_every ({r.meta_every}) must be >= rate.inner_steps "
+                          f"({r.inner_steps})")
+    t = config.train
+    if t.warmup_steps >= t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}")
+    sel = config.select
+    for name in ("drop", "head", "start"):
+        value = getattr(sel, name)
+        if value is not None and sel.keep > 1.0 - value + 1e-9 and name in _POLICY_FRACTIONS.get(
+                sel.policy, ()):
+            raise ConfigError(f"select.{name}={value} leaves {1 - value:.3g} of the pool to "
+                              f"choose from, less than select.keep={sel.keep}; need keep <= "
+                              f"1 - {name}")
+    if any(w < 0 or not math.isfinite(w) for w in sel.weights) or (
+            sel.weights and not sum(sel.weights) > 0):
+        raise ConfigError(f"select.weights must be >= 0 with a positive sum, got "
+                          f"{list(sel.weights)}")
+    pipe = config.pipeline
+    if not pipe.arms or not pipe.seeds:
+        raise ConfigError("pipeline.arms and pipeline.seeds must not be empty")
+    for name in pipe.arms:
+        fused = ARMS[name].ratings
+        if sel.weights and len(fused) > 1 and len(sel.weights) != len(fused):
+            raise ConfigError(
+                f"select.weights has {len(sel.weights)} values, but arm {name!r} fuses "
+                f"{len(fused)} ratings ({', '.join(fused)}): give one weight each, in that order")
+
+
+# The fractions of the pool each policy sets aside before choosing (checked against keep).
+_POLICY_FRACTIONS = {"filter": ("drop",), "shift_gsample": ("head",), "block": ("start",)}

@@ -57,11 +57,12 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
-from alchemist_jax import rate, scoring
+from alchemist_jax import scoring
 from alchemist_jax.data import load_splits, preprocess
-from alchemist_jax.data.cache import atomic_write_parquet
+from alchemist_jax.runtime.io import atomic_write_parquet
 from alchemist_jax.data.corrupt import IMAGE_COPYING_KINDS
 from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.runtime.parallel import model_inputs
 
 log = logging.getLogger("alchemist_jax.dedup")
 
@@ -199,7 +200,7 @@ def rater_image_features(run: scoring.RatingRun, example: dict[str, np.ndarray]
     def features(params, batch):
         return _unit(nnx.merge(graphdef, params, rest).features(batch)[:, :width])
 
-    return lambda batch: features(ema, rate.model_inputs(batch))
+    return lambda batch: features(ema, model_inputs(batch))
 
 
 @functools.partial(jax.jit, static_argnames=("size", "blur"))

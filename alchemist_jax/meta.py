@@ -64,8 +64,9 @@ REMAT_POLICIES = ("none", "full", "dots", "nested")
 DEFAULT_K = 4
 
 
-def default_inner_optimizer(learning_rate: float) -> optax.GradientTransformation:
-    """The proxy's inner optimizer: ``optax.adam(lr, eps=1e-3, eps_root=1e-12)`` (METHOD.md §8).
+def inner_optimizer(learning_rate: float, eps: float = 1e-3) -> optax.GradientTransformation:
+    """The proxy's inner optimizer: ``optax.adam(lr, eps=eps, eps_root=1e-12)`` (METHOD.md §8);
+    the one every caller uses (`rate.inner_lr`, `rate.inner_eps` in a rating run).
 
     `eps_root > 0` is required for unrolled meta-gradients: Adam divides by sqrt(v̂ + eps_root),
     and d sqrt(v)/dv is infinite at v = 0. A parameter with exactly zero gradient (an embedding row
@@ -75,7 +76,7 @@ def default_inner_optimizer(learning_rate: float) -> optax.GradientTransformatio
     ≈ lr · sign(g), whose derivative w.r.t. g (hence the per-sample signal) nearly vanishes on young
     proxies.
     """
-    return optax.adam(learning_rate, eps=1e-3, eps_root=1e-12)
+    return optax.adam(learning_rate, eps=eps, eps_root=1e-12)
 
 
 def penalty_lambda_at(validation_epoch, start: float = 1.0, decay: float = 0.03):
@@ -431,7 +432,7 @@ def meta_gradient(rater_params, proxy_params, inner_opt_state, train_batches, va
         `fold_in(rng, K)`.
       rater_fn: (rater_params, batch) -> weights (B,). Typically B · softmax(u).
       loss_fn: (proxy_params, batch, rng) -> per-example losses (B,).
-      inner_opt: the proxy's optax optimizer (see `default_inner_optimizer`).
+      inner_opt: the proxy's optax optimizer (see `inner_optimizer`).
       mode: "unrolled" | "lookahead" | "penalty" (module docstring).
       remat: rematerialisation of each inner step in the differentiated modes: "none" (store all
         residuals), "full" (`jax.checkpoint`, nothing saveable: keep only the step's inputs, i.e.

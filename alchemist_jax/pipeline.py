@@ -29,48 +29,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from alchemist_jax import config as config_lib
-from alchemist_jax import dedup, evaluation, rate, report, scoring, selection, train
+from alchemist_jax import dedup, rating, report, scoring, selection, training
+from alchemist_jax.config import ARMS, RATERS, Arm
+from alchemist_jax.evaluation import classifier as classifier_lib
+from alchemist_jax.evaluation import generative
 from alchemist_jax.data import load_splits, preprocess
-from alchemist_jax.data.cache import atomic_write_bytes
+from alchemist_jax.runtime.io import atomic_write_bytes
 
 log = logging.getLogger("alchemist_jax.pipeline")
 
-
-@dataclasses.dataclass(frozen=True)
-class Arm:
-    """One way of choosing the downstream training set.
-
-    ratings: whose ratings the policy ranks (ratings/<name>.parquet), fused when there are
-      several (weighted by select.weights, in this order): meta raters (`RATERS`) or scorers
-      (`config.SCORERS`, e.g. `alignment`); empty for none.
-    policy: a selection policy (`config.POLICIES`), or None for a fixed subset: the whole pool
-      (`clean_only` False) or its clean samples (True, needs injected defects: the oracle).
-    dedup: collapse the duplicate groups of dedup.parquet (each keeps its best-scored member)
-      before the budget is applied.
-    """
-
-    ratings: tuple[str, ...]
-    policy: str | None
-    dedup: bool = False
-    clean_only: bool = False
-
-
-# Meta raters: learned by `rate` (`rater_config`) and scored with score.scorer=rater.
-RATERS = ("exact", "penalty")
-
-# `alchemist` is the whole method; `meta_only` and `meta_alignment` add one of its components
-# at a time (the meta rater, + the alignment scorer; `alchemist` = + dedup).
-ARMS: dict[str, Arm] = {
-    "alchemist": Arm(("exact", "alignment"), "filter", dedup=True),
-    "meta_only": Arm(("exact",), "filter"),
-    "meta_alignment": Arm(("exact", "alignment"), "filter"),
-    "alchemist_shift_gsample": Arm(("exact",), "shift_gsample"),
-    "release": Arm(("penalty",), "shift_gsample"),
-    "topk": Arm(("exact",), "topk"),
-    "random": Arm((), "random"),
-    "full": Arm((), None),
-    "oracle": Arm((), None, clean_only=True),
-}
 
 # A rerun must agree on these sections (the pipeline section may change: more seeds or arms).
 RESULT_SECTIONS = ("data", "model", "rater", "rate", "score", "dedup", "select", "train",
@@ -88,27 +55,12 @@ def rater_config(cfg: config_lib.Config, rater: str) -> config_lib.Config:
                                                                     steps)))
 
 
-def validate(cfg: config_lib.Config, has_defects: bool) -> None:
-    """Pipeline-level checks with one-line messages naming the key."""
-    unknown = [arm for arm in cfg.pipeline.arms if arm not in ARMS]
-    if unknown:
-        raise config_lib.ConfigError(
-            f"pipeline.arms: unknown arm {', '.join(map(repr, unknown))}; valid arms: "
-            f"{', '.join(ARMS)}")
-    if not cfg.pipeline.arms or not cfg.pipeline.seeds:
-        raise config_lib.ConfigError("pipeline.arms and pipeline.seeds must not be empty")
+def check_arms(cfg: config_lib.Config, has_defects: bool) -> None:
+    """The one check that needs the data: the oracle arm knows the clean samples only when
+    defects were injected (the config's own checks ran at load time, `config.validate`)."""
     if "oracle" in cfg.pipeline.arms and not has_defects:
         raise config_lib.ConfigError("pipeline.arms: `oracle` needs injected defects "
                                      "(data.corrupt.fraction > 0) to know the clean samples")
-    if not 0 < cfg.pipeline.keep <= 1:
-        raise config_lib.ConfigError(f"pipeline.keep must be in (0, 1], got {cfg.pipeline.keep}")
-    weights = cfg.select.weights
-    for name in cfg.pipeline.arms:
-        fused = ARMS[name].ratings
-        if weights and len(fused) > 1 and len(weights) != len(fused):
-            raise config_lib.ConfigError(
-                f"select.weights has {len(weights)} values, but arm {name!r} fuses "
-                f"{len(fused)} ratings ({', '.join(fused)}): give one weight each, in that order")
 
 
 def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
@@ -117,14 +69,14 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     splits = load_splits(cfg.data, report_dir=workdir)
-    validate(cfg, splits.truth is not None)
+    check_arms(cfg, splits.truth is not None)
     config_lib.write_run_config(cfg, workdir, RESULT_SECTIONS)
     arms = {name: ARMS[name] for name in cfg.pipeline.arms}
 
     needed = {name for arm in arms.values() for name in arm.ratings}
     for rater in (r for r in RATERS if r in needed):
         _stage(f"rate ({rater})")
-        rate.rate(rater_config(cfg, rater), workdir / "rate" / rater)
+        rating.run(rater_config(cfg, rater), workdir / "rate" / rater)
         _score(cfg, rater, "rater", workdir, rater_dir=workdir / "rate" / rater)
     for scorer in sorted(needed - set(RATERS)):
         _score(cfg, scorer, scorer, workdir)
@@ -139,8 +91,8 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
     transform = preprocess.Preprocessor.for_config(cfg.data)
     pool = preprocess.materialize(splits.train, transform)
     validation = preprocess.materialize(splits.validation, transform)
-    test = evaluation.load_test_data(cfg)
-    classifier, classifier_missing = evaluation.try_feature_classifier(cfg, test)
+    test = classifier_lib.load_test_data(cfg)
+    classifier, classifier_missing = generative.try_feature_classifier(cfg, test)
     index_of = {int(i): n for n, i in enumerate(pool_ids)}
 
     rows = []
@@ -156,7 +108,7 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
                 train_dir = workdir / "train" / run_name / f"seed{seed}"
                 train_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
                     cfg.train, steps=steps, seed=seed))
-                trained = train.train_model(
+                trained = training.train_model(
                     train_cfg, pool.take(np.array([index_of[int(i)] for i in ids])), train_dir,
                     steps=steps, seed=seed, validation=validation, desc=f"train {run_name}")
                 eval_dir = workdir / "eval" / run_name / f"seed{seed}"
@@ -164,7 +116,7 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
                 if metrics_path.exists():
                     metrics = json.loads(metrics_path.read_text())
                 else:
-                    metrics = evaluation.evaluate_model(cfg, trained, test, classifier, eval_dir,
+                    metrics = generative.evaluate_model(cfg, trained, test, classifier, eval_dir,
                                                         classifier_missing=classifier_missing)
                 rows.append({"arm": name, "run": run_name, "budget": budget, "seed": seed,
                              "steps": steps, "train_size": len(ids),

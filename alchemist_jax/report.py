@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
-from alchemist_jax.data.cache import (DataUnavailableError, atomic_save_figure,
-                                      atomic_write_bytes)
+from alchemist_jax.data.cache import DataUnavailableError
+from alchemist_jax.runtime.io import atomic_save_figure, atomic_write_bytes
 from alchemist_jax.data.sources import Source
-from alchemist_jax.evaluation import (credit_kept_copies, defect_auroc,
+from alchemist_jax.evaluation.defects import (credit_kept_copies, defect_auroc,
                                       normalize_within_groups)
 
 # Metric of results.json -> (column title, which way is better).

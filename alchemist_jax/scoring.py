@@ -46,7 +46,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pyarrow as pa
 import pyarrow.parquet as pq
 from flax import nnx
@@ -55,12 +54,14 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
-from alchemist_jax import alignment, models, rate, train
+from alchemist_jax import alignment, models, training
 from alchemist_jax.data import load_splits, preprocess
-from alchemist_jax.data.cache import atomic_write_parquet
+from alchemist_jax.runtime.io import atomic_write_parquet
 from alchemist_jax.data.sources import ArraySource
 from alchemist_jax.data.tokenizer import Tokenizer
 from alchemist_jax.models import clip
+from alchemist_jax.runtime import checkpoints, parallel
+from alchemist_jax.runtime.parallel import model_inputs
 
 log = logging.getLogger("alchemist_jax.scoring")
 
@@ -286,7 +287,7 @@ def proxy_score_fn(kind: str, graphdef: nnx.GraphDef, rest: nnx.State, *, draws:
       el2n: the L2 norm of v_pred - (eps - x0) over (H, W, C);
       grand: the global L2 norm of the gradient of the sample's own loss w.r.t. `params`
         (per-example gradients: memory grows with B times the parameter count).
-    `batch` holds the model inputs (`rate.MODEL_INPUTS`); `id_low` / `id_high` (B,) uint32 are
+    `batch` holds the model inputs (`parallel.MODEL_INPUTS`); `id_low` / `id_high` (B,) uint32 are
     the halves of the sample ids (`models.split_ids`).
     """
     if kind not in PROXY_SCORERS:
@@ -356,14 +357,10 @@ def open_rating_run(workdir: Path, data_cfg: config_lib.DataConfig) -> RatingRun
         if theirs != ours:
             raise ValueError(f"data.{key} is {ours!r} but the rater in {workdir} was trained "
                              f"with {theirs!r} ({workdir / 'config.yaml'})")
-    checkpoints = workdir / "checkpoints"
-    step = None
-    if checkpoints.is_dir():
-        manager = ocp.CheckpointManager(checkpoints.absolute(),
-                                        options=ocp.CheckpointManagerOptions(read_only=True))
-        step = manager.latest_step()
+    folder = workdir / "checkpoints"
+    step = checkpoints.latest_step(folder)
     if step is None:
-        raise ValueError(f"{workdir} has no rater checkpoint in {checkpoints}: let "
+        raise ValueError(f"{workdir} has no rater checkpoint in {folder}: let "
                          "`alchemist-jax rate` save one first")
     return RatingRun(workdir, run_cfg, int(step))
 
@@ -371,22 +368,17 @@ def open_rating_run(workdir: Path, data_cfg: config_lib.DataConfig) -> RatingRun
 def restore_rater(run: RatingRun, like: nnx.State) -> nnx.State:
     """The EMA rater parameters (`state["rater_ema"]`) of the latest checkpoint of `run`, shaped
     like `like`; nothing else of the rating state (proxies, optimizer states) is read."""
-    manager = ocp.CheckpointManager(run.checkpoints,
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    replicated = NamedSharding(rate.make_mesh(), P())
-    abstract = {"rater_ema": jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), like)}
-    restored = manager.restore(run.step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True)))
-    return restored["state"]["rater_ema"]
+    replicated = NamedSharding(parallel.make_mesh(), P())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), like)
+    return checkpoints.restore_part(checkpoints.manager(run.checkpoints, read_only=True),
+                                    run.step, "rater_ema", abstract)
 
 
 def ema_rater(run: RatingRun, example: dict[str, np.ndarray]):
     """(graphdef, EMA parameters, rest) of the rater of `run`, for `nnx.merge`. `example` is one
     example of the pool (fixes the input shapes)."""
-    batch = {k: np.asarray(v)[None] for k, v in rate.model_inputs(example).items()}
+    batch = {k: np.asarray(v)[None] for k, v in model_inputs(example).items()}
     graphdef, params, rest = models.init_rater(run.config.rater, batch, jax.random.key(0),
                                                run.config.data.max_text_length)
     return graphdef, restore_rater(run, params), rest
@@ -397,7 +389,7 @@ def rater_scorer(run: RatingRun, example: dict[str, np.ndarray]) -> ScoreBatch:
     `example` is one example of the pool (fixes the input shapes)."""
     graphdef, ema, rest = ema_rater(run, example)
     score = jax.jit(models.rater_score_fn(graphdef, rest))
-    return lambda b: score(ema, rate.model_inputs(b))
+    return lambda b: score(ema, model_inputs(b))
 
 
 # ==============================================================================================
@@ -430,14 +422,14 @@ def _heuristic_factory(name: str) -> Callable[[ScoringInputs], ScoreBatch]:
 
 
 def _train_proxy(inputs: ScoringInputs, data: ArraySource, steps: int, desc: str
-                 ) -> train.Trained:
+                 ) -> training.Trained:
     """A DiT of the config trained `steps` steps on `data` (seed `score.seed`), in the
     resumable `inputs.proxy_workdir`."""
     cfg = inputs.cfg
     # The proxies warm up over at most a tenth of their steps (early proxies are short).
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, warmup_steps=min(cfg.train.warmup_steps, steps // 10)))
-    return train.train_model(cfg, data, inputs.proxy_workdir, steps=steps,
+    return training.train_model(cfg, data, inputs.proxy_workdir, steps=steps,
                              seed=cfg.score.seed, desc=desc)
 
 
@@ -451,7 +443,7 @@ def _proxy_factory(kind: str) -> Callable[[ScoringInputs], ScoreBatch]:
         trained = _train_proxy(inputs, data, steps, f"{kind} proxy")
         score = proxy_score_fn(kind, trained.graphdef, trained.rest, draws=score_cfg.draws,
                                seed=score_cfg.seed)
-        return lambda batch: score(trained.params, rate.model_inputs(batch),
+        return lambda batch: score(trained.params, model_inputs(batch),
                                    *models.split_ids(batch["id"]))
 
     return factory
@@ -486,7 +478,7 @@ def alignment_scorer(inputs: ScoringInputs) -> ScoreBatch:
     if "tokens" not in inputs.pool[0] and "text_embedding" not in inputs.pool[0]:
         raise ValueError(f"score.scorer=alignment needs captions; the pool {inputs.pool.name} "
                          "has none")
-    validation = rate.model_inputs(_columns(inputs.validation, 0, len(inputs.validation)))
+    validation = model_inputs(_columns(inputs.validation, 0, len(inputs.validation)))
     references = alignment.reference_captions(validation, score_cfg.alignment_references,
                                               score_cfg.seed)
     if score_cfg.alignment_method == "contrastive":
@@ -494,12 +486,12 @@ def alignment_scorer(inputs: ScoringInputs) -> ScoreBatch:
             validation, alignment.ContrastiveTraining(steps=score_cfg.alignment_steps),
             score_cfg.seed, desc="alignment model")
         margin = alignment.contrastive_margin_fn(graphdef, rest, references)
-        return lambda batch: margin(params, rate.model_inputs(batch))
+        return lambda batch: margin(params, model_inputs(batch))
     trained = _train_proxy(inputs, inputs.validation, score_cfg.proxy_steps, "alignment proxy")
     margin = alignment.diffusion_margin_fn(trained.graphdef, trained.rest, references,
                                            draws=score_cfg.draws, seed=score_cfg.seed,
                                            t_min=score_cfg.alignment_t_min)
-    return lambda batch: margin(trained.params, rate.model_inputs(batch),
+    return lambda batch: margin(trained.params, model_inputs(batch),
                                 *models.split_ids(batch["id"]))
 
 

@@ -62,9 +62,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from alchemist_jax.config import POLICIES, Config, SelectConfig
-from alchemist_jax.data.cache import atomic_write_bytes, atomic_write_parquet
+from alchemist_jax.runtime.io import atomic_write_bytes, atomic_write_parquet
 from alchemist_jax.data.sources import ArraySource, Source
-from alchemist_jax.evaluation import normalize_within_groups
+from alchemist_jax.runtime.stats import normalize_within_groups
 
 # The parameters of each policy (SelectConfig fields) and their defaults.
 POLICY_PARAMETERS: dict[str, tuple[str, ...]] = {

@@ -15,7 +15,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from alchemist_jax import rate  # noqa: E402
+from alchemist_jax import rating  # noqa: E402
+from alchemist_jax.runtime import parallel  # noqa: E402
 from alchemist_jax.config import load_config  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -27,9 +28,9 @@ b, length = cfg.data.batch_size, cfg.data.max_text_length
 example = {"image": rng.uniform(-1, 1, (b, 28, 28, 1)).astype(np.float32),
            "tokens": rng.integers(0, 49406, (b, length)).astype(np.int32),
            "token_mask": np.ones((b, length), bool)}
-mesh = rate.make_mesh()
+mesh = parallel.make_mesh()
 assert mesh.devices.size == devices
-program = rate.build_program(cfg, example, mesh)
+program = rating.build_program(cfg, example, mesh)
 state = program.init_state(jax.random.key(0))
 population, k = cfg.rate.population, cfg.rate.inner_steps
 train = {key: rng.permutation(np.broadcast_to(v, (population, k) + v.shape).reshape(

@@ -5,7 +5,6 @@ import io
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +12,8 @@ import scipy.fft
 from flax import nnx
 from PIL import Image
 
-from alchemist_jax import cli, dedup, models, rate, scoring
+from alchemist_jax import cli, dedup, models, scoring
+from alchemist_jax.runtime import checkpoints
 from alchemist_jax import config as config_lib
 from alchemist_jax.config import DedupConfig, load_config
 from alchemist_jax.data.corrupt import scale_brightness, shift
@@ -262,9 +262,8 @@ def test_rater_embedding_is_the_rating_runs_image_features(tmp_path):
     example = {"image": np.zeros((1, 28, 28, 1), np.float32),
                "tokens": np.zeros((1, 16), np.int32), "token_mask": np.ones((1, 16), bool)}
     graphdef, params, rest = models.init_rater(cfg.rater, example, jax.random.key(3), 16)
-    manager = ocp.CheckpointManager((tmp_path / "checkpoints").absolute(),
-                                    options=ocp.CheckpointManagerOptions(create=True))
-    rate.save_checkpoint(manager, 2, {"rater_ema": params}, {})
+    manager = checkpoints.manager(tmp_path / "checkpoints")
+    checkpoints.save(manager, 2, {"rater_ema": params}, {})
     manager.wait_until_finished()
     run = scoring.open_rating_run(tmp_path, cfg.data)
     features = dedup.rater_image_features(run, {k: v[0] for k, v in example.items()})

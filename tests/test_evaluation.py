@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from alchemist_jax.evaluation import (auroc, credit_kept_copies, defect_auroc,
-                                      normalize_within_groups)
+from alchemist_jax.evaluation.defects import credit_kept_copies, defect_auroc
+from alchemist_jax.runtime.stats import auroc, normalize_within_groups
 
 
 def _reference_auroc(pos, neg):

@@ -14,10 +14,11 @@ from alchemist_jax import config as config_lib
 from alchemist_jax import models
 from alchemist_jax.evaluation import classifier as classifier_lib
 from alchemist_jax.evaluation import generative
-from alchemist_jax.evaluation import (UnlabeledDataError, evaluate_model, fcd,
-                                      feature_classifier, frechet_distance, load_test_data,
-                                      try_feature_classifier)
-from alchemist_jax.train import Trained
+from alchemist_jax.evaluation.classifier import (UnlabeledDataError, feature_classifier,
+                                                 load_test_data)
+from alchemist_jax.evaluation.generative import (evaluate_model, fcd, frechet_distance,
+                                                 try_feature_classifier)
+from alchemist_jax.training import Trained
 
 OVERRIDES = [
     "data.pool.train_size=200", "data.pool.validation_size=800", "data.pool.test_size=200",

@@ -372,7 +372,7 @@ def embed_problem():
 
 
 EMBED_OPTS = {
-    "default": meta.default_inner_optimizer(0.05),
+    "default": meta.inner_optimizer(0.05),
     "eps_root=0": optax.adam(0.05, eps=1e-3, eps_root=0.0),
 }
 
@@ -465,7 +465,7 @@ def test_nnx_state_params_and_typed_keys_in_mixed_mode():
 
     _, _, train, val, _ = make_problem(2, seed=6)
     rng = jax.random.key(7)
-    opt = meta.default_inner_optimizer(1e-2)
+    opt = meta.inner_optimizer(1e-2)
     fn = jit(functools.partial(meta.meta_gradient, rater_fn=rater_fn, loss_fn=loss_fn,
                                inner_opt=opt, mixed_mode=True))
     opt_state = opt.init(proxy_state)
@@ -512,7 +512,7 @@ def test_argument_errors():
 def test_defaults():
     assert meta.DEFAULT_K == 4
     params = {"e": jnp.ones(3)}
-    opt = meta.default_inner_optimizer(0.1)
+    opt = meta.inner_optimizer(0.1)
     updates, _ = opt.update({"e": jnp.array([1.0, 1e-3, 0.0])}, opt.init(params), params)
     # First Adam step: -lr · g / (sqrt(g² + eps_root) + eps) with eps = 1e-3, eps_root = 1e-12.
     expected = [-0.1 / (1 + 1e-3), -0.1 * 1e-3 / (np.sqrt(1e-6 + 1e-12) + 1e-3), 0.0]

@@ -6,7 +6,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from alchemist_jax import rate
+from alchemist_jax import rating
+from alchemist_jax.runtime import checkpoints
 from alchemist_jax.config import ConfigError, load_config
 
 TINY = [
@@ -22,7 +23,7 @@ TINY = [
 
 
 def _final_rater(workdir):
-    manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
+    manager = checkpoints.manager(workdir / "checkpoints", read_only=True)
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))
     return manager.latest_step(), restored["state"]
@@ -35,16 +36,16 @@ def _leaves(tree):
 
 
 def test_staggered_resets():
-    schedule = {step: rate._proxies_to_reset(step, 8, 4) for step in range(1, 17)}
+    schedule = {step: rating._proxies_to_reset(step, 8, 4) for step in range(1, 17)}
     assert schedule[2] == [3] and schedule[4] == [2] and schedule[6] == [1]
     assert schedule[8] == [0] and schedule[16] == [0] and schedule[1] == []
-    assert rate._proxies_to_reset(5, 0, 4) == []
+    assert rating._proxies_to_reset(5, 0, 4) == []
 
 
 def test_rate_writes_outputs_and_resumes_identically(tmp_path):
     cfg = load_config("configs/demo.yaml", TINY)
     full, split = tmp_path / "full", tmp_path / "split"
-    final = rate.rate(cfg, full)
+    final = rating.run(cfg, full)
     assert set(final) >= {"meta_loss", "proxy_loss", "weight_entropy", "auroc/all",
                           "auroc/noise"}
     assert np.isfinite(final["meta_loss"]) and 0 <= final["weight_entropy"] <= 1
@@ -54,10 +55,10 @@ def test_rate_writes_outputs_and_resumes_identically(tmp_path):
         assert (full / name).exists(), name
     assert list((full / "tensorboard").iterdir())
 
-    rate.rate(cfg, split, stop_after=3)  # interrupted after 3 meta-steps (checkpoint at 2)
+    rating.run(cfg, split, stop_after=3)  # interrupted after 3 meta-steps (checkpoint at 2)
     assert not (split / "curves.png").exists()
-    rate.rate(cfg, split)  # the same command again resumes and finishes
-    assert rate.rate(cfg, split) == pytest.approx(final, rel=1e-5)  # once more: nothing to do
+    rating.run(cfg, split)  # the same command again resumes and finishes
+    assert rating.run(cfg, split) == pytest.approx(final, rel=1e-5)  # once more: nothing to do
     (step_a, state_a), (step_b, state_b) = _final_rater(full), _final_rater(split)
     assert step_a == step_b == 4
     for a, b in zip(_leaves(state_a), _leaves(state_b)):
@@ -66,24 +67,24 @@ def test_rate_writes_outputs_and_resumes_identically(tmp_path):
 
 def test_rerun_with_other_config_is_refused(tmp_path):
     cfg = load_config("configs/demo.yaml", TINY + ["rate.steps=1"])
-    rate.rate(cfg, tmp_path)
+    rating.run(cfg, tmp_path)
     other = load_config("configs/demo.yaml", TINY + ["rate.steps=2", "rate.rater_lr=0.1"])
     with pytest.raises(ConfigError, match=r"holds a different config \(section rate\)"):
-        rate.rate(other, tmp_path)
+        rating.run(other, tmp_path)
     # Sections a rating run does not read may change: the finished run is found complete.
     unrelated = load_config("configs/demo.yaml", TINY + ["rate.steps=1", "train.steps=5"])
-    assert rate.rate(unrelated, tmp_path) == rate.rate(cfg, tmp_path)
+    assert rating.run(unrelated, tmp_path) == rating.run(cfg, tmp_path)
 
 
 @pytest.mark.parametrize("override, message", [
     ("rate.mode=lookahead", "rate.mode=lookahead needs rate.inner_steps=1"),
     ("rate.meta_every=1", "rate.meta_every (1) must be >= rate.inner_steps (2)"),
-    ("rate.population=0", "rate.population must be >= 1"),
-    ("rate.unroll=0", "rate.unroll must be >= 1, got 0"),
+    ("rate.population=0", "config key 'rate.population' must be >= 1, got 0"),
+    ("rate.unroll=0", "config key 'rate.unroll' must be >= 1, got 0"),
 ])
 def test_config_cross_checks(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        rate.validate_rate_config(load_config("configs/demo.yaml", TINY + [override]))
+        load_config("configs/demo.yaml", TINY + [override])
 
 
 def test_meta_step_on_8_device_mesh_equals_1_device(tmp_path):
@@ -135,7 +136,7 @@ def test_penalty_mode_with_warm_start_and_extra_proxy_steps(tmp_path):
     cfg = load_config("configs/demo.yaml", TINY + [
         "rate.mode=penalty", "rate.meta_every=3", "rate.warm_start_steps=2", "rate.steps=3",
         "rate.checkpoint_every=3"])
-    final = rate.rate(cfg, tmp_path)
+    final = rating.run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # 16 validation samples per meta-step over a 32-sample validation set: half an epoch each.
     assert [r["penalty_lambda"] for r in rows] == pytest.approx([1.0, 0.985, 0.97])

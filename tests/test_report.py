@@ -16,7 +16,7 @@ from PIL import Image
 
 from alchemist_jax import config as config_lib
 from alchemist_jax import data, report
-from alchemist_jax.evaluation import defect_auroc
+from alchemist_jax.evaluation.defects import defect_auroc
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_NAMES = ("test_loss", "fcd", "alignment")

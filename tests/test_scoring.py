@@ -6,13 +6,14 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 from test_rate import TINY
 
-from alchemist_jax import cli, models, rate, scoring, train
+from alchemist_jax import cli, models, rating, scoring, training
+from alchemist_jax.data import prepare_splits
+from alchemist_jax.runtime import checkpoints, parallel
 from alchemist_jax import config as config_lib
 from alchemist_jax.config import load_config
 from alchemist_jax.data import pipeline
@@ -257,15 +258,15 @@ def test_proxy_scores_do_not_depend_on_batch_size(dit, tmp_path):
         "tokens": rng.integers(0, 49406, (n, 16)).astype(np.int32),
         "token_mask": np.ones((n, 16), bool)})
     score = scoring.proxy_score_fn("loss", graphdef, rest, draws=2, seed=0)
-    score_batch = lambda b: score(params, rate.model_inputs(b),  # noqa: E731
+    score_batch = lambda b: score(params, parallel.model_inputs(b),  # noqa: E731
                                   *models.split_ids(b["id"]))
     small, large = (scoring.score_pool(score_batch, source, tmp_path / f"{b}.parquet",
                                        batch_size=b, chunk_size=32, metadata=META)
                     for b in (7, 64))
     np.testing.assert_allclose(small, large, rtol=1e-6, atol=1e-6)
     # Same draws as the validation loss of training: its mean over the set is -mean(score).
-    trained = train.Trained(graphdef, params, rest)
-    assert train.validation_loss(trained, source, 16, seed=0, draws=2) == pytest.approx(
+    trained = training.Trained(graphdef, params, rest)
+    assert training.validation_loss(trained, source, 16, seed=0, draws=2) == pytest.approx(
         -float(np.mean(large)), rel=1e-5)
 
 
@@ -276,20 +277,19 @@ def test_proxy_scores_do_not_depend_on_batch_size(dit, tmp_path):
 
 @pytest.fixture(scope="module")
 def rating_run(tmp_path_factory):
-    """A rating run folder as `rate.rate` leaves it (config.yaml, an orbax checkpoint of the
+    """A rating run folder as `rating.run` leaves it (config.yaml, an orbax checkpoint of the
     whole state at meta-step 2), written with rate's own helpers, with an EMA rater that
     differs from the current rater. (Running meta-steps would add ~30 s of tracing.)"""
     workdir = tmp_path_factory.mktemp("rate")
     cfg = load_config("configs/demo.yaml", TINY)
     config_lib.write_run_config(cfg, workdir, ())
-    data = rate.load_rating_data(cfg, workdir)
-    example = {k: np.stack([v] * 8) for k, v in rate.model_inputs(data.train[0]).items()}
-    program = rate.build_program(cfg, example, rate.make_mesh())
+    data = prepare_splits(cfg.data, workdir)
+    example = {k: np.stack([v] * 8) for k, v in parallel.model_inputs(data.pool[0]).items()}
+    program = rating.build_program(cfg, example, parallel.make_mesh())
     state = program.init_state(jax.random.key(0))
     state["rater_ema"] = _perturbed(state["rater"], 0.1)
-    manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
-                                    options=ocp.CheckpointManagerOptions(create=True))
-    rate.save_checkpoint(manager, 2, state, {"train": {}, "validation": {}})
+    manager = checkpoints.manager(workdir / "checkpoints")
+    checkpoints.save(manager, 2, state, {"batches": {"train": {}, "validation": {}}})
     manager.wait_until_finished()
     return workdir, program, state, data
 
@@ -303,10 +303,10 @@ def test_rater_scores_equal_the_rating_runs_own_scores(rating_run, tmp_path):
     small, large = (pq.read_table(outs[b]) for b in (7, 64))
     np.testing.assert_allclose(small.column("score").to_numpy(),
                                large.column("score").to_numpy(), rtol=1e-6, atol=1e-6)
-    expected = rate.score_source(program, state["rater_ema"], data.train, 16)
-    np.testing.assert_array_equal(large.column("id").to_numpy(), data.train.ids)
+    expected = rating.score_source(program, state["rater_ema"], data.pool, 16)
+    np.testing.assert_array_equal(large.column("id").to_numpy(), data.pool.ids)
     np.testing.assert_allclose(large.column("score").to_numpy(), expected, rtol=1e-6, atol=1e-6)
-    not_ema = rate.score_source(program, state["rater"], data.train, 16)
+    not_ema = rating.score_source(program, state["rater"], data.pool, 16)
     assert np.abs(not_ema - expected).max() > 1e-3  # the EMA parameters were the ones used
 
     metadata = scoring.read_metadata(outs[64])

@@ -93,7 +93,7 @@ def main() -> None:
     rater_graph, rater, rater_rest = models.init_rater(cfg.rater, batch, key, args.text_length)
     loss_fn = models.proxy_loss_fn(proxy_graph, proxy_rest, cfg.model.caption_dropout)
     rater_fn = models.rater_weight_fn(rater_graph, rater_rest, cfg.rater.temperature)
-    inner_opt = meta.default_inner_optimizer(cfg.rate.inner_lr)
+    inner_opt = meta.inner_optimizer(cfg.rate.inner_lr, cfg.rate.inner_eps)
     opt_state = inner_opt.init(proxy)
 
     def train_steps(params, opt_state, batches, rng, unroll):

@@ -28,10 +28,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from alchemist_jax import models, rate, scoring
+from alchemist_jax import models, scoring
 from alchemist_jax.config import load_config
 from alchemist_jax.data import pipeline
 from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.runtime.parallel import model_inputs
 from markdown_sections import write_section
 
 SECTION = "## Scoring throughput"
@@ -57,17 +58,17 @@ def main() -> None:
     data, batch_size = cfg.data, cfg.score.batch_size
     pools = {n: synthetic_pool(n, data.resolution, data.channels, data.max_text_length)
              for n in (args.size, 4 * args.size)}
-    example = rate._device_batch(pools[args.size][0])
+    example = model_inputs(pools[args.size][0])
     example = {k: np.stack([v] * batch_size) for k, v in example.items()}
     graphdef, params, rest = models.init_rater(cfg.rater, example, jax.random.key(0),
                                                data.max_text_length)
     score = jax.jit(models.rater_score_fn(graphdef, rest))
 
     def score_batch(batch):
-        return score(params, rate._device_batch(batch))
+        return score(params, model_inputs(batch))
 
     # The forward pass alone: the same N samples in the same batches, already on the device.
-    on_device = [jax.device_put(rate._device_batch(batch)) for batch in pipeline.eval_iterator(
+    on_device = [jax.device_put(model_inputs(batch)) for batch in pipeline.eval_iterator(
         pools[args.size], batch_size, shard_index=0, shard_count=1)]
 
     def forward() -> float:

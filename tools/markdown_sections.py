@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from alchemist_jax.data.cache import atomic_write_bytes
+from alchemist_jax.runtime.io import atomic_write_bytes
 
 
 def write_section(path: Path, heading: str, section: str, title: str) -> None:

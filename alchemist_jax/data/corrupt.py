@@ -54,7 +54,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from alchemist_jax.config import ALL_DEFECT_KINDS, DEFECT_FAMILIES, DEFECT_KINDS
-from alchemist_jax.data.cache import atomic_write_parquet
+from alchemist_jax.runtime.io import atomic_write_parquet
 from alchemist_jax.data.sources import Source
 
 NOISE_STD = 100.0  # on the 0..255 scale

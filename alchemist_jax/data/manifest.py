@@ -44,7 +44,7 @@ from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
 from alchemist_jax.config import ManifestConfig
-from alchemist_jax.data.cache import atomic_write_parquet
+from alchemist_jax.runtime.io import atomic_write_parquet
 from alchemist_jax.data.sources import Source
 
 logger = logging.getLogger("alchemist_jax.data")

@@ -21,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 
 from alchemist_jax.config import DataConfig
-from alchemist_jax.data import load
+from alchemist_jax.data import preprocess
+from alchemist_jax.data.loading import BUILTIN_SOURCES, load
 from alchemist_jax.data.corrupt import corrupt
-from alchemist_jax.data.sources import Source
+from alchemist_jax.data.sources import ArraySource, Source
 
 
 @dataclasses.dataclass
@@ -66,6 +67,27 @@ def load_splits(config: DataConfig, report_dir: str | Path | None = None) -> Spl
     return Splits(pool, validation, truth, _caption_classes(pool, truth))
 
 
+@dataclasses.dataclass
+class PreparedSplits:
+    """The pool and validation set preprocessed into memory (`preprocess.materialize`), and,
+    when defects were injected, the truth (`defects` per pool index, None = clean) and the
+    caption class of each pool sample (the label a swapped caption names), for AUROC."""
+
+    pool: ArraySource
+    validation: ArraySource
+    defects: list[str | None] | None
+    caption_classes: np.ndarray | None
+
+
+def prepare_splits(config: DataConfig, report_dir: str | Path | None = None) -> PreparedSplits:
+    """`load_splits`, then both splits preprocessed for the models (`Preprocessor.for_config`)."""
+    splits = load_splits(config, report_dir=report_dir)
+    transform = preprocess.Preprocessor.for_config(config)
+    return PreparedSplits(preprocess.materialize(splits.train, transform),
+                          preprocess.materialize(splits.validation, transform), splits.defects,
+                          splits.caption_classes)
+
+
 def load_test(config: DataConfig, test_source: str | None = None) -> Source:
     """The clean held-out test set: `test_source` (its `test` split if it is a dataset with
     splits), else the `test` split of `config.source`.
@@ -84,7 +106,6 @@ def load_test(config: DataConfig, test_source: str | None = None) -> Source:
 def has_split(name_or_path: str, split: str) -> bool:
     """Whether the source has a named `split`: always for built-ins, for TFDS directories when
     they hold it, never for manifests and image folders (one split each)."""
-    from alchemist_jax.data import BUILTIN_SOURCES
     from alchemist_jax.data.tfds_dataset import is_tfds_dir
 
     if name_or_path in BUILTIN_SOURCES:

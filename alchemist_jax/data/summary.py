@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from alchemist_jax.data.cache import atomic_save_figure, atomic_write_bytes
+from alchemist_jax.runtime.io import atomic_save_figure, atomic_write_bytes
 from alchemist_jax.data.sources import Source
 from alchemist_jax.data.tokenizer import Tokenizer
 

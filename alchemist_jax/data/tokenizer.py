@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from alchemist_jax.data import cache
+from alchemist_jax.runtime.io import atomic_write_bytes
 
 START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
 START_ID, END_ID = 49406, 49407
@@ -56,9 +57,9 @@ def vocabulary_dir() -> Path:
     tokens += ["".join(merge.split()) for merge in merges] + [START_TOKEN, END_TOKEN]
     assert len(tokens) == VOCAB_SIZE, len(tokens)
     vocab = {token: index for index, token in enumerate(tokens)}
-    cache.atomic_write_bytes(target / "merges.txt",
+    atomic_write_bytes(target / "merges.txt",
                              ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"))
-    cache.atomic_write_bytes(target / "vocab.json", json.dumps(vocab).encode("utf-8"))
+    atomic_write_bytes(target / "vocab.json", json.dumps(vocab).encode("utf-8"))
     return target
 
 

@@ -6,15 +6,7 @@
 - `generative.py`: evaluation of a trained text-to-image model on the clean test set: test
   loss at fixed draws, Fréchet classifier distance, text alignment, a sample grid
   (`alchemist-jax evaluate` calls `run`).
+
+Import the module you need; this package file imports nothing, so that the light `defects`
+does not pull in the models and training of `generative`.
 """
-
-from alchemist_jax.evaluation.defects import (auroc, credit_kept_copies, defect_auroc,
-                                              normalize_within_groups)
-from alchemist_jax.evaluation.classifier import (Classifier, UnlabeledDataError,
-                                                 feature_classifier, load_test_data)
-from alchemist_jax.evaluation.generative import (evaluate_model, fcd, frechet_distance,
-                                                 generate, run, try_feature_classifier)
-
-__all__ = ["Classifier", "UnlabeledDataError", "auroc", "credit_kept_copies", "defect_auroc", "evaluate_model", "fcd",
-           "feature_classifier", "frechet_distance", "generate", "load_test_data",
-           "normalize_within_groups", "run", "try_feature_classifier"]

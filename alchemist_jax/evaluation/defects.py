@@ -6,44 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """Area under the ROC curve: P(score of a random positive > one of a random negative), ties
-    counted one half (the Mann-Whitney U statistic over |pos|·|neg|).
-
-    Args:
-      positive: (n,) scores of the positive class (here: clean samples).
-      negative: (m,) scores of the negative class (defective samples).
-    """
-    positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
-    if len(positive) == 0 or len(negative) == 0:
-        raise ValueError("auroc needs at least one positive and one negative score")
-    values = np.concatenate([positive, negative])
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    sorted_values = values[order]
-    # Average ranks over ties (1-based).
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2
-    rank_sum = ranks[: len(positive)].sum()
-    u = rank_sum - len(positive) * (len(positive) + 1) / 2
-    return float(u / (len(positive) * len(negative)))
-
-
-def normalize_within_groups(scores: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
-    """Z-scores `scores` (N,) within each group (N,) (a rater's per-class offsets are not
-    quality); groups of one sample get 0. `groups=None` normalises globally."""
-    scores = np.asarray(scores, np.float64)
-    groups = np.zeros(len(scores), np.int64) if groups is None else np.asarray(groups)
-    out = np.zeros_like(scores)
-    for group in np.unique(groups):
-        members = groups == group
-        values = scores[members]
-        std = values.std()
-        out[members] = (values - values.mean()) / std if std > 0 else 0.0
-    return out
+from alchemist_jax.runtime.stats import auroc, normalize_within_groups
 
 
 def defect_auroc(scores: np.ndarray, defects: Sequence[str | None],

@@ -1,6 +1,6 @@
 """Evaluating a trained text-to-image model on the clean held-out test set (docs/METHOD.md §7):
 
-  test loss   mean flow-matching loss at fixed (t, noise) draws (`train.validation_loss`,
+  test loss   mean flow-matching loss at fixed (t, noise) draws (`training.validation_loss`,
               `evaluate.loss_draws` draws per example)
   FCD         Fréchet distance between the feature classifier's penultimate features of the
               real test images and of one generated image per test caption (an FID analogue)
@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,18 +33,14 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
-from alchemist_jax import models
-from alchemist_jax.data.cache import atomic_write_bytes
+from alchemist_jax import models, training
+from alchemist_jax.runtime import parallel
+from alchemist_jax.runtime.io import atomic_write_bytes
 from alchemist_jax.data.sources import ArraySource
 from alchemist_jax.data.tokenizer import Tokenizer
 from alchemist_jax.evaluation.classifier import (Classifier, UnlabeledDataError,
                                                  feature_classifier, load_test_data,
                                                  source_arrays)
-
-if TYPE_CHECKING:
-    from alchemist_jax import train
-
-# `train` and `rate` are imported where used: they import `rate`, which imports this package.
 
 log = logging.getLogger("alchemist_jax.evaluation")
 
@@ -123,7 +119,7 @@ def _sample(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, captions
     return jnp.clip(models.sample(model, captions, rng, steps, guidance_scale, shape), -1.0, 1.0)
 
 
-def generate(trained: train.Trained, captions: dict, rng: jax.Array, steps: int,
+def generate(trained: training.Trained, captions: dict, rng: jax.Array, steps: int,
              guidance_scale: float, shape: tuple[int, int, int]) -> jax.Array:
     """Images for a batch of captions (`models.sample`: `steps` Euler steps, classifier-free
     guidance `guidance_scale`), clipped to [-1, 1]; jitted once per (model, steps, shape,
@@ -155,7 +151,7 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
 
 
-def generate_images(trained: train.Trained, captions: dict[str, np.ndarray],
+def generate_images(trained: training.Trained, captions: dict[str, np.ndarray],
                     shape: tuple[int, int, int], seed: int, steps: int, guidance_scale: float,
                     batch_size: int, desc: str = "generating") -> np.ndarray:
     """One image per caption row, generated in batches of `batch_size` rows (the last one
@@ -167,11 +163,10 @@ def generate_images(trained: train.Trained, captions: dict[str, np.ndarray],
     Returns:
       (N, H, W, C) float32 in [-1, 1].
     """
-    from alchemist_jax.rate import make_mesh
 
     captions = {k: np.asarray(v) for k, v in captions.items() if k in CAPTION_FIELDS}
     rows = len(next(iter(captions.values())))
-    sharding = NamedSharding(make_mesh(), P("data"))
+    sharding = NamedSharding(parallel.make_mesh(), P(parallel.DATA_AXIS))
     key = jax.random.key(seed)
     images = []
     starts = range(0, rows, batch_size)
@@ -267,7 +262,7 @@ def sample_grid(images: np.ndarray, labels: list[str]) -> Image.Image:
     return canvas
 
 
-def write_sample_grid(path: Path, trained: train.Trained, test: dict[str, np.ndarray],
+def write_sample_grid(path: Path, trained: training.Trained, test: dict[str, np.ndarray],
                       eval_cfg: config_lib.EvaluateConfig, batch_size: int) -> None:
     """Generates `eval_cfg.grid_samples` images for each of `eval_cfg.grid_captions` distinct
     test captions (`grid_rows`) and writes their grid (`sample_grid`) to `path` as PNG.
@@ -333,14 +328,7 @@ def try_feature_classifier(cfg: config_lib.Config, test_data: ArraySource | None
         return None, str(error)
 
 
-def _check_evaluate_config(eval_cfg: config_lib.EvaluateConfig) -> None:
-    for key in ("loss_draws", "sample_steps", "grid_captions", "grid_samples"):
-        if getattr(eval_cfg, key) < 1:
-            raise config_lib.ConfigError(f"evaluate.{key} must be >= 1, got "
-                                         f"{getattr(eval_cfg, key)}")
-
-
-def evaluate_model(cfg: config_lib.Config, trained: train.Trained, test_data: ArraySource,
+def evaluate_model(cfg: config_lib.Config, trained: training.Trained, test_data: ArraySource,
                    classifier: Classifier | None, out_dir: str | Path, *,
                    classifier_missing: str | None = None) -> dict[str, Any]:
     """Evaluates `trained` on `test_data`; writes `out_dir/metrics.json` and
@@ -362,10 +350,7 @@ def evaluate_model(cfg: config_lib.Config, trained: train.Trained, test_data: Ar
       sample_steps, guidance_scale, loss_draws, and `unavailable` {metric: reason} for the
       metrics that are null.
     """
-    from alchemist_jax import train
-
     eval_cfg = cfg.evaluate
-    _check_evaluate_config(eval_cfg)
     if len(test_data) < 2:
         raise ValueError(f"evaluate needs at least 2 test examples, got {len(test_data)}")
     real = source_arrays(test_data)
@@ -375,7 +360,7 @@ def evaluate_model(cfg: config_lib.Config, trained: train.Trained, test_data: Ar
     out_dir = Path(out_dir)
     batch_size = eval_batch_size(len(test_data))
     metrics: dict[str, Any] = {
-        "test_loss": train.validation_loss(trained, test_data, batch_size, eval_cfg.seed,
+        "test_loss": training.validation_loss(trained, test_data, batch_size, eval_cfg.seed,
                                            draws=eval_cfg.loss_draws),
         **dict.fromkeys(CLASSIFIER_METRICS), "test_size": len(test_data),
         "sample_steps": eval_cfg.sample_steps, "guidance_scale": eval_cfg.guidance_scale,
@@ -396,9 +381,7 @@ def run(cfg: config_lib.Config, model_dir: str | Path, out: str | Path) -> dict[
     """`alchemist-jax evaluate`: evaluates the finished train run in `model_dir` on the clean
     test set of `cfg` (`load_test_data`) with the cached feature classifier; writes
     `out/metrics.json` and `out/samples.png` and returns the metrics (`evaluate_model`)."""
-    from alchemist_jax import train
-
-    trained = train.load_trained(cfg, model_dir)
+    trained = training.load_trained(cfg, model_dir)
     test_data = load_test_data(cfg)
     classifier, missing = try_feature_classifier(cfg, test_data)
     metrics = evaluate_model(cfg, trained, test_data, classifier, out,

@@ -1,4 +1,4 @@
-"""Downstream training (`alchemist-jax train`): the text-to-image DiT of `cfg.model` trained from
+"""Downstream training (`alchemist-jax train` calls `run`): the text-to-image DiT of `cfg.model` trained from
 scratch on a selection of the pool, on the pool sampled by rating weights, or on the whole pool;
 how well it then does on held-out data is the benchmark's measure of a selection.
 
@@ -31,9 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -42,13 +39,12 @@ from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
 from alchemist_jax import models
-from alchemist_jax.data import pipeline
-from alchemist_jax.data.cache import atomic_write_bytes
+from alchemist_jax.data import pipeline, prepare_splits
 from alchemist_jax.data.sources import ArraySource
-from alchemist_jax.rate import (MetricsLog, load_rating_data, make_mesh, model_inputs,
-                                restore_checkpoint, save_checkpoint)
+from alchemist_jax.runtime import checkpoints, io, parallel, runlog
+from alchemist_jax.runtime.parallel import model_inputs
 
-log = logging.getLogger("alchemist_jax.train")
+log = logging.getLogger("alchemist_jax.training")
 
 LOG_EVERY = 10  # steps between training-loss lines (the mean loss of those steps)
 # Key of the validation loss's fixed draws: the same for every run, so that the curves of
@@ -99,7 +95,7 @@ InputSpec = tuple[tuple[str, tuple[int, ...], str], ...]
 
 
 def input_spec(example: dict[str, np.ndarray]) -> InputSpec:
-    """The `InputSpec` of one example's model inputs (`rate.MODEL_INPUTS`)."""
+    """The `InputSpec` of one example's model inputs (`parallel.MODEL_INPUTS`)."""
     return tuple((k, tuple(np.shape(v)), str(np.asarray(v).dtype))
                  for k, v in sorted(model_inputs(example).items()))
 
@@ -196,7 +192,7 @@ def validation_loss(trained: Trained, data: ArraySource, batch_size: int, seed: 
     same seed, models are compared at the same draws.
 
     Args:
-      trained: the model, its arrays on `rate.make_mesh()` (as `train_model` and
+      trained: the model, its arrays on `parallel.make_mesh()` (as `train_model` and
         `load_trained` return them).
       data: preprocessed examples (`preprocess.materialize`).
       batch_size: rows per jitted evaluation step; divisible by the device count.
@@ -208,7 +204,7 @@ def validation_loss(trained: Trained, data: ArraySource, batch_size: int, seed: 
         raise ValueError(f"batch_size={batch_size} must be divisible by the {devices} devices")
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
-    batch_sharding = NamedSharding(make_mesh(), P("data"))
+    batch_sharding = NamedSharding(parallel.make_mesh(), P(parallel.DATA_AXIS))
     total = 0.0
     for batch in pipeline.eval_iterator(data, batch_size, shard_index=0, shard_count=1):
         inputs = jax.device_put((model_inputs(batch), *models.split_ids(batch["id"]),
@@ -323,10 +319,10 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
     train_cfg = cfg.train
     run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(train_cfg, steps=steps,
                                                                  seed=seed))
-    _check_train_config(run_cfg.train)
+    parallel.check_batch_split({"train.batch_size": train_cfg.batch_size})
     batch_size = train_cfg.batch_size
     inputs = input_spec(train_data[0])
-    program = build_program(run_cfg, inputs, make_mesh(), steps, seed)
+    program = build_program(run_cfg, inputs, parallel.make_mesh(), steps, seed)
     if workdir is not None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -345,19 +341,17 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
     losses: list = []  # the step losses since the last training-loss line
     manager = metrics_log = None
     if workdir is not None:
-        manager = ocp.CheckpointManager(
-            (workdir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+        manager = checkpoints.manager(workdir / "checkpoints")
         if manager.latest_step() is not None:
-            state, saved = restore_checkpoint(manager, state)
+            state, saved = checkpoints.restore(manager, state)
             if saved["data"] != info["data"]:
                 raise ValueError(f"{workdir} holds a run on other training data (selection or "
                                  "weights): use a new workdir")
             batches.set_state(saved["batches"])
             losses = saved["losses"]
-            _forget_metrics_after(workdir / "metrics.jsonl", int(state["step"]))
+            runlog.forget_after(workdir / runlog.METRICS_FILE, int(state["step"]))
             log.info("resuming %s at step %d of %d", workdir, int(state["step"]), steps)
-        metrics_log = MetricsLog(workdir)
+        metrics_log = runlog.MetricsLog(workdir)
 
     start = int(state["step"])
     end = steps if stop_after is None else min(steps, start + stop_after)
@@ -381,35 +375,13 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
             for key, value in metrics.items():  # one line per metric (docs: run folder layout)
                 metrics_log.write(done, {key: value})
         if manager is not None and (done % train_cfg.checkpoint_every == 0 or done == end):
-            save_checkpoint(manager, done, state, {**info, "batches": batches.get_state(),
+            checkpoints.save(manager, done, state, {**info, "batches": batches.get_state(),
                                          "losses": [float(x) for x in jax.device_get(losses)]})
     progress.close()
     if manager is not None:
         manager.wait_until_finished()
         metrics_log.close()
     return Trained(program.graphdef, state["params"], program.rest)
-
-
-def _check_train_config(train_cfg: config_lib.TrainConfig) -> None:
-    """Positive sizes and intervals; a batch that splits evenly over the devices."""
-    for key in ("steps", "batch_size", "eval_every", "checkpoint_every"):
-        if getattr(train_cfg, key) < 1:
-            raise config_lib.ConfigError(f"train.{key} must be >= 1, got "
-                                         f"{getattr(train_cfg, key)}")
-    devices = jax.device_count()
-    if train_cfg.batch_size % devices:
-        raise config_lib.ConfigError(f"train.batch_size={train_cfg.batch_size} must be "
-                                     f"divisible by the {devices} devices of the mesh")
-
-
-def _forget_metrics_after(path: Path, step: int) -> None:
-    """Drops the metric lines past `step` (written after the checkpoint a run resumes from)."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) < len(lines):
-        atomic_write_bytes(path, "".join(kept).encode())
 
 
 def load_trained(cfg: config_lib.Config, workdir: str | Path) -> Trained:
@@ -420,13 +392,11 @@ def load_trained(cfg: config_lib.Config, workdir: str | Path) -> Trained:
         reached), or its config.yaml has another model section than `cfg`.
     """
     workdir = Path(workdir)
-    directory = (workdir / "checkpoints").absolute()
-    manager = ocp.CheckpointManager(directory) if directory.is_dir() else None
-    step = None if manager is None else manager.latest_step()
+    step = checkpoints.latest_step(workdir / "checkpoints")
     if step is None:
         raise ValueError(f"{workdir} holds no checkpoint of a train run")
-    info = manager.restore(step, args=ocp.args.Composite(
-        iterators=ocp.args.JsonRestore()))["iterators"]
+    manager = checkpoints.manager(workdir / "checkpoints", read_only=True)
+    info = checkpoints.restore_run_state(manager, step)
     if step < info["steps"]:
         raise ValueError(f"the train run in {workdir} is unfinished: it reached step {step} of "
                          f"{info['steps']}; rerun its train command to finish it")
@@ -435,8 +405,8 @@ def load_trained(cfg: config_lib.Config, workdir: str | Path) -> Trained:
         raise ValueError(f"{workdir / 'config.yaml'} has another model section than the config "
                          "given")
     inputs = tuple((name, tuple(shape), dtype) for name, shape, dtype in info["inputs"])
-    program = build_program(cfg, inputs, make_mesh(), info["steps"], info["seed"])
-    state, _ = restore_checkpoint(manager, program.initial_state)
+    program = build_program(cfg, inputs, parallel.make_mesh(), info["steps"], info["seed"])
+    state, _ = checkpoints.restore(manager, program.initial_state, step)
     return Trained(program.graphdef, state["params"], program.rest)
 
 
@@ -445,70 +415,28 @@ def load_trained(cfg: config_lib.Config, workdir: str | Path) -> Trained:
 # ==============================================================================================
 
 
-def _read_columns(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The named columns of a Parquet file; ValueError naming the file and column when one is
-    missing or holds nulls."""
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
-    for column in columns:
-        if column not in table.column_names:
-            raise ValueError(f"{path} has no {column!r} column (columns: "
-                             f"{', '.join(table.column_names) or 'none'})")
-        if table.column(column).null_count:
-            raise ValueError(f"{path}: column {column!r} has null values")
-    return {column: table.column(column).to_numpy() for column in columns}
-
-
-def _pool_indices(pool_ids: np.ndarray, ids: np.ndarray, path: Path) -> np.ndarray:
-    """The pool index of each of `ids` (int64 (M,)); ValueError naming `path` when an id is not
-    in the pool or appears twice."""
-    values, counts = np.unique(ids, return_counts=True)
-    if np.any(counts > 1):
-        raise ValueError(f"{path}: id {values[counts > 1][0]} appears more than once")
-    order = np.argsort(pool_ids)
-    positions = np.minimum(np.searchsorted(pool_ids[order], ids), len(pool_ids) - 1)
-    unknown = ids[pool_ids[order][positions] != ids]
-    if len(unknown):
-        raise ValueError(f"{path}: {len(unknown)} ids are not in the training pool "
-                         f"(e.g. {', '.join(map(str, unknown[:5]))})")
-    return order[positions]
-
-
 def read_selection(path: Path, pool: ArraySource) -> ArraySource:
     """The examples of `pool` whose ids are listed in the `id` column of `path`, in pool
     order."""
-    ids = _read_columns(path, ("id",))["id"].astype(np.int64)
+    ids = io.read_parquet(path, ("id",)).column("id").to_numpy().astype(np.int64)
     if len(ids) == 0:
         raise ValueError(f"{path} selects no ids")
-    return pool.take(np.sort(_pool_indices(pool.ids, ids, path)), name=f"{pool.name}[selection]")
+    return pool.take(np.sort(io.pool_positions(ids, pool.ids, str(path))),
+                     name=f"{pool.name}[selection]")
 
 
 def read_rating_weights(path: Path, pool: ArraySource) -> np.ndarray:
     """Sampling weights (N,) of the pool examples from the `id` / `score` columns of a ratings
     file, by `rating_weights`; every pool id needs a finite score."""
-    columns = _read_columns(path, ("id", "score"))
-    ids, scores = columns["id"].astype(np.int64), columns["score"].astype(np.float64)
-    indices = _pool_indices(pool.ids, ids, path)
-    if len(indices) != len(pool):
-        missing = np.setdiff1d(pool.ids, ids)
-        raise ValueError(f"{path} rates {len(ids)} of the {len(pool)} pool ids: every pool id "
-                         f"needs a score (missing e.g. {', '.join(map(str, missing[:5]))})")
+    table = io.read_parquet(path, ("id", "score"))
+    ids = table.column("id").to_numpy().astype(np.int64)
+    scores = table.column("score").to_numpy().astype(np.float64)
+    indices = io.pool_positions(ids, pool.ids, str(path), cover=True)
     if not np.all(np.isfinite(scores)):
         raise ValueError(f"{path}: column 'score' has non-finite values")
     pool_scores = np.empty(len(pool))
     pool_scores[indices] = scores
     return rating_weights(pool_scores)
-
-
-def _last_values(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
-    """The last value logged of each of `keys` in a metrics.jsonl."""
-    values: dict[str, float] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        values.update({key: row[key] for key in keys if key in row})
-    return values
 
 
 def run(cfg: config_lib.Config, workdir: str | Path, selection: str | Path | None = None,
@@ -526,8 +454,8 @@ def run(cfg: config_lib.Config, workdir: str | Path, selection: str | Path | Non
         raise ValueError("give a selection or weights, not both")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data = load_rating_data(cfg, workdir)
-    pool, sampling_weights = data.train, None
+    data = prepare_splits(cfg.data, report_dir=workdir)
+    pool, sampling_weights = data.pool, None
     if selection is not None:
         pool = read_selection(Path(selection), pool)
     if weights is not None:
@@ -538,4 +466,4 @@ def run(cfg: config_lib.Config, workdir: str | Path, selection: str | Path | Non
     train_model(cfg, pool, workdir, steps=cfg.train.steps, seed=cfg.train.seed,
                 validation=data.validation, sampling_weights=sampling_weights)
     return {"steps": cfg.train.steps, "train_size": len(pool),
-            **_last_values(workdir / "metrics.jsonl", ("train_loss", "val_loss"))}
+            **runlog.last_values(workdir / runlog.METRICS_FILE, ("train_loss", "val_loss"))}

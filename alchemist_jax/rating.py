@@ -1,4 +1,4 @@
-"""Learning the rater (`alchemist-jax rate`): the story of one rating run, top to bottom.
+"""Learning the rater (`alchemist-jax rate` calls `run`): the story of one rating run, top to bottom.
 
   data      training pool (optionally with injected defects) and a clean validation set,
             preprocessed once into memory; grain iterators with resumable state
@@ -19,7 +19,6 @@ The state is a dict of pytrees:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -28,56 +27,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
 from alchemist_jax import meta, models
-from alchemist_jax.data import load_splits, pipeline, preprocess
-
-from alchemist_jax.data.cache import atomic_save_figure
+from alchemist_jax.data import PreparedSplits, pipeline, prepare_splits
 from alchemist_jax.data.sources import ArraySource
-from alchemist_jax.evaluation import defect_auroc
+from alchemist_jax.evaluation.defects import defect_auroc
+from alchemist_jax.runtime import checkpoints, parallel, runlog
+from alchemist_jax.runtime.parallel import model_inputs
 
-log = logging.getLogger("alchemist_jax.rate")
-
-# Batch fields the models read; everything else (ids, labels) stays on the host.
-MODEL_INPUTS = ("image", "tokens", "token_mask", "latent", "text_embedding")
-
-
-# ==============================================================================================
-# Data
-# ==============================================================================================
-
-
-@dataclasses.dataclass
-class RatingData:
-    """What a rating run reads: preprocessed arrays of the pool and the validation set, and,
-    when defects were injected, the truth (`defects` per pool index, None = clean) and the
-    caption class of each pool sample (the label a swapped caption names), for AUROC."""
-
-    train: ArraySource
-    validation: ArraySource
-    defects: np.ndarray | None
-    caption_classes: np.ndarray | None
-
-
-def load_rating_data(cfg: config_lib.Config, workdir: Path) -> RatingData:
-    """Loads the pool (+ defects) and validation set of `cfg.data` (`data.load_splits`) and
-    preprocesses them into memory; writes `workdir/defects.parquet` when defects are injected."""
-    data_cfg = cfg.data
-    splits = load_splits(data_cfg, report_dir=workdir)
-    transform = preprocess.Preprocessor.for_config(data_cfg)
-    return RatingData(preprocess.materialize(splits.train, transform),
-                      preprocess.materialize(splits.validation, transform), splits.defects,
-                      splits.caption_classes)
-
-
-def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The fields of a batch the models read (`MODEL_INPUTS`); ids, labels, masks stay out."""
-    return {key: value for key, value in batch.items() if key in MODEL_INPUTS}
+log = logging.getLogger("alchemist_jax.rating")
 
 
 # ==============================================================================================
@@ -100,6 +62,10 @@ class RatingProgram:
     val_sharding: NamedSharding  # (B, ...) batches
 
 
+# metrics.jsonl keys drawn in curves.png, one panel per group.
+CURVE_PANELS = (("meta_loss", "proxy_loss"), ("weight_entropy", "weight_ess"), ("auroc/",))
+
+
 def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
@@ -117,17 +83,6 @@ def _meta_metrics(grads, aux: dict) -> dict[str, jax.Array]:
             "weight_max": weights.max(-1).mean(), "rater_grad_norm": _global_norm(grads)}
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    """A 1-D mesh over every device, axis `data` (Auto axis types: shardings are hints)."""
-    return jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def inner_optimizer(rate_cfg: config_lib.RateConfig) -> optax.GradientTransformation:
-    """The proxies' optimizer: Adam with eps 1e-3 and eps_root 1e-12 (METHOD.md §8)."""
-    return optax.adam(rate_cfg.inner_lr, eps=rate_cfg.inner_eps, eps_root=1e-12)
-
-
 def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.sharding.Mesh,
                   ) -> RatingProgram:
     """Builds the models and jits the steps for batches shaped like `example_batch`."""
@@ -141,7 +96,7 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
     loss_fn = models.proxy_loss_fn(proxy_graph, proxy_rest, cfg.model.caption_dropout)
     rater_fn = models.rater_weight_fn(rater_graph, rater_rest, cfg.rater.temperature)
     score_fn = models.rater_score_fn(rater_graph, rater_rest)
-    inner_opt = inner_optimizer(rate_cfg)
+    inner_opt = meta.inner_optimizer(rate_cfg.inner_lr, rate_cfg.inner_eps)
     rater_opt = optax.chain(optax.clip_by_global_norm(rate_cfg.rater_clip),
                             optax.adam(rate_cfg.rater_lr))
 
@@ -269,10 +224,10 @@ class _Batches:
     """Draws (P, S, B, ...) proxy batches and (B_val, ...) validation batches from grain
     iterators whose positions go into checkpoints."""
 
-    def __init__(self, data: RatingData, cfg: config_lib.Config):
+    def __init__(self, data: PreparedSplits, cfg: config_lib.Config):
         rate_cfg, batch = cfg.rate, cfg.data.batch_size
         self.population = rate_cfg.population
-        self.train = pipeline.train_iterator(data.train, batch * self.population,
+        self.train = pipeline.train_iterator(data.pool, batch * self.population,
                                              seed=cfg.data.seed,
                                              read_threads=cfg.data.read_threads)
         self.validation = pipeline.train_iterator(data.validation, rate_cfg.val_batch_size,
@@ -296,27 +251,6 @@ class _Batches:
         self.validation.set_state(state["validation"])
 
 
-def validate_rate_config(cfg: config_lib.Config) -> None:
-    """Cross-field checks that a single key's type cannot express."""
-    r = cfg.rate
-    if r.mode == "lookahead" and r.inner_steps != 1:
-        raise config_lib.ConfigError("rate.mode=lookahead needs rate.inner_steps=1 "
-                                     f"(got {r.inner_steps})")
-    if r.meta_every is not None and r.meta_every < r.inner_steps:
-        raise config_lib.ConfigError(f"rate.meta_every ({r.meta_every}) must be >= "
-                                     f"rate.inner_steps ({r.inner_steps})")
-    for key in ("steps", "inner_steps", "population", "val_batch_size", "checkpoint_every",
-                "log_every", "unroll"):
-        if getattr(r, key) < 1:
-            raise config_lib.ConfigError(f"rate.{key} must be >= 1, got {getattr(r, key)}")
-    devices = jax.device_count()
-    for key, size in (("data.batch_size", cfg.data.batch_size),
-                      ("rate.val_batch_size", r.val_batch_size)):
-        if size % devices:
-            raise config_lib.ConfigError(f"{key}={size} must be divisible by the {devices} "
-                                         "devices of the mesh")
-
-
 def score_source(program: RatingProgram, rater_params, source: ArraySource,
                  batch_size: int) -> np.ndarray:
     """Batch-independent rater scores u (N,) float32 of every example of `source`, in order."""
@@ -330,44 +264,43 @@ def score_source(program: RatingProgram, rater_params, source: ArraySource,
     return scores
 
 
-def rater_auroc(program: RatingProgram, state: dict, data: RatingData,
+def rater_auroc(program: RatingProgram, state: dict, data: PreparedSplits,
                 batch_size: int) -> dict[str, float]:
     """AUROC of the EMA rater's scores, clean vs each defect kind, within caption classes."""
-    scores = score_source(program, state["rater_ema"], data.train, batch_size)
+    scores = score_source(program, state["rater_ema"], data.pool, batch_size)
     return defect_auroc(scores, data.defects, data.caption_classes)
 
 
-def rate(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None = None,
-         ) -> dict[str, Any]:
+def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None = None,
+        ) -> dict[str, Any]:
     """Runs (or resumes) a rating run in `workdir`; returns the final metrics.
 
     `stop_after` ends the run after that many meta-steps in this call (used to test resuming:
     an interrupted run, rerun, ends with the same rater as an uninterrupted one).
     """
-    validate_rate_config(cfg)
+    parallel.check_batch_split({"data.batch_size": cfg.data.batch_size,
+                                "rate.val_batch_size": cfg.rate.val_batch_size})
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config_lib.write_run_config(cfg, workdir, ("data", "model", "rater", "rate"))
     rate_cfg = cfg.rate
     inner, cycle = rate_cfg.inner_steps, rate_cfg.meta_every or rate_cfg.inner_steps
 
-    data = load_rating_data(cfg, workdir)
+    data = prepare_splits(cfg.data, report_dir=workdir)
     log.info("pool %d examples, validation %d; %s, K=%d, P=%d, %d meta-steps",
-             len(data.train), len(data.validation), rate_cfg.mode, inner,
+             len(data.pool), len(data.validation), rate_cfg.mode, inner,
              rate_cfg.population, rate_cfg.steps)
     batches = _Batches(data, cfg)
-    mesh = make_mesh()
-    example = model_inputs(data.train[0])
+    mesh = parallel.make_mesh()
+    example = model_inputs(data.pool[0])
     example = {k: np.stack([v] * cfg.data.batch_size) for k, v in example.items()}
     program = build_program(cfg, example, mesh)
 
-    manager = ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    manager = checkpoints.manager(workdir / "checkpoints")
     state = program.init_state(jax.random.key(rate_cfg.seed))
     if manager.latest_step() is not None:
-        state, iterator_state = restore_checkpoint(manager, state)
-        batches.set_state(iterator_state)
+        state, run_state = checkpoints.restore(manager, state)
+        batches.set_state(run_state["batches"])
         log.info("resumed from meta-step %d", int(state["step"]))
     elif rate_cfg.warm_start_steps:
         state = program.proxy_steps(state, batches.proxy_batches(rate_cfg.warm_start_steps),
@@ -375,7 +308,7 @@ def rate(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None 
         # A copy: the state is donated to the next step, and one buffer cannot be donated twice.
         state = {**state, "warm_proxy": jax.tree.map(jnp.copy, state["proxy"])}
 
-    metrics_log = MetricsLog(workdir)
+    metrics_log = runlog.MetricsLog(workdir)
     start = int(state["step"])
     if start >= rate_cfg.steps:
         log.info("the run in %s is complete (%d meta-steps)", workdir, start)
@@ -409,12 +342,12 @@ def rate(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None 
                                  proxy=f"{last['proxy_loss']:.4f}",
                                  H=f"{last['weight_entropy']:.3f}")
         if done % rate_cfg.checkpoint_every == 0 or done == end:
-            save_checkpoint(manager, done, state, batches.get_state())
+            checkpoints.save(manager, done, state, {"batches": batches.get_state()})
     progress.close()
     manager.wait_until_finished()
     metrics_log.close()
     if int(state["step"]) == rate_cfg.steps:
-        metrics_log.plot(workdir / "curves.png")
+        runlog.plot_curves(metrics_log.path, workdir / "curves.png", CURVE_PANELS, "meta-step")
     return last
 
 
@@ -425,67 +358,3 @@ def _proxies_to_reset(done: int, reset_every: int, population: int) -> list[int]
         return []
     return [p for p in range(population)
             if (done + p * reset_every // population) % reset_every == 0]
-
-
-def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: dict, iterators: dict
-                    ) -> None:
-    """Saves `state` (a pytree) and `iterators` (JSON: data-iterator positions and run facts) as
-    one orbax checkpoint at `step`."""
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               iterators=ocp.args.JsonSave(iterators)))
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, like: dict) -> tuple[dict, dict]:
-    """(state, iterators) of the latest checkpoint of `manager`; `like` gives the state's
-    structure, shapes and dtypes."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), iterators=ocp.args.JsonRestore()))
-    return restored["state"], restored["iterators"]
-
-
-class MetricsLog:
-    """Metrics to `metrics.jsonl` (appended; a resumed run continues it) and TensorBoard."""
-
-    def __init__(self, workdir: Path):
-        from tensorboardX import SummaryWriter
-
-        self.path = workdir / "metrics.jsonl"
-        self.writer = SummaryWriter(str(workdir / "tensorboard"))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def last(self) -> dict[str, float]:
-        """The last metrics written (empty if none)."""
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        return {k: v for k, v in json.loads(lines[-1]).items() if k != "step"} if lines else {}
-
-    def plot(self, path: Path) -> None:
-        """Loss, weight entropy and (if measured) AUROC curves as one PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-        rows = list({r["step"]: r for r in rows}.values())  # a resumed run may repeat steps
-        panels = [("meta_loss", "proxy_loss"), ("weight_entropy", "weight_ess"),
-                  tuple(k for k in rows[-1] if k.startswith("auroc/"))]
-        panels = [p for p in panels if p]
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-        for ax, keys in zip(np.atleast_1d(axes), panels):
-            for key in keys:
-                points = [(r["step"], r[key]) for r in rows if key in r]
-                ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
-            ax.set_xlabel("meta-step")
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        atomic_save_figure(path, fig, dpi=100)

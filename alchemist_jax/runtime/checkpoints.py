@@ -1,0 +1,74 @@
+"""Checkpoints: one orbax manager factory, and a state pytree saved with its run state.
+
+A checkpoint at step S holds two items:
+  state      the pytree of arrays (model, optimizer, rng ...), restored onto the shardings of the
+             `like` tree given to `restore`, so a checkpoint moves between meshes
+  run_state  JSON: data-iterator positions and the facts a resumed run must share with the run
+             it continues (steps, seed, a digest of the data ...)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+STATE = "state"
+RUN_STATE = "run_state"
+
+
+def manager(directory: Path, *, max_to_keep: int | None = 2, read_only: bool = False
+            ) -> ocp.CheckpointManager:
+    """The orbax manager of `directory` (absolute path taken; created unless `read_only`).
+
+    Args:
+      max_to_keep: checkpoints kept (older ones are deleted after a save); None keeps all.
+      read_only: open an existing folder for restoring only.
+    """
+    options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
+               ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def latest_step(directory: Path) -> int | None:
+    """The latest checkpointed step in `directory`, or None (no folder, no checkpoint)."""
+    if not Path(directory).is_dir():
+        return None
+    return manager(directory, read_only=True).latest_step()
+
+
+def save(checkpoints: ocp.CheckpointManager, step: int, state: Any, run_state: dict) -> None:
+    """Saves `state` (a pytree of arrays) and `run_state` (JSON-able) as one checkpoint."""
+    checkpoints.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state), RUN_STATE: ocp.args.JsonSave(run_state)}))
+
+
+def restore(checkpoints: ocp.CheckpointManager, like: Any, step: int | None = None
+            ) -> tuple[Any, dict]:
+    """(state, run_state) of checkpoint `step` (default: the latest); `like` gives the state's
+    structure, shapes, dtypes and shardings (arrays or `jax.ShapeDtypeStruct`s)."""
+    step = checkpoints.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = checkpoints.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract), RUN_STATE: ocp.args.JsonRestore()}))
+    return restored[STATE], restored[RUN_STATE]
+
+
+def restore_run_state(checkpoints: ocp.CheckpointManager, step: int | None = None) -> dict:
+    """The JSON run state of checkpoint `step` (default: the latest), without the arrays."""
+    step = checkpoints.latest_step() if step is None else step
+    return checkpoints.restore(step, args=ocp.args.Composite(**{
+        RUN_STATE: ocp.args.JsonRestore()}))[RUN_STATE]
+
+
+def restore_part(checkpoints: ocp.CheckpointManager, step: int, key: str, like: Any) -> Any:
+    """Entry `key` of the state dict of checkpoint `step`, shaped (and sharded) like `like`;
+    nothing else of the state is read (e.g. the rater of a rating run without its proxies)."""
+    abstract = {key: jax.tree.map(ocp.utils.to_shape_dtype_struct, like)}
+    restored = checkpoints.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True)}))
+    return restored[STATE][key]
