@@ -5,6 +5,7 @@ the clip_score scorer end to end."""
 import json
 import re
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -265,6 +266,41 @@ def test_the_directorys_own_tokenizer_is_used_when_it_has_one(tmp_path):
     own = clip.load_clip(tmp_path).tokenize(["a cat"])
     np.testing.assert_array_equal(own[0, :4], builtin[0, :4])
     assert own[0, 4:].tolist() == [0] * 73  # "!" is id 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Text hidden states against transformers' own outputs (fixture of tools/make_vae_fixtures.py)
+# ----------------------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("hidden_layer", ["last", "penultimate"])
+def test_text_hidden_states_match_transformers(hidden_layer):
+    """tests/fixtures/clip_tiny is a random transformers CLIPModel (3 text layers, its own
+    514-token byte-level tokenizer); the reference is `CLIPTextModel(ids,
+    output_hidden_states=True)`'s last_hidden_state / hidden_states[-2] in float32 (torch CPU).
+    Tolerance: float32 sums over at most 24 terms through 3 layers, ~1e-6 of the scale (2.1);
+    measured 8.3e-7 (last), 5.4e-7 (penultimate)."""
+    reference = np.load(FIXTURES / "clip_reference.npz")
+    checkpoint = clip.load_clip(FIXTURES / "clip_tiny")
+    tokens = checkpoint.tokenize(["a cat", "two dogs on a red mat", "x"])
+    np.testing.assert_array_equal(tokens, reference["ids"])
+    states, mask = clip.text_hidden_states_fn(checkpoint, hidden_layer)(checkpoint.params,
+                                                                        tokens)
+    assert states.shape == (3, 20, 16) and states.dtype == np.float32
+    np.testing.assert_allclose(states, reference[hidden_layer], rtol=0, atol=5e-6)
+    # True up to and including the end-of-text token (id 513); without merges a word is one
+    # token per byte: "a cat" is start, a, c, a, t, end.
+    np.testing.assert_array_equal(mask, np.arange(20) <= np.argmax(tokens == 513, -1)[:, None])
+    assert mask.sum(1).tolist() == [6, 18, 3]
+
+
+def test_text_hidden_states_refuse_an_unknown_layer(tmp_path):
+    write_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="hidden_layer='middle' is not one of last, "
+                                         "penultimate"):
+        clip.text_hidden_states_fn(clip.load_clip(tmp_path), "middle")
 
 
 # ----------------------------------------------------------------------------------------------

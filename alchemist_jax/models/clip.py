@@ -3,7 +3,8 @@
 `load_clip(directory)` reads a directory written by `transformers.CLIPModel.save_pretrained` (or
 any HF-format CLIP: `config.json` + `model.safetensors`, or shards listed in
 `model.safetensors.index.json`) and returns the model split into `graphdef` + `params`. Nothing
-is downloaded and torch is not needed: weights are read with `safetensors.numpy`.
+is downloaded and torch is not needed: the safetensors files are read with numpy (float32,
+float16 or bfloat16 weights; computed in float32 by default).
 
 The modules reproduce `transformers.CLIPModel` and carry its parameter names, so a checkpoint key
 is the module path with `kernel` / `scale` read as `weight` (torch layouts are transposed):
@@ -14,6 +15,9 @@ is the module path with `kernel` / `scale` read as `weight` (torch layouts are t
                   class token prepended, position embedding, pre_layrnorm (HF's spelling),
                   encoder layers without mask, post_layernorm of the class token
   text_projection, visual_projection (no bias), logit_scale
+
+`text_hidden_states_fn` gives the jitted text conditioning of a diffusion model: the text tower's
+last or penultimate hidden states (B, L, D) of CLIP token ids and their mask (B, L).
 
 `clip_score_fn` gives the jitted cosine similarity of the projected image and caption embeddings
 of a batch of pool images ((B, R, R, C) in [-1, 1]) and CLIP token ids.
@@ -30,8 +34,8 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-import safetensors.numpy
 from flax import nnx, traverse_util
 
 from alchemist_jax.data import tokenizer as tokenizer_lib
@@ -51,6 +55,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 # Files that make the directory's own tokenizer loadable by `CLIPTokenizer.from_pretrained`.
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+# The text tower's outputs a text encoder may hand on (`TextTransformer.hidden_states`).
+HIDDEN_LAYERS = ("last", "penultimate")
 # Checkpoint keys that are buffers, not parameters (older exports carry them): ignored.
 IGNORED_KEY_SUFFIX = ".position_ids"
 
@@ -230,22 +236,44 @@ class TextTransformer(nnx.Module):
         self.encoder = Encoder(config.text, rngs=rngs)
         self.final_layer_norm = _layer_norm(config.text.width, config.text.layer_norm_eps, rngs)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens: int32 (B, L) with L <= max_length, each row holding its end-of-text token ->
-        the pooled output (B, D) at that token (see the module docstring)."""
+    def end_positions(self, tokens: jax.Array) -> jax.Array:
+        """tokens: int32 (B, L) -> int32 (B,): the position of each row's end-of-text token (see
+        the module docstring)."""
+        if self.eos_token_id == 2:  # configs from before transformers PR #24773
+            return jnp.argmax(tokens, axis=-1)
+        return jnp.argmax(tokens == self.eos_token_id, axis=-1)
+
+    def hidden_states(self, tokens: jax.Array, hidden_layer: str = "last") -> jax.Array:
+        """tokens: int32 (B, L), L <= max_length -> (B, L, D): with hidden_layer "last",
+        transformers' `last_hidden_state` (after final_layer_norm); with "penultimate",
+        `hidden_states[-2]` (the output of all layers but the last, without final_layer_norm,
+        as SDXL reads it). Attention is causal only, without a padding mask, as the diffusers
+        pipelines call the text encoder."""
+        if hidden_layer not in HIDDEN_LAYERS:
+            raise ValueError(f"hidden_layer={hidden_layer!r} is not one of "
+                             f"{', '.join(HIDDEN_LAYERS)}")
         length = tokens.shape[-1]
         positions = self.embeddings.position_embedding.weight
         if length > positions.shape[0]:
             raise ValueError(f"token length {length} exceeds the text model's "
                              f"max_position_embeddings {positions.shape[0]}")
         x = self.embeddings.token_embedding(tokens) + positions[:length]
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        layers = list(self.encoder.layers)
+        if hidden_layer == "penultimate":
+            for layer in layers[:-1]:
+                x = layer(x, causal)
+            return x
+        for layer in layers:
+            x = layer(x, causal)
+        return self.final_layer_norm(x)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens: int32 (B, L) with L <= max_length, each row holding its end-of-text token ->
+        the pooled output (B, D) at that token (see the module docstring)."""
         # Causal attention only: keys after the end-of-text token never reach the pooled output.
-        x = self.encoder(x, jnp.tril(jnp.ones((length, length), bool)))
-        x = self.final_layer_norm(x)
-        if self.eos_token_id == 2:  # configs from before transformers PR #24773
-            end = jnp.argmax(tokens, axis=-1)
-        else:
-            end = jnp.argmax(tokens == self.eos_token_id, axis=-1)
+        x = self.hidden_states(tokens, "last")
+        end = self.end_positions(tokens)
         return jnp.take_along_axis(x, end[:, None, None], axis=1)[:, 0]
 
 
@@ -343,10 +371,43 @@ def from_hf_layout(array: np.ndarray, leaf: str) -> np.ndarray:
     return array
 
 
-def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
-    """Every tensor of `directory/model.safetensors`, or of the shards that
-    `model.safetensors.index.json` lists, as numpy arrays (memory-mapped, read-only)."""
-    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+# safetensors dtype names -> numpy dtypes; bfloat16 (which safetensors.numpy cannot read) through
+# ml_dtypes, which jax depends on.
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors_file(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of one `.safetensors` file as a read-only numpy array memory-mapped from it
+    (the format: an 8-byte little-endian header size, a JSON header of name -> dtype, shape and
+    byte range, then the data)."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        data = np.memmap(file, np.uint8, mode="r", offset=8 + size)
+        tensors = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            tensors[key] = data[begin:end].view(dtype).reshape(info["shape"])
+    except Exception as e:  # noqa: BLE001 (a damaged file fails in many ways)
+        raise ValueError(f"cannot read {file}: {e!r}") from None
+    return tensors
+
+
+def read_safetensors(directory: Path, stem: str = "model") -> dict[str, np.ndarray]:
+    """Every tensor of `directory/{stem}.safetensors`, or of the shards that
+    `{stem}.safetensors.index.json` lists, as read-only numpy arrays (float16 and bfloat16 kept;
+    the loaders cast). `stem` is "model" for transformers, "diffusion_pytorch_model" for
+    diffusers."""
+    single = directory / f"{stem}.safetensors"
+    index = directory / f"{stem}.safetensors.index.json"
     if single.is_file():
         files = [single]
     elif index.is_file():
@@ -357,40 +418,37 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
                              f"{e!r}") from None
         files = [directory / name for name in sorted(set(weight_map.values()))]
     else:
-        raise ValueError(f"{directory} has no model.safetensors nor "
-                         "model.safetensors.index.json")
+        raise ValueError(f"{directory} has no {single.name} nor {index.name}")
     tensors: dict[str, np.ndarray] = {}
     for file in files:
         if not file.is_file():
             raise ValueError(f"{index} lists the shard {file.name}, which is missing")
-        try:
-            tensors.update(safetensors.numpy.load_file(file))
-        except Exception as e:  # noqa: BLE001 (the reader's errors have no common base)
-            raise ValueError(f"cannot read {file}: {e}") from None
+        tensors.update(read_safetensors_file(file))
     return tensors
 
 
-def load_params(config: ClipConfig, tensors: dict[str, np.ndarray], *, where: Path,
-                dtype: Any = np.float32) -> tuple[nnx.GraphDef, nnx.State]:
-    """The `CLIP` module of `config` split into (graphdef, params), the parameters taken from
-    `tensors` (HF key -> torch-layout array), cast to `dtype` and put on the default device.
+def params_from_tensors(module: Callable[[], nnx.Module], tensors: dict[str, np.ndarray], *,
+                        where: Path, described: str,
+                        dtype: Any = np.float32) -> tuple[nnx.GraphDef, nnx.State]:
+    """The module that `module()` builds (only its shapes are evaluated) split into (graphdef,
+    params), the parameters taken from `tensors` (checkpoint key `hf_key(path)` -> torch-layout
+    array), cast to `dtype` and put on the default device.
 
     Raises:
-      ValueError naming the first missing key, the first unexpected key (buffers ending in
-      `.position_ids` are ignored) or a key whose shape differs from what `config` implies;
-      `where` is the checkpoint named in the message.
+      ValueError naming the first missing key, the first unexpected key or a key whose shape
+      differs from what the config implies; `where` is the checkpoint named in the message,
+      `described` what its config.json describes (e.g. "the CLIPModel").
     """
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0))))
+    graphdef, abstract = nnx.split(nnx.eval_shape(module))
     expected = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))
     keys = {hf_key(path): path for path in expected}
-    present = {key for key in tensors if not key.endswith(IGNORED_KEY_SUFFIX)}
-    missing, unexpected = sorted(set(keys) - present), sorted(present - set(keys))
+    missing, unexpected = sorted(set(keys) - set(tensors)), sorted(set(tensors) - set(keys))
     if missing:
         raise ValueError(f"{where} has no parameter {missing[0]} ({len(missing)} missing) for "
-                         "the CLIPModel its config.json describes")
+                         f"{described} its config.json describes")
     if unexpected:
         raise ValueError(f"{where} has the unexpected key {unexpected[0]} ({len(unexpected)} "
-                         "unexpected) for the CLIPModel its config.json describes")
+                         f"unexpected) for {described} its config.json describes")
     values = {}
     for key, path in keys.items():
         shape = hf_layout(expected[path].shape, str(path[-1]))
@@ -403,6 +461,18 @@ def load_params(config: ClipConfig, tensors: dict[str, np.ndarray], *, where: Pa
     params = traverse_util.unflatten_dict(values)
     nnx.replace_by_pure_dict(abstract, params)
     return graphdef, abstract
+
+
+def load_params(config: ClipConfig, tensors: dict[str, np.ndarray], *, where: Path,
+                dtype: Any = np.float32) -> tuple[nnx.GraphDef, nnx.State]:
+    """The `CLIP` module of `config` split into (graphdef, params), the parameters taken from
+    `tensors` (HF key -> torch-layout array; buffers ending in `.position_ids` are ignored),
+    cast to `dtype` and put on the default device. Raises ValueError as
+    `params_from_tensors`."""
+    tensors = {key: value for key, value in tensors.items()
+               if not key.endswith(IGNORED_KEY_SUFFIX)}
+    return params_from_tensors(lambda: CLIP(config, rngs=nnx.Rngs(0)), tensors, where=where,
+                               described="the CLIPModel", dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -521,3 +591,23 @@ def clip_score_fn(checkpoint: ClipCheckpoint) -> Callable[..., jax.Array]:
         return jnp.sum(image * text, axis=-1)
 
     return jax.jit(score)
+
+
+def text_hidden_states_fn(checkpoint: ClipCheckpoint,
+                          hidden_layer: str = "last") -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """The jitted `embed(params, tokens) -> (states, mask)` of a loaded checkpoint, for text
+    conditioning: tokens int32 (B, L) (`ClipCheckpoint.tokenize`) -> states (B, L, D) float,
+    the text tower's last or penultimate hidden states (`TextTransformer.hidden_states`), and
+    mask (B, L) bool, True up to and including each row's end-of-text token (the padding after
+    it is False)."""
+    if hidden_layer not in HIDDEN_LAYERS:
+        raise ValueError(f"hidden_layer={hidden_layer!r} is not one of {', '.join(HIDDEN_LAYERS)}")
+    graphdef = checkpoint.graphdef
+
+    def embed(params, tokens):
+        text = nnx.merge(graphdef, params).text_model
+        states = text.hidden_states(tokens, hidden_layer)
+        mask = jnp.arange(tokens.shape[-1]) <= text.end_positions(tokens)[:, None]
+        return states, mask
+
+    return jax.jit(embed)
