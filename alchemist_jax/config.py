@@ -526,6 +526,7 @@ def _range(low: float | None = None, high: float | None = None, *, low_open: boo
     return inside, text
 
 
+FINITE = (lambda value: True, "finite")  # any number but NaN and infinities
 AT_LEAST_1 = _range(1)
 AT_LEAST_0 = _range(0)
 POSITIVE = _range(0, low_open=True)
@@ -533,8 +534,8 @@ FRACTION = _range(0, 1, high_open=True)  # [0, 1)
 PROPER_FRACTION = _range(0, 1, low_open=True, high_open=True)  # (0, 1)
 SHARE = _range(0, 1, low_open=True)  # (0, 1]
 
-# Dotted key -> allowed range. Every number of the schema is here; None values (unset optional
-# keys) are not checked.
+# Dotted key -> allowed range. Every number of the schema is here but seeds (any integer) and lists
+# (checked by `validate`); None values (unset optional keys) are not checked.
 RANGES: dict[str, tuple[Any, str]] = {
     "data.validation_fraction": PROPER_FRACTION, "data.resolution": _range(4),
     "data.max_text_length": _range(2), "data.batch_size": AT_LEAST_1,
@@ -550,7 +551,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "rate.steps": AT_LEAST_1, "rate.inner_steps": AT_LEAST_1, "rate.meta_every": AT_LEAST_1,
     "rate.population": AT_LEAST_1, "rate.reset_every": AT_LEAST_0,
     "rate.warm_start_steps": AT_LEAST_0, "rate.inner_lr": POSITIVE, "rate.inner_eps": POSITIVE,
-    "rate.lookahead_lr": POSITIVE, "rate.penalty_decay": AT_LEAST_0, "rate.rater_lr": POSITIVE,
+    "rate.lookahead_lr": POSITIVE, "rate.penalty_start": FINITE, "rate.penalty_decay": AT_LEAST_0, "rate.rater_lr": POSITIVE,
     "rate.rater_clip": POSITIVE, "rate.ema_decay": FRACTION, "rate.val_batch_size": AT_LEAST_1,
     "rate.unroll": AT_LEAST_1, "rate.checkpoint_every": AT_LEAST_1, "rate.log_every": AT_LEAST_1,
     "score.batch_size": AT_LEAST_1, "score.chunk_size": AT_LEAST_1,
@@ -559,7 +560,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "score.alignment_t_min": FRACTION,
     "select.keep": SHARE, "select.clusters": AT_LEAST_1, "select.drop": FRACTION,
     "select.head": FRACTION, "select.mu": _range(0, 1), "select.sigma": POSITIVE,
-    "select.start": FRACTION, "select.temperature": POSITIVE,
+    "select.start": FRACTION, "select.threshold": FINITE, "select.temperature": POSITIVE,
     "dedup.max_hamming": _range(0, PHASH_BITS), "dedup.min_cosine": _range(0, 1, low_open=True),
     "dedup.min_aligned_cosine": _range(0, 1, low_open=True), "dedup.max_shift": AT_LEAST_0,
     "dedup.border": AT_LEAST_0, "dedup.align_size": _range(4), "dedup.align_blur": AT_LEAST_0,

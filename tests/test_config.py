@@ -1,5 +1,7 @@
 """Typed config: YAML + overrides, and errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 
 from alchemist_jax.config import Config, ConfigError, load_config
@@ -60,3 +62,63 @@ def test_bad_file(tmp_path):
     bad.write_text("data: [1, 2\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(bad)
+
+
+def _numeric_keys(cls, prefix=""):
+    """Dotted keys of every int / float field (optional or not) of a config dataclass tree."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for field in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[field.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _numeric_keys(tp, f"{prefix}{field.name}.")
+        elif typing.get_origin(tp) is not tuple and {int, float} & set(typing.get_args(tp) or (tp,)):
+            keys.append(prefix + field.name)
+    return keys
+
+
+def test_every_number_has_a_range():
+    from alchemist_jax.config import RANGES, Config
+
+    # Seeds take any integer; every other number is range-checked at load time.
+    numbers = {k for k in _numeric_keys(Config) if not k.endswith("seed")}
+    assert numbers - set(RANGES) == set(), "numbers without a range in config.RANGES"
+    assert set(RANGES) - numbers == set(), "RANGES names keys that are not numbers"
+    # Every shipped config passes.
+    for path in sorted(Path("configs").glob("*.yaml")):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grad_clip=0", "config key 'train.grad_clip' must be > 0, got 0.0"),
+    ("rate.ema_decay=1.5", "config key 'rate.ema_decay' must be in [0, 1), got 1.5"),
+    ("rate.inner_lr=-1e-3", "config key 'rate.inner_lr' must be > 0, got -0.001"),
+    ("train.learning_rate=.nan", "config key 'train.learning_rate' must be > 0, got nan"),
+    ("select.keep=0", "config key 'select.keep' must be in (0, 1], got 0.0"),
+    ("dedup.max_hamming=65", "config key 'dedup.max_hamming' must be in [0, 64], got 65"),
+    ("train.warmup_steps=3000", "train.warmup_steps=3000 must be < train.steps=2000"),
+    ("rate.mixed_mode=true", "rate.mixed_mode=true applies to rate.mode=unrolled only"),
+    ("select.drop=0.6", "select.drop=0.6 leaves 0.4 of the pool to choose from"),
+    ("select.weights=[1, -1]", "select.weights must be >= 0 with a positive sum"),
+    ("pipeline.arms=[alchemy]", "config key 'pipeline.arms[0]' must be one of 'alchemist'"),
+    ("rate.steps=!!python/object:os.system x", "override 'rate.steps=!!python/object:os.system"),
+])
+def test_ranges_and_cross_field_checks_at_load_time(override, message):
+    extra = ["rate.mode=penalty"] if "mixed_mode" in override else []
+    with pytest.raises(ConfigError) as error:
+        load_config(None, extra + [override])
+    assert message in str(error.value)
+    assert len(str(error.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, value", [("3e-4", 3e-4), ("1E5", 1e5), ("-2.5e-3", -2.5e-3),
+                                         ("1e+2", 100.0), (".5e1", 5.0)])
+def test_scientific_notation_is_a_number(tmp_path, text, value):
+    assert load_config(None, [f"rate.penalty_start={text}"]).rate.penalty_start == value
+    path = tmp_path / "c.yaml"
+    path.write_text(f"rate:\n  penalty_start: {text}\n")
+    assert load_config(path).rate.penalty_start == value
+    with pytest.raises(ConfigError, match="expects float, got '3e-4x'"):
+        load_config(None, ["rate.penalty_start=3e-4x"])

@@ -144,8 +144,8 @@ def test_selection_trains_only_on_the_selected_ids(cfg, data, tmp_path, monkeypa
         def get_state(self):
             return self.inner.get_state()
 
-    original = train.pipeline.train_iterator
-    monkeypatch.setattr(train.pipeline, "train_iterator",
+    original = training.pipeline.train_iterator
+    monkeypatch.setattr(training.pipeline, "train_iterator",
                         lambda *args, **kwargs: Recording(original(*args, **kwargs)))
     final = training.run(cfg, tmp_path / "run", selection=path)
     assert final["steps"] == STEPS and final["train_size"] == 40
@@ -204,11 +204,11 @@ def test_weighted_sampling_follows_the_weights():
 
 def test_weighted_batches_resume_from_their_position(data):
     weights = np.linspace(0.0, 1.0, len(data.pool))
-    batches = train.WeightedBatches(data.pool, weights, 8, seed=0)
+    batches = training.WeightedBatches(data.pool, weights, 8, seed=0)
     next(batches)
     state = batches.get_state()
     expected = next(batches)
-    fresh = train.WeightedBatches(data.pool, weights, 8, seed=0)
+    fresh = training.WeightedBatches(data.pool, weights, 8, seed=0)
     fresh.set_state(state)
     again = next(fresh)
     assert state == {"position": 1}

@@ -44,7 +44,6 @@ from alchemist_jax.evaluation.classifier import (Classifier, UnlabeledDataError,
 
 log = logging.getLogger("alchemist_jax.evaluation")
 
-CAPTION_FIELDS = ("tokens", "token_mask", "text_embedding")
 MAX_EVAL_BATCH_SIZE = 256  # rows per jitted generation / loss call
 # samples.png: each image is scaled up by an integer factor to at least GRID_MIN_TILE pixels;
 # tiles and the label column are separated by GRID_GAP pixels.
@@ -134,7 +133,7 @@ def generate(trained: training.Trained, captions: dict, rng: jax.Array, steps: i
     Returns:
       (B, H, W, C) float32 in [-1, 1].
     """
-    inputs = {k: v for k, v in captions.items() if k in CAPTION_FIELDS}
+    inputs = {k: v for k, v in captions.items() if k in parallel.CAPTION_INPUTS}
     return _sample(trained.graphdef, trained.params, trained.rest, inputs, rng, steps,
                    tuple(shape), jnp.float32(guidance_scale))
 
@@ -158,13 +157,13 @@ def generate_images(trained: training.Trained, captions: dict[str, np.ndarray],
     padded, so every batch runs the same program); batch b uses the key fold_in(key(seed), b).
 
     Args:
-      captions: caption fields (`CAPTION_FIELDS`) with N rows each; other fields are ignored.
+      captions: caption fields (`parallel.CAPTION_INPUTS`) with N rows each; other fields are ignored.
       shape: (H, W, C) of the images.
     Returns:
       (N, H, W, C) float32 in [-1, 1].
     """
 
-    captions = {k: np.asarray(v) for k, v in captions.items() if k in CAPTION_FIELDS}
+    captions = {k: np.asarray(v) for k, v in captions.items() if k in parallel.CAPTION_INPUTS}
     rows = len(next(iter(captions.values())))
     sharding = NamedSharding(parallel.make_mesh(), P(parallel.DATA_AXIS))
     key = jax.random.key(seed)
@@ -275,7 +274,7 @@ def write_sample_grid(path: Path, trained: training.Trained, test: dict[str, np.
         raise ValueError("the sample grid needs tokenized captions (`tokens`) in the test set")
     rows = grid_rows(test.get("label"), test["tokens"], eval_cfg.grid_captions)
     repeated = {k: np.repeat(test[k][rows], eval_cfg.grid_samples, axis=0)
-                for k in CAPTION_FIELDS if k in test}
+                for k in parallel.CAPTION_INPUTS if k in test}
     images = generate_images(trained, repeated, test["image"].shape[1:], eval_cfg.seed + 1,
                              eval_cfg.sample_steps, eval_cfg.guidance_scale, batch_size,
                              desc="sample grid")

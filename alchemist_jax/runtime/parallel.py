@@ -11,8 +11,10 @@ import jax
 import numpy as np
 
 DATA_AXIS = "data"
+# The caption fields of a batch (token ids + mask, or precomputed text embeddings).
+CAPTION_INPUTS = ("tokens", "token_mask", "text_embedding")
 # Batch fields the models read; everything else (ids, labels, masks) stays on the host.
-MODEL_INPUTS = ("image", "tokens", "token_mask", "latent", "text_embedding")
+MODEL_INPUTS = ("image", "latent", *CAPTION_INPUTS)
 
 
 def make_mesh() -> jax.sharding.Mesh:
