@@ -262,7 +262,7 @@ def test_malformed_ratings_name_the_file(tmp_path):
     (tmp_path / "ratings").mkdir()
     pq.write_table(pa.table({"id": [1, 2], "value": [0.1, 0.2]}),
                    tmp_path / "ratings" / "exact.parquet")
-    with pytest.raises(ValueError, match=r"exact.parquet: no column 'score'"):
+    with pytest.raises(ValueError, match=r"exact.parquet has no column 'score'"):
         report.build(tmp_path)
     (tmp_path / "config.yaml").unlink()  # no pool to open: the checks below are quick
     pq.write_table(pa.table({"id": [1, 2], "score": [0.1, 0.2]}),
