@@ -1,0 +1,53 @@
+"""Choosing the training subset from ratings (`alchemist-jax select`).
+
+    selected = select(scores, ids, policy="filter", keep=0.5, seed=0, groups=groups, drop=0.25)
+    fused = fuse([meta_scores, alignment_scores], weights=[1.0, 1.0], groups=groups)
+    eligible = best_of_duplicates(fused, ids, duplicate_groups)
+    groups, names = cluster_groups(pool, "auto", clusters=20, seed=0)
+    selected, summary = select_for_source(cfg.select, {"ratings.parquet": (ids, scores)}, pool)
+    summary = run(cfg, [Path("meta.parquet"), Path("alignment.parquet")], Path("selection.parquet"),
+                  dedup=Path("dedup.parquet"))
+
+One job per module:
+
+  policies  the selection policies (pure): `select`, `resolve_params`, `allocate`,
+            `cdf_acceptance`; the policy dispatch keyed by `config.POLICIES`
+  fusion    several scorers -> one fused score, collapse of duplicates, the summary (pure)
+  clusters  the ranking clusters of the pool (label / caption / k-means over caption vectors;
+            `tfidf`, `kmeans`); the grouping dispatch keyed by `config.GROUPINGS`
+  command   ratings and dedup files joined on the pool (`ranking_scores`, `select_for_source`),
+            `read_ratings`, `write_selection` and the command `run`
+
+Ranks and within-group normalisation come from `runtime.stats`, file reading, id joins and
+atomic writes from `runtime.io`. Every name other modules use is re-exported here.
+"""
+
+from alchemist_jax.runtime.stats import rank_normalize, rank_percentiles
+from alchemist_jax.selection.clusters import cluster_groups, kmeans, resolve_grouping, tfidf
+from alchemist_jax.selection.command import (
+    PARQUET_METADATA_KEY,
+    RECIPE_KEYS,
+    RankingScores,
+    ranking_scores,
+    read_ratings,
+    run,
+    select_for_source,
+    write_selection,
+)
+from alchemist_jax.selection.fusion import HISTOGRAM_BINS, best_of_duplicates, fuse, summarize
+from alchemist_jax.selection.policies import (
+    PARAMETER_DEFAULTS,
+    POLICY_PARAMETERS,
+    allocate,
+    cdf_acceptance,
+    resolve_params,
+    select,
+)
+
+__all__ = [
+    "HISTOGRAM_BINS", "PARAMETER_DEFAULTS", "PARQUET_METADATA_KEY", "POLICY_PARAMETERS",
+    "RECIPE_KEYS", "RankingScores", "allocate", "best_of_duplicates", "cdf_acceptance",
+    "cluster_groups", "fuse", "kmeans", "rank_normalize", "rank_percentiles", "ranking_scores",
+    "read_ratings", "resolve_grouping", "resolve_params", "run", "select", "select_for_source",
+    "summarize", "tfidf", "write_selection",
+]

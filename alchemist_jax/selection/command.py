@@ -1,0 +1,207 @@
+"""The `select` command: join ratings (and dedup) files on the pool, select, write the result.
+
+    selected, summary = select_for_source(cfg.select, {"ratings.parquet": (ids, scores)}, pool)
+    summary = run(cfg, [Path("meta.parquet"), Path("alignment.parquet")], Path("selection.parquet"),
+                  dedup=Path("dedup.parquet"))
+
+With one ratings file the policy ranks that file's own scores (the same order within every
+cluster); with several it ranks their fused score (`fusion.fuse`). The budget is round(keep * N)
+of the whole pool; it is shared among the clusters in proportion to their eligible members (the
+duplicates collapsed by `fusion.best_of_duplicates` are not), and the policy chooses among those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from alchemist_jax.config import Config, SelectConfig
+from alchemist_jax.data.sources import Source
+from alchemist_jax.runtime.io import (
+    atomic_write_json,
+    atomic_write_parquet,
+    pool_positions,
+    read_parquet,
+)
+from alchemist_jax.selection.clusters import resolve_grouping
+from alchemist_jax.selection.fusion import best_of_duplicates, fuse, summarize
+from alchemist_jax.selection.policies import POLICY_PARAMETERS, check_finite, resolve_params, select
+
+PARQUET_METADATA_KEY = b"alchemist_jax.selection"
+# The summary keys a selection file records in its metadata: how it was made and from what.
+RECIPE_KEYS = ("policy", "keep", "group_by", "params", "ratings", "weights", "dedup")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingScores:
+    """What a selection from the pool ranks, one entry per pool sample, in pool order.
+
+    ids: int64 (N,) the pool's ids.
+    scores: float64 (N,) higher = better: the ratings file's own scores when there is one file,
+      the fused score (`fuse`) when there are several, zeros when there is none.
+    eligible: bool (N,) False for the duplicates collapsed into a better member of their group.
+    groups: int64 (N,) ranking cluster; names: the cluster names; grouping: the `group_by`
+      used (`auto` resolved).
+    ratings, weights, dedup: the inputs: ratings names (files), the weight of each, the dedup
+      name or None.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    eligible: np.ndarray
+    groups: np.ndarray
+    names: list[str]
+    grouping: str
+    ratings: list[str]
+    weights: list[float]
+    dedup: str | None
+
+
+def ranking_scores(config: SelectConfig, ratings: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                   source: Source, *,
+                   duplicates: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None
+                   ) -> RankingScores:
+    """Joins ratings files (and a dedup file) on the pool's ids and fuses them (see the module
+    docstring).
+
+    Args:
+      config: the `select` section (group_by, clusters, seed, weights).
+      ratings: name (the file; errors and the record use it) -> (ids int64 (N,), scores float
+        (N,)), each covering the pool's ids exactly once, in any order; empty: constant scores
+        (for policies that read none, such as `random`).
+      source: the pool.
+      duplicates: (name, (ids int64 (N,), duplicate group int (N,))) of a dedup file covering the
+        pool's ids, or None.
+    Raises:
+      ValueError: a file whose ids are not exactly the pool's (named, with an example id),
+        non-finite scores, weights that do not match the files, bad config values.
+    """
+    pool_ids = np.asarray(source.ids, np.int64)
+    if config.weights and len(config.weights) != len(ratings):
+        raise ValueError(f"select.weights has {len(config.weights)} values for "
+                         f"{len(ratings)} ratings files ({', '.join(ratings)}); give one per "
+                         "file, in order, or none for equal weights")
+    columns = []
+    for name, (ids, scores) in ratings.items():
+        origin = f"ratings file {name}"
+        scores = np.asarray(scores, np.float64)
+        check_finite(scores, origin)
+        aligned = np.empty(len(pool_ids))
+        aligned[pool_positions(ids, pool_ids, origin, cover=True)] = scores
+        columns.append(aligned)
+    grouping, groups, names = resolve_grouping(source, config.group_by, config.clusters,
+                                               config.seed)
+    weights = list(config.weights) or [1.0] * len(columns)
+    if columns:
+        fused = fuse(columns, weights, groups)
+        scores = columns[0] if len(columns) == 1 else fused
+    else:
+        fused = scores = np.zeros(len(pool_ids))
+    eligible = np.ones(len(pool_ids), bool)
+    if duplicates is not None:
+        name, (ids, duplicate_groups) = duplicates
+        grouped = np.empty(len(pool_ids), np.int64)
+        grouped[pool_positions(ids, pool_ids, f"dedup file {name}", cover=True)] = \
+            duplicate_groups
+        eligible = best_of_duplicates(fused, pool_ids, grouped)
+    return RankingScores(pool_ids, scores, eligible, groups, names, grouping, list(ratings),
+                         weights, None if duplicates is None else duplicates[0])
+
+
+def select_for_source(config: SelectConfig, ratings: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                      source: Source, *,
+                      duplicates: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None
+                      ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Selects from the ratings of the pool `source` as `config` says.
+
+    Args:
+      config: the `select` section.
+      ratings, source, duplicates: see `ranking_scores`.
+    Returns:
+      (selected ids int64 ascending, the summary: `summarize`'s dict of the ranked scores plus
+      "policy", "keep", "group_by" — the grouping used, `auto` resolved —, "ratings",
+      "weights", "dedup" and "duplicates_collapsed", the number of samples made ineligible).
+    Raises:
+      ValueError: see `ranking_scores`; also bad policy parameters or a keep larger than the
+        eligible part of the pool.
+    """
+    params = resolve_params(config.policy, config.keep, **{
+        name: getattr(config, name) for name in POLICY_PARAMETERS[config.policy]})
+    ranked = ranking_scores(config, ratings, source, duplicates=duplicates)
+    selected = select(ranked.scores, ranked.ids, policy=config.policy, keep=config.keep,
+                      seed=config.seed, groups=ranked.groups, eligible=ranked.eligible, **params)
+    summary = summarize(ranked.scores, ranked.ids, selected, ranked.groups, ranked.names,
+                        {**params, "seed": config.seed})
+    return selected, {"policy": config.policy, "keep": config.keep, "group_by": ranked.grouping,
+                      "ratings": ranked.ratings, "weights": ranked.weights,
+                      "dedup": ranked.dedup,
+                      "duplicates_collapsed": int((~ranked.eligible).sum()), **summary}
+
+
+def read_ratings(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64 (N,), scores float64 (N,)) of a ratings.parquet (columns `id`, `score`).
+
+    Raises:
+      ValueError: a missing or unreadable file, a missing or non-numeric column, null values.
+    """
+    table = read_parquet(path, ("id", "score"), what="ratings file")
+    columns = {}
+    for name, kind in (("id", pa.types.is_integer), ("score", pa.types.is_floating)):
+        column = table.column(name)
+        if not kind(column.type):
+            raise ValueError(f"ratings file {path}: column {name!r} has type {column.type}")
+        columns[name] = column.to_numpy()
+    return columns["id"].astype(np.int64), columns["score"].astype(np.float64)
+
+
+def write_selection(out: Path, selected: np.ndarray, summary: dict[str, Any]) -> None:
+    """Writes `out` (Parquet, column `id` int64; the recipe — policy, keep, grouping,
+    parameters and the inputs: ratings files, weights, dedup file — as JSON in the file
+    metadata, those of them the summary has) and the summary as `out.with_suffix('.json')`,
+    both atomically."""
+    out = Path(out)
+    recipe = {key: summary[key] for key in RECIPE_KEYS if key in summary}
+    table = pa.table({"id": pa.array(np.asarray(selected, np.int64), pa.int64())})
+    table = table.replace_schema_metadata({PARQUET_METADATA_KEY: json.dumps(recipe)})
+    atomic_write_parquet(out, table)
+    atomic_write_json(out.with_suffix(".json"), summary)
+
+
+def run(cfg: Config, ratings: Path | Sequence[Path], out: Path,
+        dedup: Path | None = None) -> dict[str, Any]:
+    """`alchemist-jax select`: reads the ratings file(s) (and the dedup file), selects from the
+    pool of `cfg.data` with `cfg.select`, writes `out` and its summary (`write_selection`),
+    prints a short account and returns the summary."""
+    from alchemist_jax.data import load_splits
+
+    paths = [Path(ratings)] if isinstance(ratings, (str, Path)) else [Path(p) for p in ratings]
+    if not paths:
+        raise ValueError("select needs at least one ratings file")
+    repeated = [p for n, p in enumerate(paths) if p in paths[:n]]
+    if repeated:
+        raise ValueError(f"ratings file {repeated[0]} is given twice; use select.weights to "
+                         "weigh a file more")
+    read = {str(path): read_ratings(path) for path in paths}
+    duplicates = None
+    if dedup is not None:
+        from alchemist_jax.dedup import read_groups
+
+        duplicates = (str(dedup), read_groups(Path(dedup)))
+    pool = load_splits(cfg.data).train
+    selected, summary = select_for_source(cfg.select, read, pool, duplicates=duplicates)
+    write_selection(Path(out), selected, summary)
+    rates = summary["cluster_keep_rates"].values()
+    collapsed = (f", {summary['duplicates_collapsed']} duplicates collapsed"
+                 if dedup is not None else "")
+    print(f"selected {summary['count']} of {summary['pool_size']} samples "
+          f"({summary['policy']}, keep {summary['keep']}, {len(paths)} ratings "
+          f"file{'s' * (len(paths) > 1)}{collapsed}) in {len(rates)} clusters by "
+          f"{summary['group_by']}: keep rate per cluster {min(rates):.3f}-{max(rates):.3f}; "
+          f"wrote {out}")
+    return summary
