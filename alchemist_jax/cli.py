@@ -1,8 +1,10 @@
 """The `alchemist-jax` command line: a thin shell over the library.
 
 Every subcommand that reads a configuration takes `--config FILE` plus `key.sub=value` overrides.
-User mistakes (bad config, missing data, bad manifests) end with one line on stderr and exit
-status 2; set ALCHEMIST_DEBUG=1 to see the traceback instead.
+User mistakes (bad config, missing data, bad manifests) and failed runs (non-finite values) end
+with one line on stderr and exit status 2; set ALCHEMIST_DEBUG=1 to see the traceback instead.
+SIGTERM / SIGINT stop a long run at the next step boundary after saving a checkpoint, with one
+line and exit status 75; the same command resumes it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML config file (configs/*.yaml); defaults when omitted")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="config overrides, e.g. data.batch_size=32")
+
+
+def _add_allow_data_change(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="resume even if the data changed since the run's last checkpoint "
+                             "(refused otherwise)")
 
 
 def _cmd_fetch(args: argparse.Namespace) -> None:
@@ -81,7 +89,7 @@ def _cmd_rate(args: argparse.Namespace) -> None:
 
     _use_compilation_cache()
     cfg = config_lib.load_config(args.config, args.overrides)
-    final = rating.run(cfg, args.workdir)
+    final = rating.run(cfg, args.workdir, allow_data_change=args.allow_data_change)
     print(json.dumps(final, indent=2))
     print(f"rater, proxies and metrics in {args.workdir} (checkpoints/, metrics.jsonl, "
           "tensorboard/, curves.png)")
@@ -139,7 +147,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.selection is not None and args.weights is not None:
         raise ValueError("give --selection or --weights, not both")
     cfg = _load(args)
-    final = training.run(cfg, args.workdir, selection=args.selection, weights=args.weights)
+    final = training.run(cfg, args.workdir, selection=args.selection, weights=args.weights,
+                         allow_data_change=args.allow_data_change)
     print(json.dumps(final, indent=2))
 
 
@@ -201,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(rate)
     rate.add_argument("--workdir", type=Path, required=True,
                       help="run folder; rerunning the same command there resumes the run")
+    _add_allow_data_change(rate)
     rate.set_defaults(run=_cmd_rate)
 
     score = commands.add_parser(
@@ -248,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="selection.parquet: train on these ids only")
     train.add_argument("--weights", type=Path, default=None,
                        help="ratings.parquet: sample the pool with probability from the scores")
+    _add_allow_data_change(train)
     train.set_defaults(run=_cmd_train)
 
     evaluate = commands.add_parser(
@@ -273,20 +284,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit statuses: 0 done; 2 a user mistake or a failed run (one line on stderr); 75 stopped by
+# SIGTERM / SIGINT after saving progress (rerun the same command to resume).
+EXIT_ERROR = 2
+
+
+def _configure_logging() -> None:
+    """The project's own messages at INFO, everything else (JAX's backend probing, TFDS, absl)
+    at WARNING: a CPU run does not print `Unable to initialize backend 'tpu'` as if it were
+    ours."""
+    logging.basicConfig(level=logging.WARNING, format="[alchemist-jax] %(message)s")
+    logging.getLogger("alchemist_jax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[alchemist-jax] %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # TFDS's per-file chatter
+    _configure_logging()
     from alchemist_jax.data.cache import DataUnavailableError
+    from alchemist_jax.runtime.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         args.run(args)
+    except Preempted as stopped:
+        print(f"alchemist-jax {args.command}: {stopped}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (config_lib.ConfigError, DataUnavailableError, ValueError, OSError) as error:
         if os.environ.get("ALCHEMIST_DEBUG"):
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"alchemist-jax {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a step loop
+        print(f"alchemist-jax {args.command}: interrupted", file=sys.stderr)
+        return 128 + 2
     return 0
 
 

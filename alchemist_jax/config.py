@@ -172,6 +172,7 @@ class RateConfig:
     unroll: int = 1  # unrolled: inner steps per lax.scan iteration (inner_steps: straight-line)
     checkpoint_every: int = 250  # meta-steps
     log_every: int = 10
+    max_bad_steps: int = 10  # consecutive non-finite (skipped) meta-steps before the run stops
     seed: int = 0
 
 
@@ -256,6 +257,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100  # validation loss (fixed draws) logged every this many steps
     checkpoint_every: int = 500
+    max_bad_steps: int = 10  # consecutive non-finite (skipped) steps before the run stops
+    # The run stops as diverged when the mean training loss of a log interval exceeds this
+    # multiple of the first interval's (finite, so the non-finite guard would not see it).
+    divergence_factor: float = 1000.0
     seed: int = 0
 
 
@@ -393,16 +398,21 @@ def to_yaml(config: Any) -> str:
     return yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False)
 
 
-def write_run_config(config: Config, workdir: Path, sections: typing.Sequence[str]) -> None:
+def write_run_config(config: Config, workdir: Path, sections: typing.Sequence[str], *,
+                     resumable: bool = True) -> None:
     """Stores the resolved config as `workdir/config.yaml`; a rerun in the same workdir (which
     resumes) must agree on the `sections` that shape its results (e.g. data, model, rate), while
     the others (say, evaluation settings) may change between runs.
 
+    Args:
+      resumable: the workdir holds progress made under its config.yaml (a checkpoint). False
+        (e.g. a first run that failed before its first checkpoint): the stored config binds
+        nothing and is replaced.
     Raises:
-      ConfigError: the workdir holds a config that differs in one of `sections` (named).
+      ConfigError: the workdir holds progress under a config that differs in one of `sections`.
     """
     path = Path(workdir) / "config.yaml"
-    if path.exists():
+    if path.exists() and resumable:
         stored = yaml.safe_load(path.read_text()) or {}
         current = yaml.safe_load(to_yaml(config))
         changed = [name for name in sections if stored.get(name) != current.get(name)]
@@ -554,6 +564,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "rate.lookahead_lr": POSITIVE, "rate.penalty_start": FINITE, "rate.penalty_decay": AT_LEAST_0, "rate.rater_lr": POSITIVE,
     "rate.rater_clip": POSITIVE, "rate.ema_decay": FRACTION, "rate.val_batch_size": AT_LEAST_1,
     "rate.unroll": AT_LEAST_1, "rate.checkpoint_every": AT_LEAST_1, "rate.log_every": AT_LEAST_1,
+    "rate.max_bad_steps": AT_LEAST_1,
     "score.batch_size": AT_LEAST_1, "score.chunk_size": AT_LEAST_1,
     "score.proxy_steps": AT_LEAST_1, "score.early_steps": AT_LEAST_1, "score.draws": AT_LEAST_1,
     "score.alignment_steps": AT_LEAST_1, "score.alignment_references": _range(2),
@@ -570,7 +581,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.steps": AT_LEAST_1, "train.batch_size": AT_LEAST_1, "train.learning_rate": POSITIVE,
     "train.warmup_steps": AT_LEAST_0, "train.weight_decay": AT_LEAST_0,
     "train.grad_clip": POSITIVE, "train.eval_every": AT_LEAST_1,
-    "train.checkpoint_every": AT_LEAST_1,
+    "train.checkpoint_every": AT_LEAST_1, "train.max_bad_steps": AT_LEAST_1,
+    "train.divergence_factor": _range(1, low_open=True),
     "evaluate.test_size": AT_LEAST_1, "evaluate.loss_draws": AT_LEAST_1,
     "evaluate.sample_steps": AT_LEAST_1, "evaluate.guidance_scale": AT_LEAST_0,
     "evaluate.classifier_steps": AT_LEAST_1, "evaluate.grid_captions": AT_LEAST_1,

@@ -29,15 +29,15 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
 from alchemist_jax import meta, models
 from alchemist_jax.data import PreparedSplits, pipeline, prepare_splits
 from alchemist_jax.data.sources import ArraySource
 from alchemist_jax.evaluation.defects import defect_auroc
-from alchemist_jax.runtime import checkpoints, parallel, runlog
+from alchemist_jax.runtime import checkpoints, numerics, parallel, preemption, runlog
 from alchemist_jax.runtime.parallel import model_inputs
+from alchemist_jax.runtime import progress
 
 log = logging.getLogger("alchemist_jax.rating")
 
@@ -54,7 +54,7 @@ class RatingProgram:
     init_state: Callable[[jax.Array], dict]
     meta_gradient: Callable[..., tuple[Any, dict]]
     meta_step: Callable[..., tuple[dict, dict]]
-    proxy_steps: Callable[..., dict]
+    proxy_steps: Callable[..., tuple[dict, jax.Array]]
     reset_proxy: Callable[[dict, jax.Array], dict]
     score: Callable[[Any, dict], jax.Array]
     state_sharding: Any
@@ -146,14 +146,18 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
         rater = optax.apply_updates(state["rater"], updates)
         ema = optax.incremental_update(rater, state["rater_ema"], 1.0 - rate_cfg.ema_decay)
         metrics = _meta_metrics(grads, aux)
-        state = {**state, "step": state["step"] + 1, "rater": rater, "rater_ema": ema,
-                 "rater_opt": opt_state, "proxy": aux["proxy_params"],
-                 "proxy_opt": aux["inner_opt_state"]}
-        return state, metrics
+        # A meta-step with a non-finite loss, meta-gradient or proxy is skipped (not applied).
+        ok = numerics.all_finite((aux["meta_loss"], aux["inner_losses"], grads,
+                                  aux["proxy_params"]))
+        updated = {"rater": rater, "rater_ema": ema, "rater_opt": opt_state,
+                   "proxy": aux["proxy_params"], "proxy_opt": aux["inner_opt_state"]}
+        updated = numerics.keep_if(ok, updated, {key: state[key] for key in updated})
+        return {**state, "step": state["step"] + 1, **updated}, {**metrics, "finite": ok}
 
-    def proxy_steps(state: dict, batches: dict, use_rater: bool) -> dict:
+    def proxy_steps(state: dict, batches: dict, use_rater: bool) -> tuple[dict, jax.Array]:
         """Plain steps of every proxy on (P, S, B, ...) batches, weighted by the current rater
-        (`use_rater`) or uniformly (warm start)."""
+        (`use_rater`) or uniformly (warm start); and whether the proxies stayed finite (if not,
+        the steps are not applied)."""
         state, k = next_key(state)
         rater = jax.lax.stop_gradient(state["rater"])
 
@@ -178,7 +182,10 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
 
         proxy, proxy_opt = jax.vmap(one_proxy)(state["proxy"], state["proxy_opt"], batches,
                                                jax.random.split(k, population))
-        return {**state, "proxy": proxy, "proxy_opt": proxy_opt}
+        ok = numerics.all_finite(proxy)  # diverged proxies are not kept
+        updated = numerics.keep_if(ok, {"proxy": proxy, "proxy_opt": proxy_opt},
+                                   {"proxy": state["proxy"], "proxy_opt": state["proxy_opt"]})
+        return {**state, **updated}, ok
 
     def reset_proxy(state: dict, index: jax.Array) -> dict:
         """Restarts proxy `index` from its warm-start point with a fresh optimizer state."""
@@ -206,7 +213,7 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
                           out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
         proxy_steps=jax.jit(proxy_steps, static_argnums=(2,),
                             in_shardings=(state_sharding, train_sharding),
-                            out_shardings=state_sharding, donate_argnums=(0,)),
+                            out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
         reset_proxy=jax.jit(reset_proxy, in_shardings=(state_sharding, replicated),
                             out_shardings=state_sharding, donate_argnums=(0,)),
         score=jax.jit(score_fn, in_shardings=(replicated, val_sharding),
@@ -272,17 +279,28 @@ def rater_auroc(program: RatingProgram, state: dict, data: PreparedSplits,
 
 
 def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None = None,
-        ) -> dict[str, Any]:
+        allow_data_change: bool = False) -> dict[str, Any]:
     """Runs (or resumes) a rating run in `workdir`; returns the final metrics.
 
-    `stop_after` ends the run after that many meta-steps in this call (used to test resuming:
-    an interrupted run, rerun, ends with the same rater as an uninterrupted one).
+    Args:
+      cfg: the run's config (sections data, model, rater, rate must match a run it resumes).
+      workdir: run folder (config.yaml, checkpoints/, metrics.jsonl, tensorboard/, curves.png).
+      stop_after: end after that many meta-steps in this call (used to test resuming: an
+        interrupted run, rerun, ends with the same rater as an uninterrupted one).
+      allow_data_change: resume even if the pool or validation data differ from the data the
+        checkpoint was trained on (otherwise refused).
+    Raises:
+      preemption.Preempted: SIGTERM / SIGINT arrived; a checkpoint of the last finished
+        meta-step was saved first.
+      numerics.NonFiniteError: `rate.max_bad_steps` consecutive meta-steps were non-finite.
     """
     parallel.check_batch_split({"data.batch_size": cfg.data.batch_size,
                                 "rate.val_batch_size": cfg.rate.val_batch_size})
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config_lib.write_run_config(cfg, workdir, ("data", "model", "rater", "rate"))
+    config_lib.write_run_config(cfg, workdir, ("data", "model", "rater", "rate"),
+                                resumable=checkpoints.latest_step(workdir / "checkpoints")
+                                is not None)
     rate_cfg = cfg.rate
     inner, cycle = rate_cfg.inner_steps, rate_cfg.meta_every or rate_cfg.inner_steps
 
@@ -295,16 +313,25 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     example = model_inputs(data.pool[0])
     example = {k: np.stack([v] * cfg.data.batch_size) for k, v in example.items()}
     program = build_program(cfg, example, mesh)
+    guard = numerics.BadStepGuard(
+        "rate", rate_cfg.max_bad_steps,
+        f"the proxies or the rater diverge: lower rate.inner_lr ({rate_cfg.inner_lr:g}) or "
+        f"rate.rater_lr ({rate_cfg.rater_lr:g}), or check the data for extreme values")
+    fingerprint = data.fingerprint()
 
     manager = checkpoints.manager(workdir / "checkpoints")
     state = program.init_state(jax.random.key(rate_cfg.seed))
     if manager.latest_step() is not None:
         state, run_state = checkpoints.restore(manager, state)
+        _check_same_data(run_state.get("data"), fingerprint, workdir, int(state["step"]),
+                         allow_data_change)
         batches.set_state(run_state["batches"])
+        runlog.forget_after(workdir / runlog.METRICS_FILE, int(state["step"]))
         log.info("resumed from meta-step %d", int(state["step"]))
     elif rate_cfg.warm_start_steps:
-        state = program.proxy_steps(state, batches.proxy_batches(rate_cfg.warm_start_steps),
-                                    False)
+        state, ok = program.proxy_steps(state, batches.proxy_batches(rate_cfg.warm_start_steps),
+                                        False)
+        guard.check(0, ok, {})
         # A copy: the state is donated to the next step, and one buffer cannot be donated twice.
         state = {**state, "warm_proxy": jax.tree.map(jnp.copy, state["proxy"])}
 
@@ -316,39 +343,84 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
         return metrics_log.last()
     end = rate_cfg.steps if stop_after is None else min(rate_cfg.steps, start + stop_after)
     last: dict[str, float] = {}
-    progress = tqdm(range(start, end), desc=f"rate ({rate_cfg.mode})", unit="step",
-                    initial=start, total=rate_cfg.steps)
-    for step in progress:
-        if cycle > inner:
-            state = program.proxy_steps(state, batches.proxy_batches(cycle - inner), True)
-        val_epochs = step * rate_cfg.val_batch_size / len(data.validation)
-        penalty_lambda = np.float32(meta.penalty_lambda_at(
-            val_epochs, rate_cfg.penalty_start, rate_cfg.penalty_decay))
-        state, metrics = program.meta_step(state, batches.proxy_batches(inner),
-                                           batches.validation_batch(), penalty_lambda)
-        for p in _proxies_to_reset(step + 1, rate_cfg.reset_every, rate_cfg.population):
-            state = program.reset_proxy(state, jnp.int32(p))
-        done = step + 1
-        if done % rate_cfg.log_every == 0 or done == end:
-            last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if rate_cfg.mode == "penalty":
-                last["penalty_lambda"] = float(penalty_lambda)
-            if data.defects is not None and (done % rate_cfg.checkpoint_every == 0
-                                             or done == rate_cfg.steps):
-                last.update({f"auroc/{k}": v for k, v in rater_auroc(
-                    program, state, data, rate_cfg.val_batch_size).items()})
-            metrics_log.write(done, last)
-            progress.set_postfix(meta=f"{last['meta_loss']:.4f}",
-                                 proxy=f"{last['proxy_loss']:.4f}",
-                                 H=f"{last['weight_entropy']:.3f}")
-        if done % rate_cfg.checkpoint_every == 0 or done == end:
-            checkpoints.save(manager, done, state, {"batches": batches.get_state()})
-    progress.close()
+    pending: list[tuple[int, Any, Any]] = []  # (meta-step, finite flag, metrics), not yet read
+
+    def read_pending() -> None:
+        """Reads the finite flags of the steps run since the last read (one device sync per log
+        interval, not per step) and counts the skipped ones."""
+        for number, ok, values in jax.device_get(pending):
+            guard.check(number, ok, values)
+        pending.clear()
+
+    def save(done: int) -> None:
+        read_pending()
+        checkpoints.save(manager, done, state, {"batches": batches.get_state(),
+                                                "data": fingerprint})
+
+    steps_bar = progress.bar(range(start, end), desc=f"rate ({rate_cfg.mode})", unit="step",
+                             initial=start, total=rate_cfg.steps)
+    with preemption.guard() as stop:
+        for step in steps_bar:
+            if cycle > inner:
+                state, ok = program.proxy_steps(state, batches.proxy_batches(cycle - inner),
+                                                True)
+                pending.append((step + 1, ok, {}))
+            val_epochs = step * rate_cfg.val_batch_size / len(data.validation)
+            penalty_lambda = np.float32(meta.penalty_lambda_at(
+                val_epochs, rate_cfg.penalty_start, rate_cfg.penalty_decay))
+            state, metrics = program.meta_step(state, batches.proxy_batches(inner),
+                                               batches.validation_batch(), penalty_lambda)
+            ok = metrics.pop("finite")
+            pending.append((step + 1, ok, {k: metrics[k] for k in ("meta_loss", "proxy_loss",
+                                                                   "rater_grad_norm")}))
+            for p in _proxies_to_reset(step + 1, rate_cfg.reset_every, rate_cfg.population):
+                state = program.reset_proxy(state, jnp.int32(p))
+            done = step + 1
+            if done % rate_cfg.log_every == 0 or done == end:
+                read_pending()
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last["skipped_steps"] = guard.skipped
+                if rate_cfg.mode == "penalty":
+                    last["penalty_lambda"] = float(penalty_lambda)
+                if data.defects is not None and (done % rate_cfg.checkpoint_every == 0
+                                                 or done == rate_cfg.steps):
+                    last.update({f"auroc/{k}": v for k, v in rater_auroc(
+                        program, state, data, rate_cfg.val_batch_size).items()})
+                metrics_log.write(done, last)
+                steps_bar.set_postfix(meta=f"{last['meta_loss']:.4f}",
+                                      proxy=f"{last['proxy_loss']:.4f}",
+                                      H=f"{last['weight_entropy']:.3f}")
+            if done % rate_cfg.checkpoint_every == 0 or done == end:
+                save(done)
+            elif stop.requested:
+                save(done)
+            if stop.requested:
+                manager.wait_until_finished()
+                metrics_log.close()
+                raise preemption.Preempted(
+                    f"rate stopped by {stop.signal_name} after meta-step {done} of "
+                    f"{rate_cfg.steps}; checkpoint saved in {workdir / 'checkpoints'}: rerun the "
+                    "same command to resume")
+    steps_bar.close()
     manager.wait_until_finished()
     metrics_log.close()
     if int(state["step"]) == rate_cfg.steps:
         runlog.plot_curves(metrics_log.path, workdir / "curves.png", CURVE_PANELS, "meta-step")
     return last
+
+
+def _check_same_data(saved: dict | None, current: dict, workdir: Path, step: int,
+                     allow: bool) -> None:
+    """Refuses to resume on data that changed since the checkpoint (unless `allow`)."""
+    if saved is None or saved == current:
+        return
+    changed = ", ".join(split for split in current if saved.get(split) != current[split])
+    message = (f"{workdir} holds a run on other data: the {changed} rows differ from those its "
+               f"checkpoint at step {step} was trained on")
+    if not allow:
+        raise ValueError(f"{message}; rerun with --allow-data-change to continue on the new "
+                         "data anyway, or use a new --workdir")
+    log.warning("%s; continuing (--allow-data-change)", message)
 
 
 def _proxies_to_reset(done: int, reset_every: int, population: int) -> list[int]:

@@ -72,7 +72,7 @@ def test_rerun_with_other_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"holds a different config \(section rate\)"):
         rating.run(other, tmp_path)
     # Sections a rating run does not read may change: the finished run is found complete.
-    unrelated = load_config("configs/demo.yaml", TINY + ["rate.steps=1", "train.steps=5"])
+    unrelated = load_config("configs/demo.yaml", TINY + ["rate.steps=1", "train.steps=500"])
     assert rating.run(unrelated, tmp_path) == rating.run(cfg, tmp_path)
 
 

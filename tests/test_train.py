@@ -157,16 +157,18 @@ def test_selection_trains_only_on_the_selected_ids(cfg, data, tmp_path, monkeypa
 def test_selection_and_ratings_errors_name_the_file(data, tmp_path):
     pool = data.pool
     cases = [
-        ("sel.parquet", {"sample": [1, 2]}, training.read_selection, "sel.parquet has no 'id' column"),
+        ("sel.parquet", {"sample": [1, 2]}, training.read_selection,
+         r"sel.parquet has no column 'id' \(columns: sample\)"),
         ("sel.parquet", {"id": [int(pool.ids[0]), 10**9, 10**9 + 1]}, training.read_selection,
-         r"sel.parquet: 2 ids are not in the training pool \(e.g. 1000000000, 1000000001\)"),
+         r"sel.parquet: 2 of its ids are not in the pool \(e.g. id 1000000000\)"),
         ("sel.parquet", {"id": [int(pool.ids[3])] * 2}, training.read_selection,
-         f"id {pool.ids[3]} appears more than once"),
-        ("r.parquet", {"id": pool.ids}, training.read_rating_weights, "r.parquet has no 'score'"),
+         f"sel.parquet: id {pool.ids[3]} appears 2 times"),
+        ("r.parquet", {"id": pool.ids}, training.read_rating_weights,
+         "r.parquet has no column 'score'"),
         ("r.parquet", {"id": pool.ids[1:], "score": np.zeros(len(pool) - 1)},
          training.read_rating_weights,
-         f"rates 199 of the 200 pool ids: every pool id needs a score \\(missing e.g. "
-         f"{pool.ids[0]}\\)"),
+         f"r.parquet: 1 pool ids are missing \\(e.g. id {pool.ids[0]}\\); every pool id needs a "
+         "row"),
     ]
     for name, columns, reader, message in cases:
         pq.write_table(pa.table(columns), tmp_path / name)

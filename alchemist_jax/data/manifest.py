@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,11 +40,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image, ImageFile, ImageOps
-from tqdm import tqdm
 
 from alchemist_jax.config import ManifestConfig
 from alchemist_jax.runtime.io import atomic_write_parquet
 from alchemist_jax.data.sources import Source
+from alchemist_jax.runtime import progress
 
 logger = logging.getLogger("alchemist_jax.data")
 
@@ -231,9 +230,8 @@ class _CheckedSource(Source):
     def _check_rows(self, num_rows: int, report_dir: str | os.PathLike | None) -> None:
         self._kept: list[_Kept] = []
         bad: list[tuple[int, str | None, str]] = []
-        progress = tqdm(range(num_rows), desc=f"checking {self.name}", unit="sample",
-                        disable=None, file=sys.stderr)
-        with _truncated_images_rejected(), progress as rows:
+        rows_bar = progress.bar(range(num_rows), desc=f"checking {self.name}", unit="sample")
+        with _truncated_images_rejected(), rows_bar as rows:
             for row in rows:
                 try:
                     self._kept.append(self._check_row(row))

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from alchemist_jax.config import DataConfig
 from alchemist_jax.data.sources import ArraySource, Source
 from alchemist_jax.data.tokenizer import Tokenizer
+from alchemist_jax.runtime import progress
 
 
 def resize_center_crop(image: np.ndarray, resolution: int, channels: int) -> np.ndarray:
@@ -100,7 +100,7 @@ def materialize(source: Source, preprocessor: Preprocessor, chunk: int = 4096) -
       `preprocessor(example)` (`image` float32 (R, R, C), `tokens`, `token_mask`, ...).
     """
     fields: dict[str, list[np.ndarray]] = {}
-    for start in tqdm(range(0, len(source), chunk), desc=f"preprocessing {source.name}",
+    for start in progress.bar(range(0, len(source), chunk), desc=f"preprocessing {source.name}",
                       unit="chunk", leave=False):
         examples = [source[i] for i in range(start, min(start + chunk, len(source)))]
         captions = [example.pop("caption") for example in examples if "caption" in example]

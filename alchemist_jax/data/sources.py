@@ -14,9 +14,14 @@ access), plus `ids` (int64 (N,), the id of every index) and `labels` (int64 (N,)
 
 from __future__ import annotations
 
+import hashlib
+
 from typing import Any, Sequence
 
 import numpy as np
+
+# Rows of each column that `ArraySource.fingerprint` reads (besides every id).
+FINGERPRINT_SAMPLE = 4096
 
 
 class Source:
@@ -133,6 +138,22 @@ class ArraySource(Source):
         """The other per-example arrays (leading axis N), e.g. `latent`, `text_embedding`, or the
         preprocessed `image` / `tokens` / `token_mask` of `preprocess.materialize`."""
         return dict(self._extra)
+
+    def fingerprint(self, sample: int = FINGERPRINT_SAMPLE) -> str:
+        """sha256 of what the source holds, cheap at any size: the count, every id in order, and
+        every array column and caption of up to `sample` rows at evenly spaced positions (a
+        resumed run compares it to refuse data that changed under it)."""
+        digest = hashlib.sha256(str(len(self)).encode())
+        digest.update(np.ascontiguousarray(self._ids).tobytes())
+        rows = np.unique(np.linspace(0, max(len(self) - 1, 0), min(sample, len(self))).astype(
+            np.int64))
+        columns = {"image": self._images, "label": self._labels, **self._extra}
+        for key in sorted(k for k, v in columns.items() if v is not None):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(np.asarray(columns[key])[rows]).tobytes())
+        if self._captions is not None:
+            digest.update("\n".join(self._captions[i] for i in rows).encode())
+        return digest.hexdigest()
 
     def take(self, indices: np.ndarray, name: str | None = None) -> "ArraySource":
         """A new ArraySource with the rows at `indices` (in that order)."""

@@ -78,6 +78,10 @@ class PreparedSplits:
     defects: list[str | None] | None
     caption_classes: np.ndarray | None
 
+    def fingerprint(self) -> dict[str, str]:
+        """What a resumed run must find again: `ArraySource.fingerprint` of both splits."""
+        return {"pool": self.pool.fingerprint(), "validation": self.validation.fingerprint()}
+
 
 def prepare_splits(config: DataConfig, report_dir: str | Path | None = None) -> PreparedSplits:
     """`load_splits`, then both splits preprocessed for the models (`Preprocessor.for_config`)."""

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from alchemist_jax.runtime.io import atomic_save_figure, atomic_write_bytes
 from alchemist_jax.data.sources import Source
 from alchemist_jax.data.tokenizer import Tokenizer
+from alchemist_jax.runtime import progress
 
 
 def summarize(source: Source, *, max_examples: int = 20_000, seed: int = 0) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def summarize(source: Source, *, max_examples: int = 20_000, seed: int = 0) -> d
     tokenizer = Tokenizer()
     shapes, labels, origins = collections.Counter(), collections.Counter(), collections.Counter()
     words, tokens, pixel_sum, pixel_sq, pixel_count = [], [], 0.0, 0.0, 0
-    for index in tqdm(indices, desc=f"summarizing {source.name}", unit="ex", leave=False):
+    for index in progress.bar(indices, desc=f"summarizing {source.name}", unit="ex", leave=False):
         example = source[int(index)]
         if "image" in example:
             image = np.asarray(example["image"], np.float64)

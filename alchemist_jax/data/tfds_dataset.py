@@ -24,9 +24,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import registered
 from tensorflow_datasets.core.utils import tqdm_utils
-from tqdm.auto import tqdm
 
 from alchemist_jax.data.sources import ArraySource, Source
+from alchemist_jax.runtime import progress
 
 _INFO_FILE = "dataset_info.json"
 _TEXT_KEYS = ("caption", "source")
@@ -135,7 +135,7 @@ def _builder_class(name: str, version: str, features: tfds.features.FeaturesDict
             def _generate_examples(self, split: str):
                 source = splits[split]
                 split_columns = columns.setdefault(split, {"id": [], "label": []})
-                for i in tqdm(range(len(source)), desc=f"{name}/{split}", unit="ex"):
+                for i in progress.bar(range(len(source)), desc=f"{name}/{split}", unit="ex"):
                     example = _encode(source[i], keys, f"example {i} of split {split!r}")
                     split_columns["id"].append(example["id"])
                     if "label" in example:
@@ -331,7 +331,7 @@ class TfdsSource(Source):
                                  f"{len(self)}; the dataset directory was modified")
             return values.astype(np.int64, copy=False)
         values = np.empty(len(self), dtype=np.int64)
-        for start in tqdm(range(0, len(self), _READ_CHUNK), desc=f"{self.name}: reading {key}s",
+        for start in progress.bar(range(0, len(self), _READ_CHUNK), desc=f"{self.name}: reading {key}s",
                           unit="chunk", leave=False):
             indices = list(range(start, min(start + _READ_CHUNK, len(self))))
             values[start:start + len(indices)] = [r[key] for r in self._data.__getitems__(indices)]

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
 from alchemist_jax.data import load_splits, load_test, pipeline, preprocess
@@ -38,6 +37,7 @@ from alchemist_jax.data.cache import cache_dir
 from alchemist_jax.runtime.io import atomic_write_bytes
 from alchemist_jax.data.sources import ArraySource, Source
 from alchemist_jax.data.splits import Subset
+from alchemist_jax.runtime import progress
 
 log = logging.getLogger("alchemist_jax.evaluation")
 
@@ -192,7 +192,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, steps: int, seed: i
     opt_state = optimizer.init(params)
     device_images, device_labels = jnp.asarray(images, jnp.float32), jnp.asarray(labels)
     losses = []
-    for step in tqdm(range(steps), desc="feature classifier", unit="step", leave=False):
+    for step in progress.bar(range(steps), desc="feature classifier", unit="step", leave=False):
         params, opt_state, loss = step_fn(params, opt_state, device_images, device_labels,
                                           np.int32(step))
         losses.append(loss)

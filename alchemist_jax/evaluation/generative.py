@@ -30,7 +30,6 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
 from alchemist_jax import models, training
@@ -38,6 +37,7 @@ from alchemist_jax.runtime import parallel
 from alchemist_jax.runtime.io import atomic_write_bytes
 from alchemist_jax.data.sources import ArraySource
 from alchemist_jax.data.tokenizer import Tokenizer
+from alchemist_jax.runtime import progress
 from alchemist_jax.evaluation.classifier import (Classifier, UnlabeledDataError,
                                                  feature_classifier, load_test_data,
                                                  source_arrays)
@@ -169,7 +169,7 @@ def generate_images(trained: training.Trained, captions: dict[str, np.ndarray],
     key = jax.random.key(seed)
     images = []
     starts = range(0, rows, batch_size)
-    for index, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False)):
+    for index, start in enumerate(progress.bar(starts, desc=desc, unit="batch", leave=False)):
         batch = {k: _pad_rows(v[start:start + batch_size], batch_size)
                  for k, v in captions.items()}
         generated = generate(trained, jax.device_put(batch, sharding),

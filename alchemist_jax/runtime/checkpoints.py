@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from alchemist_jax.runtime import numerics
+
 STATE = "state"
 RUN_STATE = "run_state"
 
@@ -40,9 +42,37 @@ def latest_step(directory: Path) -> int | None:
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state: Any, run_state: dict) -> None:
-    """Saves `state` (a pytree of arrays) and `run_state` (JSON-able) as one checkpoint."""
-    checkpoints.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state), RUN_STATE: ocp.args.JsonSave(run_state)}))
+    """Saves `state` (a pytree of arrays) and `run_state` (JSON-able) as one checkpoint.
+
+    Raises:
+      NonFiniteError: `state` holds NaN or Inf (nothing is saved, so the last good checkpoint
+        is not rotated out).
+      OSError: the write failed (e.g. disk full): names the folder; the partial checkpoint is
+        removed and the previous ones are intact.
+    """
+    if not bool(_all_finite(state)):
+        raise numerics.NonFiniteError(
+            f"not saving checkpoint {step} in {checkpoints.directory}: the state holds NaN or "
+            "Inf; the last finite checkpoint is kept")
+    try:
+        checkpoints.save(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state), RUN_STATE: ocp.args.JsonSave(run_state)}))
+        checkpoints.wait_until_finished()
+    except OSError as error:
+        _remove_partial(Path(checkpoints.directory))
+        raise OSError(f"cannot write checkpoint {step} in {checkpoints.directory}: "
+                      f"{error.strerror or error}") from None
+
+
+_all_finite = jax.jit(numerics.all_finite)
+
+
+def _remove_partial(directory: Path) -> None:
+    """Deletes the temporary folders of an interrupted save (orbax names them *.orbax-*-tmp*)."""
+    import shutil
+
+    for partial in directory.glob("*tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def restore(checkpoints: ocp.CheckpointManager, like: Any, step: int | None = None

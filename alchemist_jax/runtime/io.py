@@ -25,6 +25,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from None
     finally:
         tmp.unlink(missing_ok=True)
 

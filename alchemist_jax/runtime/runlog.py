@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -24,10 +25,14 @@ class MetricsLog:
         self.writer = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Appends one line; a non-finite value is written as null (JSON has no NaN) and left
+        out of TensorBoard."""
+        values = {k: float(v) if math.isfinite(float(v)) else None for k, v in metrics.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
+            f.write(json.dumps({"step": step, **values}, allow_nan=False) + "\n")
+        for key, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
         self.writer.close()
@@ -63,7 +68,8 @@ def last_values(path: Path, keys: Sequence[str]) -> dict[str, float]:
 def series(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps int64, values float64) of `key` in a metrics.jsonl, one point per step (a resumed
     run's repeat wins), by step."""
-    points = {int(row["step"]): float(row[key]) for row in read_metrics(path) if key in row}
+    points = {int(row["step"]): float(row[key]) for row in read_metrics(path)
+              if row.get(key) is not None}
     steps = np.array(sorted(points), np.int64)
     return steps, np.array([points[s] for s in steps], np.float64)
 
@@ -101,7 +107,7 @@ def plot_curves(metrics_path: Path, out: Path, panels: Sequence[Sequence[str]],
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, keys in zip(np.atleast_1d(axes), panels):
         for key in keys:
-            points = [(r["step"], r[key]) for r in rows if key in r]
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
         ax.set_xlabel(xlabel)
         ax.legend(fontsize=7)
