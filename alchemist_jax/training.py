@@ -35,13 +35,12 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
 from alchemist_jax import models
 from alchemist_jax.data import pipeline, prepare_splits
 from alchemist_jax.data.sources import ArraySource
-from alchemist_jax.runtime import checkpoints, io, parallel, runlog
+from alchemist_jax.runtime import checkpoints, io, numerics, parallel, preemption, progress, runlog
 from alchemist_jax.runtime.parallel import model_inputs
 
 log = logging.getLogger("alchemist_jax.training")
@@ -107,8 +106,9 @@ class TrainProgram:
     graphdef: nnx.GraphDef
     rest: nnx.State
     initial_state: dict
-    # (state, batch) -> (state, mean loss); the state is donated
-    train_step: Callable[[dict, dict], tuple[dict, jax.Array]]
+    # (state, batch) -> (state, mean loss, finite); the state is donated. A step whose loss or
+    # gradient is not finite is not applied (the step count and rng still advance).
+    train_step: Callable[[dict, dict], tuple[dict, jax.Array, jax.Array]]
     batch_sharding: NamedSharding
 
 
@@ -117,7 +117,7 @@ def _jitted_program(model_cfg: config_lib.ModelConfig, train_cfg: config_lib.Tra
                     max_text_length: int, inputs: InputSpec, mesh: jax.sharding.Mesh
                     ) -> tuple[Callable, Callable]:
     """`init(key) -> (graphdef, state, rest)` and `train_step(state, rest, batch) -> (state,
-    loss)` of a `train_cfg.steps`-step run, jitted once per configuration, input shapes and
+    loss, finite)` of a `train_cfg.steps`-step run, jitted once per configuration, input shapes and
     mesh (the seed enters through init's key only, so seeds share them)."""
     optimizer = make_optimizer(train_cfg, train_cfg.steps)
     example = {name: np.zeros((1, *shape), dtype) for name, shape, dtype in inputs}
@@ -132,19 +132,23 @@ def _jitted_program(model_cfg: config_lib.ModelConfig, train_cfg: config_lib.Tra
 
     graphdef = jax.eval_shape(init, jax.random.key(0))[0]
 
-    def train_step(state: dict, rest: nnx.State, batch: dict) -> tuple[dict, jax.Array]:
+    def train_step(state: dict, rest: nnx.State, batch: dict
+                   ) -> tuple[dict, jax.Array, jax.Array]:
         loss_fn = models.proxy_loss_fn(graphdef, rest, model_cfg.caption_dropout)
         rng, step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         loss, grads = jax.value_and_grad(
             lambda p: jnp.mean(loss_fn(p, batch, step_key)))(state["params"])
         updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
-        return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                "opt": opt_state, "rng": jax.random.key_data(rng)}, loss
+        ok = numerics.all_finite((loss, grads))
+        kept = numerics.keep_if(
+            ok, {"params": optax.apply_updates(state["params"], updates), "opt": opt_state},
+            {"params": state["params"], "opt": state["opt"]})
+        return {"step": state["step"] + 1, **kept, "rng": jax.random.key_data(rng)}, loss, ok
 
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return (jax.jit(init, out_shardings=replicated),
             jax.jit(train_step, in_shardings=(replicated, replicated, batch_sharding),
-                    out_shardings=(replicated, replicated), donate_argnums=(0,)))
+                    out_shardings=(replicated, replicated, replicated), donate_argnums=(0,)))
 
 
 def build_program(cfg: config_lib.Config, inputs: InputSpec, mesh: jax.sharding.Mesh,
@@ -284,8 +288,9 @@ def rating_weights(scores: np.ndarray) -> np.ndarray:
 
 
 def _data_digest(source: ArraySource, sampling_weights: np.ndarray | None) -> str:
-    """A fingerprint of what is trained on (ids in order, and weights), checked on resume."""
-    digest = hashlib.sha256(np.ascontiguousarray(source.ids).tobytes())
+    """A fingerprint of what is trained on (`ArraySource.fingerprint`: ids in order and sampled
+    contents; and the weights), checked on resume."""
+    digest = hashlib.sha256(source.fingerprint().encode())
     if sampling_weights is not None:
         digest.update(np.asarray(sampling_weights, np.float64).tobytes())
     return digest.hexdigest()
@@ -294,7 +299,7 @@ def _data_digest(source: ArraySource, sampling_weights: np.ndarray | None) -> st
 def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | Path | None, *,
                 steps: int, seed: int, validation: ArraySource | None = None,
                 sampling_weights: np.ndarray | None = None, desc: str = "train",
-                stop_after: int | None = None) -> Trained:
+                stop_after: int | None = None, allow_data_change: bool = False) -> Trained:
     """Trains a fresh DiT of `cfg.model` for `steps` steps of `cfg.train.batch_size` examples.
 
     Args:
@@ -313,8 +318,15 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
         probability weights[i] / sum(weights) (`WeightedBatches`); None: shuffled epochs.
       desc: label of the progress bar.
       stop_after: end after this many steps in this call (for testing resumption).
+      allow_data_change: resume even if the training data (or weights) differ from those of the
+        checkpoint (otherwise refused).
     Returns:
       The model after the last step run.
+    Raises:
+      preemption.Preempted: SIGTERM / SIGINT arrived (with a workdir: after a checkpoint of
+        the last finished step).
+      numerics.NonFiniteError: `train.max_bad_steps` consecutive non-finite steps, or a
+        training loss above `train.divergence_factor` times the first one logged.
     """
     train_cfg = cfg.train
     run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(train_cfg, steps=steps,
@@ -326,7 +338,9 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
     if workdir is not None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        config_lib.write_run_config(run_cfg, workdir, RESUME_SECTIONS)
+        config_lib.write_run_config(run_cfg, workdir, RESUME_SECTIONS,
+                                    resumable=checkpoints.latest_step(workdir / "checkpoints")
+                                    is not None)
     if sampling_weights is None:
         batches = pipeline.train_iterator(train_data, batch_size, seed=seed, shard_index=0,
                                           shard_count=1, read_threads=cfg.data.read_threads)
@@ -338,46 +352,88 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
             "inputs": inputs}
 
     state = program.initial_state
-    losses: list = []  # the step losses since the last training-loss line
+    losses: list = []  # (loss, finite) of the steps since the last training-loss line
+    reference = None  # the first training-loss line: the scale divergence is measured against
     manager = metrics_log = None
     if workdir is not None:
         manager = checkpoints.manager(workdir / "checkpoints")
         if manager.latest_step() is not None:
             state, saved = checkpoints.restore(manager, state)
             if saved["data"] != info["data"]:
-                raise ValueError(f"{workdir} holds a run on other training data (selection or "
-                                 "weights): use a new workdir")
+                message = (f"{workdir} holds a run on other training data (rows, contents, "
+                           "selection or weights changed since its checkpoint)")
+                if not allow_data_change:
+                    raise ValueError(f"{message}: rerun with --allow-data-change to continue on "
+                                     "the new data anyway, or use a new --workdir")
+                log.warning("%s; continuing (--allow-data-change)", message)
             batches.set_state(saved["batches"])
-            losses = saved["losses"]
+            losses = [(loss, True) for loss in saved["losses"]]
+            reference = saved.get("reference_loss")
             runlog.forget_after(workdir / runlog.METRICS_FILE, int(state["step"]))
             log.info("resuming %s at step %d of %d", workdir, int(state["step"]), steps)
         metrics_log = runlog.MetricsLog(workdir)
+    guard = numerics.BadStepGuard(
+        desc, train_cfg.max_bad_steps,
+        f"training diverges: lower train.learning_rate ({train_cfg.learning_rate:g}) or check "
+        "the data for extreme values")
+
+    def unread_losses() -> list[float]:
+        """Reads the pending (loss, finite) pairs: counts skipped steps, returns the finite
+        losses of the interval (a device sync once per log interval)."""
+        values = jax.device_get(losses)
+        first = step + 1 - len(values) + 1
+        return [float(loss) for number, (loss, ok) in enumerate(values, first)
+                if guard.check(number, ok, {"loss": loss})]
+
+    def save(done: int) -> None:
+        finite = unread_losses()
+        losses[:] = [(loss, True) for loss in finite]
+        checkpoints.save(manager, done, state, {**info, "batches": batches.get_state(),
+                                                "losses": finite, "reference_loss": reference})
 
     start = int(state["step"])
     end = steps if stop_after is None else min(steps, start + stop_after)
-    progress = tqdm(range(start, end), desc=desc, unit="step", initial=start, total=steps)
-    for step in progress:
-        batch = jax.device_put(model_inputs(next(batches)), program.batch_sharding)
-        state, loss = program.train_step(state, batch)
-        losses.append(loss)
-        done = step + 1
-        metrics = {}
-        if done % LOG_EVERY == 0 or done == steps:
-            metrics["train_loss"] = float(np.mean(np.asarray(jax.device_get(losses),
-                                                             np.float64)))
-            losses = []
-            progress.set_postfix(loss=f"{metrics['train_loss']:.4f}")
-        if validation is not None and (done % train_cfg.eval_every == 0 or done == steps):
-            trained = Trained(program.graphdef, state["params"], program.rest)
-            metrics["val_loss"] = validation_loss(trained, validation, batch_size,
-                                                  VALIDATION_SEED)
-        if metrics_log is not None:
-            for key, value in metrics.items():  # one line per metric (docs: run folder layout)
-                metrics_log.write(done, {key: value})
-        if manager is not None and (done % train_cfg.checkpoint_every == 0 or done == end):
-            checkpoints.save(manager, done, state, {**info, "batches": batches.get_state(),
-                                         "losses": [float(x) for x in jax.device_get(losses)]})
-    progress.close()
+    steps_bar = progress.bar(range(start, end), desc=desc, unit="step", initial=start,
+                             total=steps)
+    with preemption.guard() as stop:
+        for step in steps_bar:
+            batch = jax.device_put(model_inputs(next(batches)), program.batch_sharding)
+            state, loss, ok = program.train_step(state, batch)
+            losses.append((loss, ok))
+            done = step + 1
+            metrics = {}
+            if done % LOG_EVERY == 0 or done == steps:
+                finite = unread_losses()
+                losses = []
+                if finite:
+                    metrics["train_loss"] = float(np.mean(np.asarray(finite, np.float64)))
+                    steps_bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+                    reference = reference or metrics["train_loss"]
+                    if metrics["train_loss"] > train_cfg.divergence_factor * reference:
+                        raise numerics.NonFiniteError(
+                            f"{desc} diverged at step {done}: training loss "
+                            f"{metrics['train_loss']:.4g} is over train.divergence_factor="
+                            f"{train_cfg.divergence_factor:g} times the first one logged "
+                            f"({reference:.4g}); lower train.learning_rate "
+                            f"({train_cfg.learning_rate:g})")
+            if validation is not None and (done % train_cfg.eval_every == 0 or done == steps):
+                trained = Trained(program.graphdef, state["params"], program.rest)
+                metrics["val_loss"] = validation_loss(trained, validation, batch_size,
+                                                      VALIDATION_SEED)
+            if metrics_log is not None:
+                for key, value in metrics.items():  # one line per metric (docs: run folders)
+                    metrics_log.write(done, {key: value})
+            if manager is not None and (done % train_cfg.checkpoint_every == 0 or done == end
+                                        or stop.requested):
+                save(done)
+            if stop.requested:
+                if metrics_log is not None:
+                    metrics_log.close()
+                where = (f"checkpoint saved in {workdir / 'checkpoints'}: rerun the same command "
+                         "to resume") if manager is not None else "nothing was saved (no workdir)"
+                raise preemption.Preempted(f"{desc} stopped by {stop.signal_name} after step "
+                                           f"{done} of {steps}; {where}")
+    steps_bar.close()
     if manager is not None:
         manager.wait_until_finished()
         metrics_log.close()
@@ -440,7 +496,7 @@ def read_rating_weights(path: Path, pool: ArraySource) -> np.ndarray:
 
 
 def run(cfg: config_lib.Config, workdir: str | Path, selection: str | Path | None = None,
-        weights: str | Path | None = None) -> dict[str, Any]:
+        weights: str | Path | None = None, allow_data_change: bool = False) -> dict[str, Any]:
     """Trains (or resumes) the T2I model of `cfg` in `workdir` for `train.steps` steps.
 
     Data: with `selection` (a Parquet file with an `id` column), the pool examples it lists;
@@ -464,6 +520,7 @@ def run(cfg: config_lib.Config, workdir: str | Path, selection: str | Path | Non
             else "weighted pool" if weights is not None else "full pool")
     log.info("training on %d examples (%s), %d steps", len(pool), mode, cfg.train.steps)
     train_model(cfg, pool, workdir, steps=cfg.train.steps, seed=cfg.train.seed,
-                validation=data.validation, sampling_weights=sampling_weights)
+                validation=data.validation, sampling_weights=sampling_weights,
+                allow_data_change=allow_data_change)
     return {"steps": cfg.train.steps, "train_size": len(pool),
             **runlog.last_values(workdir / runlog.METRICS_FILE, ("train_loss", "val_loss"))}
