@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -192,21 +192,24 @@ class ContrastiveModel(nnx.Module):
         x = jax.nn.silu(self.conv1(images))
         x = jax.nn.silu(self.conv2(x))
         x = jax.nn.silu(self.conv3(x))
-        return _unit(self.image_proj(x.reshape(x.shape[0], -1)))
+        return unit_rows(self.image_proj(x.reshape(x.shape[0], -1)))
 
     def embed_captions(self, captions: dict) -> jax.Array:
         """Caption fields (B, ...) -> (B, D), unit norm: a bag of tokens (word order is not
         seen) or the masked mean of precomputed `text_embedding`, then a Linear."""
         features, mask = caption_features(self.token_embedding, captions, "contrastive model")
-        return _unit(self.text_proj(masked_mean(features, mask)))
+        return unit_rows(self.text_proj(masked_mean(features, mask)))
 
     def scale(self) -> jax.Array:
         """The logit scale exp(log_scale), capped at 100 as in CLIP."""
         return jnp.minimum(jnp.exp(self.log_scale[...]), 100.0)
 
 
-def _unit(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+def unit_rows(vectors: jax.Array) -> jax.Array:
+    """(..., D) rows scaled to unit L2 norm; all-zero rows stay zero (the one row normaliser of
+    the project: the contrastive model's embeddings here, dedup's embeddings)."""
+    norms = jnp.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / jnp.where(norms > 0, norms, 1.0)
 
 
 def init_contrastive(example_batch: dict, rng: jax.Array, *, width: int, dim: int

@@ -13,11 +13,11 @@ from flax import nnx
 from PIL import Image
 
 from alchemist_jax import cli, dedup, models, scoring
-from alchemist_jax.runtime import checkpoints
 from alchemist_jax import config as config_lib
 from alchemist_jax.config import DedupConfig, load_config
 from alchemist_jax.data.corrupt import scale_brightness, shift
 from alchemist_jax.data.preprocess import to_unit_range
+from alchemist_jax.runtime import checkpoints
 
 # A 200-sample pool whose defects are all copies: 20 exact, 20 shifted + brightened.
 POOL = ["data.pool.train_size=200", "data.pool.validation_size=20", "data.pool.test_size=20",
@@ -247,7 +247,7 @@ def test_cli_prints_one_line_and_names_bad_keys(tmp_path, capsys):
     assert "'dedup.windw'" in err and "Did you mean 'dedup.window'" in err
     assert len(err.splitlines()) == 1
     assert cli.main(["dedup", "--out", str(out), "dedup.window=0"]) == 2
-    assert "dedup.window=0 is out of range" in capsys.readouterr().err
+    assert "config key 'dedup.window' must be >= 1, got 0" in capsys.readouterr().err
     assert cli.main(["dedup", "--out", str(out), "dedup.embedding=rater"]) == 2
     assert "pass --rater-dir DIR" in capsys.readouterr().err
     assert cli.main(["dedup", "--out", str(out), "--rater-dir", str(tmp_path)]) == 2

@@ -12,12 +12,11 @@ from flax import nnx
 from test_rate import TINY
 
 from alchemist_jax import cli, models, rating, scoring, training
-from alchemist_jax.data import prepare_splits
-from alchemist_jax.runtime import checkpoints, parallel
 from alchemist_jax import config as config_lib
 from alchemist_jax.config import load_config
-from alchemist_jax.data import pipeline
+from alchemist_jax.data import pipeline, prepare_splits
 from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.runtime import checkpoints, parallel
 
 
 def _source(n: int) -> ArraySource:
@@ -64,7 +63,7 @@ def test_batches_are_laid_out_like_eval_iterator_batches():
     source = ArraySource("labelled", np.arange(11) + 5, np.zeros((11, 2, 2, 1), np.uint8),
                          [f"c{i}" for i in range(11)], labels=np.arange(11) % 3,
                          extra={"latent": np.random.default_rng(0).normal(size=(11, 3))})
-    ours = list(scoring._padded_batches(scoring._columns(source, 0, 11), 4))
+    ours = list(pipeline.padded_batches(scoring.pool_columns(source, 0, 11), 4))
     theirs = list(pipeline.eval_iterator(source, 4, shard_index=0, shard_count=1))
     assert len(ours) == len(theirs) == 3
     for a, b in zip(ours, theirs):
@@ -111,6 +110,23 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path):
     calls.clear()  # other metadata (another config): everything is scored again
     scoring.score_pool(_mean_pixel, source, split, **{**args, "metadata": {**META, "count": "x"}})
     assert scoring.read_metadata(split)["count"] == "x"
+
+
+def test_padded_batches_without_ids_and_of_nothing():
+    rows = {"pair": np.arange(10).reshape(5, 2)}
+    batches = list(pipeline.padded_batches(rows, 2))
+    assert [b["mask"].tolist() for b in batches] == [[True, True], [True, True], [True, False]]
+    np.testing.assert_array_equal(batches[-1]["pair"], [[8, 9], [8, 9]])
+    assert sorted(batches[-1]) == ["mask", "pair"]
+    assert list(pipeline.padded_batches({"pair": np.zeros((0, 2))}, 2)) == []
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        next(pipeline.padded_batches(rows, 0))
+
+
+def test_scorer_dispatch_covers_exactly_the_configs_scorers():
+    assert len(scoring.SCORERS) == len(config_lib.SCORERS)
+    assert set(scoring.SCORERS) == set(config_lib.SCORERS)
+    assert set(scoring.HEURISTICS) == set(config_lib.HEURISTIC_SCORERS)
 
 
 # ----------------------------------------------------------------------------------------------

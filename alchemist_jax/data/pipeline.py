@@ -1,5 +1,6 @@
 """Batched grain pipelines over a `Source`: an endless shuffled training stream and a padded,
-ordered evaluation pass.
+ordered evaluation pass; and `padded_batches`, the same padded fixed-shape batches cut from
+columns already in memory (scoring, dedup).
 
 Both take a `transform` (example dict -> dict of numpy arrays, e.g. decode the image to float32
 and tokenize the caption; None means `numeric_fields`, which keeps the numeric fields) and return
@@ -20,7 +21,8 @@ batches.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -155,3 +157,29 @@ def _with_id(transform: Transform | None) -> Callable[[Example], dict[str, np.nd
 def stack_examples(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Stacks a list of flat dicts of arrays into one dict of arrays with a leading batch axis."""
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def padded_batches(rows: dict[str, np.ndarray], batch_size: int
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-shape batches of in-memory columns, in order, padded as `eval_iterator` pads.
+
+    Args:
+      rows: equal-length arrays (N, ...), e.g. `id`, `image`, `tokens` of a pool chunk.
+      batch_size: rows per batch.
+    Yields:
+      ceil(N / batch_size) dicts with every key of `rows` (batch_size, ...) plus `mask` bool
+      (batch_size,), True for real rows. Full batches are slices of `rows`; the last batch is
+      padded by repeating the last row, with `mask` False and (when `rows` has one) `id` -1.
+      Nothing is yielded for N = 0.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    count = len(next(iter(rows.values()))) if rows else 0
+    for start in range(0, count, batch_size):
+        positions = np.arange(start, start + batch_size)
+        mask = positions < count
+        take = slice(start, start + batch_size) if mask[-1] else np.minimum(positions, count - 1)
+        batch = {key: value[take] for key, value in rows.items()}
+        if "id" in batch:
+            batch["id"] = np.where(mask, batch["id"], -1)
+        yield {**batch, "mask": mask}

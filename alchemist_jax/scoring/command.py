@@ -1,0 +1,144 @@
+"""`alchemist-jax score`: the scorer dispatch, the ratings metadata and the command `run`.
+
+Ratings metadata (Parquet schema key/values, all strings): `scorer`, `config_sha256`
+(`runtime.io.fingerprint` of the config parts the scores depend on, `config_fingerprint`),
+`source` (the pool's name), `count`, and for the rater scorer `rater_checkpoint` (the rating
+run's checkpoint folder) and `rater_step`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alchemist_jax import config as config_lib
+from alchemist_jax.data import load_splits, preprocess
+from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.runtime import io
+from alchemist_jax.scoring.driver import ScoreBatch, chunk_folder, finished_scores, score_pool
+from alchemist_jax.scoring.heuristics import HEURISTICS
+from alchemist_jax.scoring.proxy import ScoringInputs, alignment_scorer, clip_scorer, proxy_scorer
+from alchemist_jax.scoring.rating_run import RatingRun, open_rating_run, rater_scorer
+
+
+def heuristic_scorer(name: str) -> Callable[[ScoringInputs], ScoreBatch]:
+    """The factory of heuristic scorer `name` (`config.HEURISTIC_SCORERS`)."""
+
+    def factory(inputs: ScoringInputs) -> ScoreBatch:
+        if "image" not in inputs.pool[0]:
+            raise ValueError(f"score.scorer={name} needs pixel images; the pool "
+                             f"{inputs.pool.name} has none (precomputed latents)")
+        score = HEURISTICS[name]
+        return lambda batch: score(batch["image"])
+
+    return factory
+
+
+# The scorer dispatch: one factory per name of `config.SCORERS` (the config is the one list of
+# names; tests/test_scoring.py checks that this covers it exactly).
+SCORERS: dict[str, Callable[[ScoringInputs], ScoreBatch]] = {
+    "rater": lambda inputs: rater_scorer(inputs.rating_run, inputs.pool[0]),
+    **{kind: proxy_scorer(kind) for kind in config_lib.PROXY_SCORERS},
+    **{name: heuristic_scorer(name) for name in config_lib.HEURISTIC_SCORERS},
+    "clip_score": clip_scorer,
+    "alignment": alignment_scorer,
+}
+
+# score.* fields each scorer's result depends on (batch and chunk sizes never change a score).
+_SCORE_FIELDS = {"loss": ("proxy_steps", "draws", "seed"),
+                 "el2n": ("early_steps", "draws", "seed"),
+                 "grand": ("early_steps", "draws", "seed"),
+                 "clip_score": ("clip_path",),
+                 "alignment": ("alignment_method", "alignment_references", "seed")}
+# ... and those of each alignment method.
+_ALIGNMENT_FIELDS = {"contrastive": ("alignment_steps",),
+                     "diffusion": ("proxy_steps", "draws", "alignment_t_min")}
+
+
+def _trains_a_proxy(score_cfg: config_lib.ScoreConfig) -> bool:
+    """Whether the scores come from a DiT trained by `proxy._train_proxy` (they depend on the
+    config's `model` and `train` sections)."""
+    return score_cfg.scorer in config_lib.PROXY_SCORERS or (
+        score_cfg.scorer == "alignment" and score_cfg.alignment_method == "diffusion")
+
+
+def config_fingerprint(cfg: config_lib.Config, rating_run: RatingRun | None = None) -> str:
+    """`io.fingerprint` of the config the scores depend on: `data`, the scorer and its
+    `score.*` fields; `model` and `train` for the scorers with a proxy DiT; the rating run's
+    `rater` and `rate` sections for the rater."""
+    scorer = cfg.score.scorer
+    fields = _SCORE_FIELDS.get(scorer, ())
+    if scorer == "alignment":
+        fields += _ALIGNMENT_FIELDS[cfg.score.alignment_method]
+    parts: dict[str, Any] = {
+        "data": config_lib.to_dict(cfg.data),
+        "score": {key: getattr(cfg.score, key) for key in ("scorer", *fields)}}
+    if _trains_a_proxy(cfg.score):
+        parts.update(model=config_lib.to_dict(cfg.model), train=config_lib.to_dict(cfg.train))
+    if rating_run is not None:
+        parts.update(rater=config_lib.to_dict(rating_run.config.rater),
+                     rate=config_lib.to_dict(rating_run.config.rate))
+    return io.fingerprint(parts)
+
+
+def ratings_metadata(cfg: config_lib.Config, pool: ArraySource,
+                     rating_run: RatingRun | None = None) -> dict[str, str]:
+    """The metadata of a ratings file (see the module docstring)."""
+    metadata = {"scorer": cfg.score.scorer, "config_sha256": config_fingerprint(cfg, rating_run),
+                "source": pool.name, "count": str(len(pool))}
+    if rating_run is not None:
+        metadata.update(rater_checkpoint=str(rating_run.checkpoints),
+                        rater_step=str(rating_run.step))
+    return metadata
+
+
+def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dict[str, Any]:
+    """`alchemist-jax score`: scores the pool of `cfg.data` with `cfg.score.scorer` into `out`.
+
+    Rerunning the same command resumes an interrupted pass (finished chunks are kept) and does
+    nothing once `out` is complete. The rater scorer reads the rating run in `rater_dir` (its
+    own config gives the rater's shapes); the proxy scorers train their proxy first (in the
+    chunk folder, so an interrupted pass resumes that too).
+
+    Returns:
+      {"scorer", "count", "path", "seconds" (of this call's scoring pass; 0 when `out` was
+      already complete), "samples_per_s" (count / seconds, None when nothing was scored),
+      "score_mean", "score_std"}.
+    """
+    out = Path(out)
+    scorer = cfg.score.scorer
+    if scorer == "clip_score" and cfg.score.clip_path is None:
+        raise ValueError("score.scorer=clip_score needs score.clip_path=DIR: a local directory "
+                         "with an HF CLIP checkpoint (config.json + model.safetensors)")
+    if scorer == "rater" and rater_dir is None:
+        raise ValueError("score.scorer=rater needs the rating run: pass --rater DIR (the "
+                         "--workdir of `alchemist-jax rate`)")
+    if scorer != "rater" and rater_dir is not None:
+        raise ValueError(f"--rater is read by score.scorer=rater only, not by {scorer}")
+    rating_run = open_rating_run(rater_dir, cfg.data) if scorer == "rater" else None
+    splits = load_splits(cfg.data)
+    transform = preprocess.Preprocessor.for_config(cfg.data)
+    pool = preprocess.materialize(splits.train, transform)
+    metadata = ratings_metadata(cfg, pool, rating_run)
+    seconds = 0.0
+    scores = finished_scores(out, pool.ids, metadata)
+    if scores is None:
+        validation = (preprocess.materialize(splits.validation, transform)
+                      if scorer in ("loss", "alignment") else None)
+        # The proxy trains inside the chunk folder: resumed with it, removed with it.
+        proxy_workdir = chunk_folder(out) / f"proxy-{metadata['config_sha256'][:16]}"
+        score_batch = SCORERS[scorer](ScoringInputs(cfg, pool, validation, rating_run,
+                                                    proxy_workdir))
+        start = time.perf_counter()
+        scores = score_pool(score_batch, pool, out, batch_size=cfg.score.batch_size,
+                            chunk_size=cfg.score.chunk_size, metadata=metadata,
+                            desc=f"score ({scorer})")
+        seconds = time.perf_counter() - start
+    return {"scorer": scorer, "count": len(scores), "path": str(out),
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(len(scores) / seconds, 1) if seconds else None,
+            "score_mean": float(np.mean(scores)), "score_std": float(np.std(scores))}

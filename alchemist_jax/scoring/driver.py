@@ -1,0 +1,128 @@
+"""The chunked, resumable, atomic scoring pass: `score_pool`.
+
+`score_pool` splits the pool (in index order) into chunks of `score.chunk_size` samples (rounded
+up to whole batches), scores each in fixed-shape batches (`data.pipeline.padded_batches`, the
+last one padded) and writes it atomically as `.<out>.chunks/<chunk>.parquet`; a rerun skips the
+finished chunks (same ids, same metadata: `runtime.io.complete_table`), and the last step joins
+them into `out` (columns id int64, score float32, pool order) with the run's metadata in the
+Parquet schema, then removes the chunk folder. Every scorer scores each row on its own, so
+scores do not depend on the batch size, and a resumed run writes the same file as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from alchemist_jax.data.pipeline import padded_batches
+from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.runtime import io
+
+log = logging.getLogger("alchemist_jax.scoring")
+
+ScoreBatch = Callable[[dict[str, np.ndarray]], Any]  # batch -> (B,) scores (numpy or jax)
+
+RATINGS_COLUMNS = ("id", "score")
+
+
+def chunk_folder(out: Path) -> Path:
+    """Where `score_pool` keeps the finished chunks of `out` until it is complete."""
+    return out.parent / f".{out.name}.chunks"
+
+
+def ratings_table(ids: np.ndarray, scores: np.ndarray, metadata: dict[str, str]) -> pa.Table:
+    """Columns id int64, score float32, with `metadata` in the schema."""
+    table = pa.table({"id": pa.array(ids, pa.int64()), "score": pa.array(scores, pa.float32())})
+    return table.replace_schema_metadata(metadata)
+
+
+def finished_scores(path: Path, ids: np.ndarray, metadata: dict[str, str]) -> np.ndarray | None:
+    """The scores stored in `path` if it holds exactly `ids` (in order) under `metadata`, else
+    None (missing, unreadable, other ids or another configuration: to be scored again)."""
+    table = io.complete_table(path, ids, metadata, RATINGS_COLUMNS)
+    return None if table is None else table.column("score").to_numpy().astype(np.float32)
+
+
+def score_pool(score_batch: ScoreBatch, source: ArraySource, out: Path, *, batch_size: int,
+               chunk_size: int, metadata: dict[str, str], desc: str = "score") -> np.ndarray:
+    """Scores every example of `source` and writes `out` (resumable; see the module docstring).
+
+    Args:
+      score_batch: batch -> (B,) scores, numpy or (better: not yet computed) jax arrays. The
+        batch is a dict of numpy arrays of `batch_size` rows, laid out like
+        `pipeline.eval_iterator` batches: the numeric fields of the examples, `id` int64 and
+        `mask` bool; padding rows repeat the last real row with `id` -1 and `mask` False, and
+        their scores are discarded.
+      source: the pool in memory (preprocessed: `preprocess.materialize`), scored in index
+        order.
+      out: the ratings Parquet file: columns id int64, score float32, one row per example.
+      batch_size: rows per call of `score_batch`.
+      chunk_size: samples per chunk file (the unit of resuming), rounded up to a multiple of
+        `batch_size` so that only the pool's last batch is padded.
+      metadata: string key/values stored in the schema of `out` and of every chunk; a chunk
+        written under other metadata is scored again.
+      desc: progress bar label.
+    Returns:
+      (N,) float32 scores in pool order (as written).
+    """
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"score.batch_size and score.chunk_size must be >= 1, got "
+                         f"{batch_size} and {chunk_size}")
+    if len(source) == 0:
+        raise ValueError(f"{source.name} is empty: there is nothing to score")
+    out = Path(out)
+    ids = source.ids
+    done = finished_scores(out, ids, metadata)
+    if done is not None:
+        log.info("%s is complete (%d scores)", out, len(done))
+        return done
+    folder = chunk_folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk_size = -(-chunk_size // batch_size) * batch_size  # whole batches: no padding inside
+    starts = range(0, len(source), chunk_size)
+    paths = [folder / f"{index:05d}.parquet" for index in range(len(starts))]
+    parts = [finished_scores(path, ids[start:start + chunk_size], metadata)
+             for path, start in zip(paths, starts)]
+    progress = tqdm(total=len(source), desc=desc, unit="sample", unit_scale=True,
+                    initial=sum(len(p) for p in parts if p is not None))
+    for index, start in enumerate(starts):
+        if parts[index] is None:
+            rows = pool_columns(source, start, start + chunk_size)
+            # Every batch is dispatched before the first result is read back (async dispatch).
+            pending = [(score_batch(batch), batch["mask"])
+                       for batch in padded_batches(rows, batch_size)]
+            parts[index] = _collect(pending, progress)
+            io.atomic_write_parquet(paths[index],
+                                    ratings_table(rows["id"], parts[index], metadata))
+    progress.close()
+    scores = np.concatenate(parts)
+    io.atomic_write_parquet(out, ratings_table(ids, scores, metadata))
+    shutil.rmtree(folder)
+    return scores
+
+
+def pool_columns(source: ArraySource, start: int, stop: int) -> dict[str, np.ndarray]:
+    """Rows start..stop-1 of the numeric columns of `source` (the fields that
+    `pipeline.numeric_fields` keeps of its examples), as array slices: reading examples one by
+    one (~130 us each through grain) costs more than the demo rater's forward pass (~50 us per
+    sample on 2 CPU cores; docs/BENCHMARKS.md)."""
+    columns = {"id": source.ids, "image": source.images, "label": source.labels,
+               **source.extra}
+    return {key: column[start:stop] for key, column in columns.items() if column is not None}
+
+
+def _collect(pending: list, progress: tqdm) -> np.ndarray:
+    """Waits for the scores of a chunk's batches: (rows,) float32, padding dropped, in order."""
+    scores = []
+    for batch_scores, mask in pending:
+        scores.append(np.asarray(batch_scores, np.float32)[mask])
+        progress.update(len(scores[-1]))
+    return np.concatenate(scores)
