@@ -308,6 +308,7 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     log.info("pool %d examples, validation %d; %s, K=%d, P=%d, %d meta-steps",
              len(data.pool), len(data.validation), rate_cfg.mode, inner,
              rate_cfg.population, rate_cfg.steps)
+    _check_batches_fit(cfg, len(data.pool), len(data.validation))
     batches = _Batches(data, cfg)
     mesh = parallel.make_mesh()
     example = model_inputs(data.pool[0])
@@ -407,6 +408,17 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     if int(state["step"]) == rate_cfg.steps:
         runlog.plot_curves(metrics_log.path, workdir / "curves.png", CURVE_PANELS, "meta-step")
     return last
+
+
+def _check_batches_fit(cfg: config_lib.Config, pool: int, validation: int) -> None:
+    """One meta-step draws P batches from the pool and one from the validation set."""
+    draw = cfg.data.batch_size * cfg.rate.population
+    if draw > pool:
+        raise ValueError(f"data.batch_size * rate.population = {draw} is more than the pool's "
+                         f"{pool} samples")
+    if cfg.rate.val_batch_size > validation:
+        raise ValueError(f"rate.val_batch_size={cfg.rate.val_batch_size} is more than the "
+                         f"validation set's {validation} samples")
 
 
 def _check_same_data(saved: dict | None, current: dict, workdir: Path, step: int,

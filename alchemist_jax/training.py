@@ -333,6 +333,9 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
                                                                  seed=seed))
     parallel.check_batch_split({"train.batch_size": train_cfg.batch_size})
     batch_size = train_cfg.batch_size
+    if batch_size > len(train_data):
+        raise ValueError(f"train.batch_size={batch_size} is more than the {len(train_data)} "
+                         "training samples")
     inputs = input_spec(train_data[0])
     program = build_program(run_cfg, inputs, parallel.make_mesh(), steps, seed)
     if workdir is not None:

@@ -14,6 +14,7 @@ split, so the validation set stays clean.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from alchemist_jax.data import preprocess
 from alchemist_jax.data.loading import BUILTIN_SOURCES, load
 from alchemist_jax.data.corrupt import corrupt
 from alchemist_jax.data.sources import ArraySource, Source
+
+log = logging.getLogger("alchemist_jax.data")
 
 
 @dataclasses.dataclass
@@ -49,16 +52,26 @@ class Splits:
 
 def load_splits(config: DataConfig, report_dir: str | Path | None = None) -> Splits:
     """Opens the pool and validation set named by `config` (see the module docstring); writes
-    `report_dir/defects.parquet` (and `bad_samples.parquet` for user data) when given."""
+    `report_dir/defects.parquet` (and, for user data, the pool's skipped rows in
+    `report_dir/bad_samples.parquet`, the validation source's in
+    `report_dir/validation/bad_samples.parquet`) when given."""
     report_dir = None if report_dir is None else Path(report_dir)
     pool = load(config.source, config.split, config=config, report_dir=report_dir)
     if config.validation_source is not None:
+        # Its own report folder: the pool's bad_samples.parquet must not be overwritten.
         validation = load(config.validation_source, "validation", config=config,
-                          report_dir=report_dir)
+                          report_dir=None if report_dir is None else report_dir / "validation")
     elif has_split(config.source, "validation"):
         validation = load(config.source, "validation", config=config)
     else:
+        whole = pool
         pool, validation = random_split(pool, config.validation_fraction, config.seed)
+        log.warning("%s has no validation split and data.validation_source is unset: %d of its "
+                    "%d samples (data.validation_fraction=%g, seed %d) are held out as the "
+                    "validation set and are not in the pool that is rated, scored and "
+                    "selected; set data.validation_source to use every sample",
+                    whole.name, len(validation), len(whole),
+                    config.validation_fraction, config.seed)
     if config.corrupt.fraction <= 0:
         return Splits(pool, validation, None, None)
     pool, truth = corrupt(pool, config.corrupt.fraction, config.corrupt.kinds,
