@@ -51,8 +51,9 @@ CAPTION_FIELDS = ("tokens", "token_mask", "text_embedding")  # what a reference 
 # ==============================================================================================
 
 
-def reference_captions(captions: dict[str, np.ndarray], count: int, seed: int
-                       ) -> dict[str, np.ndarray]:
+def reference_captions(
+    captions: dict[str, np.ndarray], count: int, seed: int
+) -> dict[str, np.ndarray]:
     """Up to `count` distinct captions of a set, the ones each sample is compared against.
 
     Args:
@@ -72,8 +73,9 @@ def reference_captions(captions: dict[str, np.ndarray], count: int, seed: int
     if count < 1:
         raise ValueError(f"score.alignment_references must be >= 1, got {count}")
     n = len(next(iter(fields.values())))
-    rows = np.concatenate([fields[k].reshape(n, -1).astype(np.float64) for k in sorted(fields)],
-                          axis=1)
+    rows = np.concatenate(
+        [fields[k].reshape(n, -1).astype(np.float64) for k in sorted(fields)], axis=1
+    )
     _, first = np.unique(rows, axis=0, return_index=True)
     first = np.sort(first)
     if len(first) > count:
@@ -87,8 +89,9 @@ def _same_caption(batch: dict, references: dict) -> jax.Array:
     for key in CAPTION_FIELDS:
         if key in references:
             mine, theirs = batch[key], references[key]
-            equal = jnp.all((mine[:, None] == theirs[None]).reshape(
-                mine.shape[0], theirs.shape[0], -1), axis=-1)
+            equal = jnp.all(
+                (mine[:, None] == theirs[None]).reshape(mine.shape[0], theirs.shape[0], -1), axis=-1
+            )
             same = equal if same is None else same & equal
     return same
 
@@ -98,8 +101,15 @@ def _same_caption(batch: dict, references: dict) -> jax.Array:
 # ==============================================================================================
 
 
-def diffusion_margin_fn(graphdef: nnx.GraphDef, rest: nnx.State, references: dict, *,
-                        draws: int, seed: int, t_min: float) -> Callable[..., jax.Array]:
+def diffusion_margin_fn(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    references: dict,
+    *,
+    draws: int,
+    seed: int,
+    t_min: float,
+) -> Callable[..., jax.Array]:
     """The jitted `margin(params, batch, id_low, id_high) -> (B,)` of a proxy DiT.
 
     For each sample and each of `draws` fixed draws (t, eps) (`models.fixed_draws`, t mapped to
@@ -136,13 +146,16 @@ def diffusion_margin_fn(graphdef: nnx.GraphDef, rest: nnx.State, references: dic
             own = models.flow_matching_loss_at(model, batch, t, eps)
 
             def under_reference(k):
-                caption = {key: jnp.broadcast_to(value[k], batch[key].shape)
-                           for key, value in references.items()}
+                caption = {
+                    key: jnp.broadcast_to(value[k], batch[key].shape)
+                    for key, value in references.items()
+                }
                 return models.flow_matching_loss_at(model, {**batch, **caption}, t, eps)
 
             reference_losses = jax.lax.map(under_reference, jnp.arange(count)).T  # (B, K)
-            mean_other = (jnp.sum(jnp.where(others, reference_losses, 0.0), axis=1)
-                          / jnp.maximum(jnp.sum(others, axis=1), 1))
+            mean_other = jnp.sum(jnp.where(others, reference_losses, 0.0), axis=1) / jnp.maximum(
+                jnp.sum(others, axis=1), 1
+            )
             return mean_other - own
 
         return jnp.mean(jax.lax.map(one_draw, jnp.arange(draws)), axis=0)
@@ -168,9 +181,17 @@ class ContrastiveModel(nnx.Module):
       vocab_size: token vocabulary (CLIP: 49,408).
     """
 
-    def __init__(self, *, channels: int, resolution: tuple[int, int], width: int, dim: int,
-                 text_embedding_dim: int | None = None, rngs: nnx.Rngs,
-                 vocab_size: int = VOCAB_SIZE):
+    def __init__(
+        self,
+        *,
+        channels: int,
+        resolution: tuple[int, int],
+        width: int,
+        dim: int,
+        text_embedding_dim: int | None = None,
+        rngs: nnx.Rngs,
+        vocab_size: int = VOCAB_SIZE,
+    ):
         # Stride 2 first: a full-resolution first layer made training 4x slower on the CPU.
         self.conv1 = nnx.Conv(channels, width // 2, (3, 3), strides=2, rngs=rngs)
         self.conv2 = nnx.Conv(width // 2, width, (3, 3), strides=2, rngs=rngs)
@@ -179,7 +200,8 @@ class ContrastiveModel(nnx.Module):
         self.image_proj = nnx.Linear(cells * width, dim, rngs=rngs)
         if text_embedding_dim is None:
             self.token_embedding = nnx.Param(
-                nnx.initializers.normal(dim ** -0.5)(rngs.params(), (vocab_size, dim)))
+                nnx.initializers.normal(dim**-0.5)(rngs.params(), (vocab_size, dim))
+            )
             caption_width = dim
         else:
             self.token_embedding = None
@@ -212,16 +234,25 @@ def unit_rows(vectors: jax.Array) -> jax.Array:
     return vectors / jnp.where(norms > 0, norms, 1.0)
 
 
-def init_contrastive(example_batch: dict, rng: jax.Array, *, width: int, dim: int
-                     ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def init_contrastive(
+    example_batch: dict, rng: jax.Array, *, width: int, dim: int
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """A `ContrastiveModel` for batches shaped like `example_batch`, split into
     (graphdef, params, rest) as `models.init_proxy` splits the DiT."""
     images = visual_input(example_batch)
-    embedding_dim = (int(np.shape(example_batch["text_embedding"])[-1])
-                     if "text_embedding" in example_batch else None)
-    model = ContrastiveModel(channels=int(images.shape[-1]), resolution=tuple(images.shape[1:3]),
-                             width=width, dim=dim, text_embedding_dim=embedding_dim,
-                             rngs=nnx.Rngs(rng))
+    embedding_dim = (
+        int(np.shape(example_batch["text_embedding"])[-1])
+        if "text_embedding" in example_batch
+        else None
+    )
+    model = ContrastiveModel(
+        channels=int(images.shape[-1]),
+        resolution=tuple(images.shape[1:3]),
+        width=width,
+        dim=dim,
+        text_embedding_dim=embedding_dim,
+        rngs=nnx.Rngs(rng),
+    )
     return nnx.split(model, nnx.Param, ...)
 
 
@@ -232,10 +263,14 @@ def augment(images: jax.Array, rng: jax.Array, max_shift: int = 2) -> jax.Array:
     b, h, w, _ = images.shape
     shift_key, scale_key, offset_key = jax.random.split(rng, 3)
     starts = jax.random.randint(shift_key, (b, 2), 0, 2 * max_shift + 1)
-    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)),
-                     mode="edge")
-    shifted = jax.vmap(lambda image, start: jax.lax.dynamic_slice(
-        image, (start[0], start[1], 0), (h, w, image.shape[-1])))(padded, starts)
+    padded = jnp.pad(
+        images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge"
+    )
+    shifted = jax.vmap(
+        lambda image, start: jax.lax.dynamic_slice(
+            image, (start[0], start[1], 0), (h, w, image.shape[-1])
+        )
+    )(padded, starts)
     scale = jax.random.uniform(scale_key, (b, 1, 1, 1), minval=0.9, maxval=1.1)
     offset = jax.random.uniform(offset_key, (b, 1, 1, 1), minval=-0.1, maxval=0.1)
     return jnp.clip(shifted * scale + offset, -1.0, 1.0)
@@ -251,8 +286,10 @@ def contrastive_loss(model: ContrastiveModel, batch: dict) -> jax.Array:
     logits = model.scale() * images @ captions.T  # (B, B)
     same = _same_caption(batch, batch)
     targets = same / jnp.sum(same, axis=1, keepdims=True)  # symmetric: rows and columns alike
-    return 0.5 * (optax.softmax_cross_entropy(logits, targets).mean()
-                  + optax.softmax_cross_entropy(logits.T, targets).mean())
+    return 0.5 * (
+        optax.softmax_cross_entropy(logits, targets).mean()
+        + optax.softmax_cross_entropy(logits.T, targets).mean()
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,8 +304,9 @@ class ContrastiveTraining:
     max_shift: int = 2  # augmentation: pixels of shift
 
 
-def train_contrastive(data: dict[str, np.ndarray], settings: ContrastiveTraining, seed: int,
-                      desc: str = "contrastive") -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def train_contrastive(
+    data: dict[str, np.ndarray], settings: ContrastiveTraining, seed: int, desc: str = "contrastive"
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """Trains a `ContrastiveModel` on image–caption pairs with `contrastive_loss`.
 
     Args:
@@ -282,16 +320,22 @@ def train_contrastive(data: dict[str, np.ndarray], settings: ContrastiveTraining
     Returns:
       (graphdef, params, rest) of the trained model.
     """
-    arrays = {k: jnp.asarray(v) for k, v in data.items()
-              if k in ("image", "latent", *CAPTION_FIELDS)}
+    arrays = {
+        k: jnp.asarray(v) for k, v in data.items() if k in ("image", "latent", *CAPTION_FIELDS)
+    }
     n = len(next(iter(arrays.values())))
     batch_size = min(n, settings.batch_size)
     init_key, loop_key = jax.random.split(jax.random.key(seed))
-    graphdef, params, rest = init_contrastive({k: v[:1] for k, v in arrays.items()}, init_key,
-                                              width=settings.width, dim=settings.dim)
+    graphdef, params, rest = init_contrastive(
+        {k: v[:1] for k, v in arrays.items()}, init_key, width=settings.width, dim=settings.dim
+    )
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, settings.learning_rate, max(1, settings.steps // 20), max(2, settings.steps),
-        end_value=0.1 * settings.learning_rate)
+        0.0,
+        settings.learning_rate,
+        max(1, settings.steps // 20),
+        max(2, settings.steps),
+        end_value=0.1 * settings.learning_rate,
+    )
     optimizer = optax.adam(schedule)
     image_key = "latent" if "latent" in arrays else "image"
 
@@ -302,7 +346,8 @@ def train_contrastive(data: dict[str, np.ndarray], settings: ContrastiveTraining
         batch = {k: v[rows] for k, v in arrays.items()}
         batch[image_key] = augment(batch[image_key], augment_key, settings.max_shift)
         loss, grads = jax.value_and_grad(
-            lambda p: contrastive_loss(nnx.merge(graphdef, p, rest), batch))(params)
+            lambda p: contrastive_loss(nnx.merge(graphdef, p, rest), batch)
+        )(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -315,8 +360,9 @@ def train_contrastive(data: dict[str, np.ndarray], settings: ContrastiveTraining
     return graphdef, params, rest
 
 
-def contrastive_margin_fn(graphdef: nnx.GraphDef, rest: nnx.State, references: dict
-                          ) -> Callable[[nnx.State, dict], jax.Array]:
+def contrastive_margin_fn(
+    graphdef: nnx.GraphDef, rest: nnx.State, references: dict
+) -> Callable[[nnx.State, dict], jax.Array]:
     """The jitted `margin(params, batch) -> (B,)` of a trained contrastive model: the
     log-softmax of scale * <image, own caption> among the same logit for the own caption and for
     every reference caption that differs from it (`reference_captions`). At most 0; near 0 when
@@ -330,8 +376,7 @@ def contrastive_margin_fn(graphdef: nnx.GraphDef, rest: nnx.State, references: d
         scale = model.scale()
         own_logit = scale * jnp.sum(images * own, axis=-1)  # (B,)
         reference_logits = scale * images @ model.embed_captions(references).T  # (B, K)
-        reference_logits = jnp.where(_same_caption(batch, references), -jnp.inf,
-                                     reference_logits)
+        reference_logits = jnp.where(_same_caption(batch, references), -jnp.inf, reference_logits)
         everything = jnp.concatenate([own_logit[:, None], reference_logits], axis=1)
         return own_logit - jax.nn.logsumexp(everything, axis=1)
 

@@ -21,16 +21,26 @@ from alchemist_jax import config as config_lib
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML config file (configs/*.yaml); defaults when omitted")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="config overrides, e.g. data.batch_size=32")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config file (configs/*.yaml); defaults when omitted",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. data.batch_size=32",
+    )
 
 
 def _add_allow_data_change(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--allow-data-change", action="store_true",
-                        help="resume even if the data changed since the run's last checkpoint "
-                             "(refused otherwise)")
+    parser.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="resume even if the data changed since the run's last checkpoint (refused otherwise)",
+    )
 
 
 def _cmd_fetch(args: argparse.Namespace) -> None:
@@ -47,12 +57,18 @@ def _cmd_data_summary(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     source = load(cfg.data.source, cfg.data.split, config=cfg.data, report_dir=args.out)
     if cfg.data.corrupt.fraction > 0:
-        source, _ = corrupt(source, cfg.data.corrupt.fraction, cfg.data.corrupt.kinds,
-                            seed=cfg.data.corrupt.seed, truth_path=args.out / "defects.parquet")
+        source, _ = corrupt(
+            source,
+            cfg.data.corrupt.fraction,
+            cfg.data.corrupt.kinds,
+            seed=cfg.data.corrupt.seed,
+            truth_path=args.out / "defects.parquet",
+        )
     stats = summary.summarize(source, seed=cfg.data.seed)
     if cfg.data.corrupt.fraction > 0:
-        stats["defects"] = dict(sorted(collections.Counter(
-            kind or "clean" for kind in source.defects).items()))
+        stats["defects"] = dict(
+            sorted(collections.Counter(kind or "clean" for kind in source.defects).items())
+        )
     summary.write_json(stats, args.out / "summary.json")
     sheet = summary.contact_sheet(source, args.out / "contact_sheet.png", seed=cfg.data.seed)
     print(json.dumps(stats, indent=2))
@@ -65,8 +81,9 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
     cfg = config_lib.load_config(args.config, args.overrides)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    sources = {split: load(args.source, split, config=cfg.data, report_dir=args.out)
-               for split in splits}
+    sources = {
+        split: load(args.source, split, config=cfg.data, report_dir=args.out) for split in splits
+    }
     path = prepare_tfds(sources, args.out, name=args.name, overwrite=args.overwrite)
     counts = ", ".join(f"{split} {len(source)}" for split, source in sources.items())
     print(f"wrote TFDS dataset {path} ({counts}); load it with data.source={path}")
@@ -91,8 +108,10 @@ def _cmd_rate(args: argparse.Namespace) -> None:
     cfg = config_lib.load_config(args.config, args.overrides)
     final = rating.run(cfg, args.workdir, allow_data_change=args.allow_data_change)
     print(json.dumps(final, indent=2))
-    print(f"rater, proxies and metrics in {args.workdir} (checkpoints/, metrics.jsonl, "
-          "tensorboard/, curves.png)")
+    print(
+        f"rater, proxies and metrics in {args.workdir} (checkpoints/, metrics.jsonl, "
+        "tensorboard/, curves.png)"
+    )
 
 
 def _load(args: argparse.Namespace, **shortcuts) -> config_lib.Config:
@@ -117,14 +136,23 @@ def _cmd_dedup(args: argparse.Namespace) -> None:
     _use_compilation_cache()
     cfg = _load(args, **{"data.source": args.source})
     summary = dedup.run(cfg, args.out, rater_dir=args.rater_dir)
-    line = (f"dedup: {summary['count']} samples, {summary['groups']} groups, "
-            f"{summary['grouped']} samples in groups of 2 or more -> {summary['path']}")
+    line = (
+        f"dedup: {summary['count']} samples, {summary['groups']} groups, "
+        f"{summary['grouped']} samples in groups of 2 or more -> {summary['path']}"
+    )
     if "pair_precision" in summary:  # the pool has injected copies
-        measured = {key: summary[key] for key in ("recall_duplicate", "recall_near_duplicate",
-                                                  "pair_precision")}
-        line += " (injected copies: " + ", ".join(
-            f"{key} {'-' if value is None else f'{value:.3f}'}"
-            for key, value in measured.items()) + ")"
+        measured = {
+            key: summary[key]
+            for key in ("recall_duplicate", "recall_near_duplicate", "pair_precision")
+        }
+        line += (
+            " (injected copies: "
+            + ", ".join(
+                f"{key} {'-' if value is None else f'{value:.3f}'}"
+                for key, value in measured.items()
+            )
+            + ")"
+        )
     print(line)
 
 
@@ -147,8 +175,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.selection is not None and args.weights is not None:
         raise ValueError("give --selection or --weights, not both")
     cfg = _load(args)
-    final = training.run(cfg, args.workdir, selection=args.selection, weights=args.weights,
-                         allow_data_change=args.allow_data_change)
+    final = training.run(
+        cfg,
+        args.workdir,
+        selection=args.selection,
+        weights=args.weights,
+        allow_data_change=args.allow_data_change,
+    )
     print(json.dumps(final, indent=2))
 
 
@@ -179,107 +212,174 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alchemist-jax",
-        description="Meta-gradient data selection for text-to-image diffusion training.")
+        description="Meta-gradient data selection for text-to-image diffusion training.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fetch = commands.add_parser(
-        "fetch", help="download and convert the built-in data (MNIST, Animal-MNIST, CLIP BPE)")
+        "fetch", help="download and convert the built-in data (MNIST, Animal-MNIST, CLIP BPE)"
+    )
     fetch.set_defaults(run=_cmd_fetch)
 
     data_summary = commands.add_parser(
-        "data-summary", help="print counts, image sizes, caption lengths; write a contact sheet")
+        "data-summary", help="print counts, image sizes, caption lengths; write a contact sheet"
+    )
     _add_config_arguments(data_summary)
-    data_summary.add_argument("--out", type=Path, required=True,
-                              help="folder for summary.json and contact_sheet.png")
+    data_summary.add_argument(
+        "--out", type=Path, required=True, help="folder for summary.json and contact_sheet.png"
+    )
     data_summary.set_defaults(run=_cmd_data_summary)
 
     prepare = commands.add_parser(
-        "prepare", help="convert any source into a random-access TFDS array_record dataset")
+        "prepare", help="convert any source into a random-access TFDS array_record dataset"
+    )
     _add_config_arguments(prepare)
-    prepare.add_argument("--source", required=True,
-                         help="built-in name, manifest (.parquet/.csv), image folder or TFDS dir")
+    prepare.add_argument(
+        "--source",
+        required=True,
+        help="built-in name, manifest (.parquet/.csv), image folder or TFDS dir",
+    )
     prepare.add_argument("--out", type=Path, required=True, help="output folder")
-    prepare.add_argument("--splits", default="train",
-                         help="comma-separated splits to convert (manifests and folders: train)")
+    prepare.add_argument(
+        "--splits",
+        default="train",
+        help="comma-separated splits to convert (manifests and folders: train)",
+    )
     prepare.add_argument("--name", default="alchemist_dataset", help="TFDS dataset name")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     prepare.set_defaults(run=_cmd_prepare)
 
     rate = commands.add_parser(
-        "rate", help="learn the rater with meta-gradients through a population of proxies")
+        "rate", help="learn the rater with meta-gradients through a population of proxies"
+    )
     _add_config_arguments(rate)
-    rate.add_argument("--workdir", type=Path, required=True,
-                      help="run folder; rerunning the same command there resumes the run")
+    rate.add_argument(
+        "--workdir",
+        type=Path,
+        required=True,
+        help="run folder; rerunning the same command there resumes the run",
+    )
     _add_allow_data_change(rate)
     rate.set_defaults(run=_cmd_rate)
 
     score = commands.add_parser(
-        "score", help="write one score per sample id of the pool (ratings.parquet); resumable")
+        "score", help="write one score per sample id of the pool (ratings.parquet); resumable"
+    )
     _add_config_arguments(score)
     score.add_argument("--out", type=Path, required=True, help="the ratings.parquet to write")
-    score.add_argument("--scorer", default=None,
-                       help=f"shortcut for score.scorer ({', '.join(config_lib.SCORERS)})")
-    score.add_argument("--rater", type=Path, default=None,
-                       help="scorer `rater`: the workdir of an `alchemist-jax rate` run")
+    score.add_argument(
+        "--scorer",
+        default=None,
+        help=f"shortcut for score.scorer ({', '.join(config_lib.SCORERS)})",
+    )
+    score.add_argument(
+        "--rater",
+        type=Path,
+        default=None,
+        help="scorer `rater`: the workdir of an `alchemist-jax rate` run",
+    )
     score.set_defaults(run=_cmd_score)
 
     dedup = commands.add_parser(
-        "dedup", help="group exact and near duplicates of the pool (dedup.parquet)")
+        "dedup", help="group exact and near duplicates of the pool (dedup.parquet)"
+    )
     _add_config_arguments(dedup)
     dedup.add_argument("--out", type=Path, required=True, help="the dedup.parquet to write")
-    dedup.add_argument("--source", default=None,
-                       help="shortcut for data.source (built-in name, manifest, folder, TFDS)")
-    dedup.add_argument("--rater-dir", type=Path, default=None,
-                       help="dedup.embedding=rater: the workdir of an `alchemist-jax rate` run")
+    dedup.add_argument(
+        "--source",
+        default=None,
+        help="shortcut for data.source (built-in name, manifest, folder, TFDS)",
+    )
+    dedup.add_argument(
+        "--rater-dir",
+        type=Path,
+        default=None,
+        help="dedup.embedding=rater: the workdir of an `alchemist-jax rate` run",
+    )
     dedup.set_defaults(run=_cmd_dedup)
 
     select = commands.add_parser(
-        "select", help="choose the training subset from ratings (selection.parquet)")
+        "select", help="choose the training subset from ratings (selection.parquet)"
+    )
     _add_config_arguments(select)
-    select.add_argument("--ratings", type=Path, nargs="+", required=True,
-                        help="one or more ratings.parquet; several are fused (rank percentiles "
-                             "within clusters, weighted by select.weights)")
-    select.add_argument("--dedup", type=Path, default=None,
-                        help="a dedup.parquet: keep at most the best-scored member of each "
-                             "duplicate group")
+    select.add_argument(
+        "--ratings",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="one or more ratings.parquet; several are fused (rank percentiles "
+        "within clusters, weighted by select.weights)",
+    )
+    select.add_argument(
+        "--dedup",
+        type=Path,
+        default=None,
+        help="a dedup.parquet: keep at most the best-scored member of each duplicate group",
+    )
     select.add_argument("--out", type=Path, required=True, help="the selection.parquet to write")
-    select.add_argument("--policy", default=None,
-                        help=f"shortcut for select.policy ({', '.join(config_lib.POLICIES)})")
-    select.add_argument("--keep", type=float, default=None,
-                        help="shortcut for select.keep (fraction of the pool kept)")
+    select.add_argument(
+        "--policy",
+        default=None,
+        help=f"shortcut for select.policy ({', '.join(config_lib.POLICIES)})",
+    )
+    select.add_argument(
+        "--keep",
+        type=float,
+        default=None,
+        help="shortcut for select.keep (fraction of the pool kept)",
+    )
     select.set_defaults(run=_cmd_select)
 
     train = commands.add_parser(
-        "train", help="train the T2I model on a selection, with weights, or on the full pool")
+        "train", help="train the T2I model on a selection, with weights, or on the full pool"
+    )
     _add_config_arguments(train)
-    train.add_argument("--workdir", type=Path, required=True,
-                       help="run folder; rerunning the same command there resumes the run")
-    train.add_argument("--selection", type=Path, default=None,
-                       help="selection.parquet: train on these ids only")
-    train.add_argument("--weights", type=Path, default=None,
-                       help="ratings.parquet: sample the pool with probability from the scores")
+    train.add_argument(
+        "--workdir",
+        type=Path,
+        required=True,
+        help="run folder; rerunning the same command there resumes the run",
+    )
+    train.add_argument(
+        "--selection", type=Path, default=None, help="selection.parquet: train on these ids only"
+    )
+    train.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="ratings.parquet: sample the pool with probability from the scores",
+    )
     _add_allow_data_change(train)
     train.set_defaults(run=_cmd_train)
 
     evaluate = commands.add_parser(
-        "evaluate", help="test loss, FCD, text alignment and a sample grid of a trained model")
+        "evaluate", help="test loss, FCD, text alignment and a sample grid of a trained model"
+    )
     _add_config_arguments(evaluate)
-    evaluate.add_argument("--model", type=Path, required=True,
-                          help="the workdir of an `alchemist-jax train` run")
-    evaluate.add_argument("--out", type=Path, required=True,
-                          help="folder for metrics.json and samples.png")
+    evaluate.add_argument(
+        "--model", type=Path, required=True, help="the workdir of an `alchemist-jax train` run"
+    )
+    evaluate.add_argument(
+        "--out", type=Path, required=True, help="folder for metrics.json and samples.png"
+    )
     evaluate.set_defaults(run=_cmd_evaluate)
 
     report = commands.add_parser(
-        "report", help="build DIR/report/index.html from a pipeline run folder")
+        "report", help="build DIR/report/index.html from a pipeline run folder"
+    )
     report.add_argument("--workdir", type=Path, required=True, help="a pipeline run folder")
     report.set_defaults(run=_cmd_report)
 
     pipeline = commands.add_parser(
-        "pipeline", help="rate, score, select, train every arm, evaluate and report")
+        "pipeline", help="rate, score, select, train every arm, evaluate and report"
+    )
     _add_config_arguments(pipeline)
-    pipeline.add_argument("--workdir", type=Path, required=True,
-                          help="run folder; rerunning resumes every finished stage")
+    pipeline.add_argument(
+        "--workdir",
+        type=Path,
+        required=True,
+        help="run folder; rerunning resumes every finished stage",
+    )
     pipeline.set_defaults(run=_cmd_pipeline)
     return parser
 

@@ -28,7 +28,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -47,8 +47,15 @@ class ConfigError(ValueError):
 DEFECT_KINDS = ("noise", "blur", "blank", "caption_swap", "duplicate", "lowres")
 EXTRA_DEFECT_KINDS = ("near_duplicate",)  # opt-in, outside the six the defaults are tuned on
 # Kept apart from everything tuning looks at, to measure how selection generalises.
-HELDOUT_DEFECT_KINDS = ("watermark", "jpeg", "bad_crop", "letterbox", "boilerplate_caption",
-                        "truncated_caption", "keyword_stuffing")
+HELDOUT_DEFECT_KINDS = (
+    "watermark",
+    "jpeg",
+    "bad_crop",
+    "letterbox",
+    "boilerplate_caption",
+    "truncated_caption",
+    "keyword_stuffing",
+)
 ALL_DEFECT_KINDS = DEFECT_KINDS + EXTRA_DEFECT_KINDS + HELDOUT_DEFECT_KINDS
 DEFECT_FAMILIES = {"tuned": DEFECT_KINDS, "heldout": HELDOUT_DEFECT_KINDS}  # names in `kinds`
 DefectKind = Literal[ALL_DEFECT_KINDS + tuple(DEFECT_FAMILIES)]
@@ -78,7 +85,7 @@ class ManifestConfig:
 
     image_column: str = "image"  # path to the image, relative to the manifest file
     caption_column: str = "caption"
-    id_column: Optional[str] = None  # None: ids are the row index
+    id_column: str | None = None  # None: ids are the row index
     on_bad_sample: Literal["skip", "error"] = "skip"
     max_image_pixels: int = 64_000_000  # larger images are rejected as bad samples
 
@@ -98,7 +105,7 @@ class DataConfig:
 
     source: str = "pool"  # built-in name, manifest file, image folder or TFDS directory
     split: str = "train"
-    validation_source: Optional[str] = None  # None: the same source's "validation" split
+    validation_source: str | None = None  # None: the same source's "validation" split
     validation_fraction: float = 0.1  # random validation split when the source has none
     resolution: int = 28  # images are resized / center-cropped to resolution x resolution
     channels: Literal[1, 3] = 1
@@ -120,14 +127,14 @@ class ModelConfig:
     """
 
     preset: Literal["tiny", "small", "base"] = "tiny"
-    patch_size: Optional[int] = None
-    width: Optional[int] = None  # transformer width D
-    depth: Optional[int] = None  # DiT blocks
-    heads: Optional[int] = None
-    mlp_ratio: Optional[float] = None
-    text_width: Optional[int] = None  # CLIP-style text encoder
-    text_depth: Optional[int] = None
-    text_heads: Optional[int] = None
+    patch_size: int | None = None
+    width: int | None = None  # transformer width D
+    depth: int | None = None  # DiT blocks
+    heads: int | None = None
+    mlp_ratio: float | None = None
+    text_width: int | None = None  # CLIP-style text encoder
+    text_depth: int | None = None
+    text_heads: int | None = None
     text_trainable: bool = True  # False: the text encoder is frozen at its initialisation
     caption_dropout: float = 0.1  # drop the caption with this probability (for CFG)
 
@@ -154,7 +161,7 @@ class RateConfig:
     mode: Literal[MODES] = "unrolled"
     steps: int = 1500  # meta-steps
     inner_steps: int = 4  # K, unrolled inner steps per meta-step (lookahead: 1)
-    meta_every: Optional[int] = None  # M >= K proxy steps per meta-step; None: M = K
+    meta_every: int | None = None  # M >= K proxy steps per meta-step; None: M = K
     population: int = 4  # P proxies, trained side by side (jax.vmap)
     reset_every: int = 500  # meta-steps between re-initialisations of a proxy (0: never)
     warm_start_steps: int = 0  # plain steps before meta-learning; resets restart from there
@@ -180,8 +187,18 @@ PROXY_SCORERS = ("loss", "el2n", "grand")  # scores from a proxy DiT the scorer 
 HEURISTIC_SCORERS = ("clarity", "edge_density", "low_frequency")  # pure functions of the image
 SCORERS = ("rater", *PROXY_SCORERS, *HEURISTIC_SCORERS, "clip_score", "alignment")
 GROUPINGS = ("auto", "label", "caption", "kmeans", "none")
-POLICIES = ("filter", "shift_gsample", "gsample", "topk", "bottomk", "random", "block",
-            "threshold", "weighted", "cdf_accept")
+POLICIES = (
+    "filter",
+    "shift_gsample",
+    "gsample",
+    "topk",
+    "bottomk",
+    "random",
+    "block",
+    "threshold",
+    "weighted",
+    "cdf_accept",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +212,7 @@ class ScoreConfig:
     early_steps: int = 100  # el2n / grand: steps of the early-training proxy
     draws: int = 4  # loss / el2n / grand: fixed (t, noise) draws averaged per sample
     seed: int = 0
-    clip_path: Optional[str] = None  # clip_score: a local HF CLIP directory (safetensors)
+    clip_path: str | None = None  # clip_score: a local HF CLIP directory (safetensors)
     # alignment: does the caption describe the image? Models trained on the validation set:
     # contrastive (a small CLIP-like model) or diffusion (a proxy DiT's loss under other captions
     # minus under its own); docs/RESULTS.md "Caption–image alignment" compares them.
@@ -214,11 +231,11 @@ class SelectConfig:
     group_by: Literal[GROUPINGS] = "auto"  # ranking clusters
     clusters: int = 20  # kmeans: number of clusters of caption embeddings
     drop: float = 0.25  # filter: lowest-scored fraction dropped before the random fill
-    head: Optional[float] = None  # shift_gsample: top fraction dropped; None: min(.25, .95 - R)
+    head: float | None = None  # shift_gsample: top fraction dropped; None: min(.25, .95 - R)
     mu: float = 0.54  # (shift_)gsample: mean rank percentile of the Gaussian (0 = best)
     sigma: float = 0.25  # (shift_)gsample: its spread in rank percentiles
     start: float = 0.0  # block: rank percentile where the window starts
-    threshold: Optional[float] = None  # threshold: keep scores >= it (None: the keep quantile)
+    threshold: float | None = None  # threshold: keep scores >= it (None: the keep quantile)
     temperature: float = 1.0  # weighted / cdf_accept: sharpness of the score-based sampling
     weights: tuple[float, ...] = ()  # fusion: weight of each ratings file, in order; (): equal
     seed: int = 0
@@ -268,8 +285,8 @@ class TrainConfig:
 class EvaluateConfig:
     """Evaluation of a trained T2I model on the clean held-out test split."""
 
-    test_source: Optional[str] = None  # None: the data source's "test" split
-    test_size: Optional[int] = None  # evaluate on the first N test samples; None: all
+    test_source: str | None = None  # None: the data source's "test" split
+    test_size: int | None = None  # evaluate on the first N test samples; None: all
     loss_draws: int = 4  # fixed (t, noise) draws per test sample for the test loss
     sample_steps: int = 20  # Euler steps of the sampler
     guidance_scale: float = 3.0
@@ -322,12 +339,20 @@ class PipelineConfig:
     """The whole pipeline (`alchemist-jax pipeline`, `./tools/demo.sh`): rate, score, select,
     train every arm for each seed, evaluate, report."""
 
-    arms: tuple[Literal[tuple(ARMS)], ...] = ("alchemist", "meta_only", "meta_alignment",
-                             "alchemist_shift_gsample", "release", "topk", "random", "full")
+    arms: tuple[Literal[tuple(ARMS)], ...] = (
+        "alchemist",
+        "meta_only",
+        "meta_alignment",
+        "alchemist_shift_gsample",
+        "release",
+        "topk",
+        "random",
+        "full",
+    )
     seeds: tuple[int, ...] = (0,)  # downstream seeds (training order and initialisation)
     keep: float = 0.5
     budget: Literal["steps", "epochs", "both"] = "steps"  # epochs: steps scale with subset size
-    penalty_steps: Optional[int] = None  # steps of the `release` (penalty) rater; None: rate.steps
+    penalty_steps: int | None = None  # steps of the `release` (penalty) rater; None: rate.steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,8 +393,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: "
-                              f"{' '.join(str(e).split())}") from None
+            raise ConfigError(
+                f"config file {path} is not valid YAML: {' '.join(str(e).split())}"
+            ) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         tree = loaded or {}
@@ -380,8 +406,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list "
-                              f"({str(e).splitlines()[0]})") from None
+            raise ConfigError(
+                f"override {item!r}: the value is not a YAML scalar or list "
+                f"({str(e).splitlines()[0]})"
+            ) from None
         _set_dotted(tree, key.strip(), value)
     config = _build(Config, tree, prefix="")
     validate(config)
@@ -398,8 +426,9 @@ def to_yaml(config: Any) -> str:
     return yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False)
 
 
-def write_run_config(config: Config, workdir: Path, sections: typing.Sequence[str], *,
-                     resumable: bool = True) -> None:
+def write_run_config(
+    config: Config, workdir: Path, sections: typing.Sequence[str], *, resumable: bool = True
+) -> None:
     """Stores the resolved config as `workdir/config.yaml`; a rerun in the same workdir (which
     resumes) must agree on the `sections` that shape its results (e.g. data, model, rate), while
     the others (say, evaluation settings) may change between runs.
@@ -419,7 +448,8 @@ def write_run_config(config: Config, workdir: Path, sections: typing.Sequence[st
         if changed:
             raise ConfigError(
                 f"{path} holds a different config (section {', '.join(changed)}): resume with "
-                "the same config and overrides, or use a new --workdir")
+                "the same config and overrides, or use a new --workdir"
+            )
     atomic_write_bytes(path, to_yaml(config).encode())
 
 
@@ -518,12 +548,19 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 PHASH_BITS = 64  # bits of the perceptual hash (dedup)
 
 
-def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> tuple[Any, str]:
+def _range(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> tuple[Any, str]:
     """(predicate, description) of the interval between `low` and `high` (None: unbounded)."""
+
     def inside(value: float) -> bool:
-        return ((low is None or (value > low if low_open else value >= low))
-                and (high is None or (value < high if high_open else value <= high)))
+        return (low is None or (value > low if low_open else value >= low)) and (
+            high is None or (value < high if high_open else value <= high)
+        )
 
     left = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
     right = "" if high is None else f"{high:g}" + (")" if high_open else "]")
@@ -547,47 +584,98 @@ SHARE = _range(0, 1, low_open=True)  # (0, 1]
 # Dotted key -> allowed range. Every number of the schema is here but seeds (any integer) and lists
 # (checked by `validate`); None values (unset optional keys) are not checked.
 RANGES: dict[str, tuple[Any, str]] = {
-    "data.validation_fraction": PROPER_FRACTION, "data.resolution": _range(4),
-    "data.max_text_length": _range(2), "data.batch_size": AT_LEAST_1,
-    "data.read_threads": AT_LEAST_0, "data.pool.train_size": AT_LEAST_1,
-    "data.pool.validation_size": AT_LEAST_1, "data.pool.test_size": AT_LEAST_1,
-    "data.shapes.size": AT_LEAST_1, "data.shapes.resolution": _range(8),
-    "data.manifest.max_image_pixels": AT_LEAST_1, "data.corrupt.fraction": _range(0, 1),
-    "model.patch_size": AT_LEAST_1, "model.width": AT_LEAST_1, "model.depth": AT_LEAST_1,
-    "model.heads": AT_LEAST_1, "model.mlp_ratio": POSITIVE, "model.text_width": AT_LEAST_1,
-    "model.text_depth": AT_LEAST_1, "model.text_heads": AT_LEAST_1,
+    "data.validation_fraction": PROPER_FRACTION,
+    "data.resolution": _range(4),
+    "data.max_text_length": _range(2),
+    "data.batch_size": AT_LEAST_1,
+    "data.read_threads": AT_LEAST_0,
+    "data.pool.train_size": AT_LEAST_1,
+    "data.pool.validation_size": AT_LEAST_1,
+    "data.pool.test_size": AT_LEAST_1,
+    "data.shapes.size": AT_LEAST_1,
+    "data.shapes.resolution": _range(8),
+    "data.manifest.max_image_pixels": AT_LEAST_1,
+    "data.corrupt.fraction": _range(0, 1),
+    "model.patch_size": AT_LEAST_1,
+    "model.width": AT_LEAST_1,
+    "model.depth": AT_LEAST_1,
+    "model.heads": AT_LEAST_1,
+    "model.mlp_ratio": POSITIVE,
+    "model.text_width": AT_LEAST_1,
+    "model.text_depth": AT_LEAST_1,
+    "model.text_heads": AT_LEAST_1,
     "model.caption_dropout": FRACTION,
-    "rater.width": _range(4), "rater.hidden": AT_LEAST_1, "rater.temperature": POSITIVE,
-    "rate.steps": AT_LEAST_1, "rate.inner_steps": AT_LEAST_1, "rate.meta_every": AT_LEAST_1,
-    "rate.population": AT_LEAST_1, "rate.reset_every": AT_LEAST_0,
-    "rate.warm_start_steps": AT_LEAST_0, "rate.inner_lr": POSITIVE, "rate.inner_eps": POSITIVE,
-    "rate.lookahead_lr": POSITIVE, "rate.penalty_start": FINITE, "rate.penalty_decay": AT_LEAST_0, "rate.rater_lr": POSITIVE,
-    "rate.rater_clip": POSITIVE, "rate.ema_decay": FRACTION, "rate.val_batch_size": AT_LEAST_1,
-    "rate.unroll": AT_LEAST_1, "rate.checkpoint_every": AT_LEAST_1, "rate.log_every": AT_LEAST_1,
+    "rater.width": _range(4),
+    "rater.hidden": AT_LEAST_1,
+    "rater.temperature": POSITIVE,
+    "rate.steps": AT_LEAST_1,
+    "rate.inner_steps": AT_LEAST_1,
+    "rate.meta_every": AT_LEAST_1,
+    "rate.population": AT_LEAST_1,
+    "rate.reset_every": AT_LEAST_0,
+    "rate.warm_start_steps": AT_LEAST_0,
+    "rate.inner_lr": POSITIVE,
+    "rate.inner_eps": POSITIVE,
+    "rate.lookahead_lr": POSITIVE,
+    "rate.penalty_start": FINITE,
+    "rate.penalty_decay": AT_LEAST_0,
+    "rate.rater_lr": POSITIVE,
+    "rate.rater_clip": POSITIVE,
+    "rate.ema_decay": FRACTION,
+    "rate.val_batch_size": AT_LEAST_1,
+    "rate.unroll": AT_LEAST_1,
+    "rate.checkpoint_every": AT_LEAST_1,
+    "rate.log_every": AT_LEAST_1,
     "rate.max_bad_steps": AT_LEAST_1,
-    "score.batch_size": AT_LEAST_1, "score.chunk_size": AT_LEAST_1,
-    "score.proxy_steps": AT_LEAST_1, "score.early_steps": AT_LEAST_1, "score.draws": AT_LEAST_1,
-    "score.alignment_steps": AT_LEAST_1, "score.alignment_references": _range(2),
+    "score.batch_size": AT_LEAST_1,
+    "score.chunk_size": AT_LEAST_1,
+    "score.proxy_steps": AT_LEAST_1,
+    "score.early_steps": AT_LEAST_1,
+    "score.draws": AT_LEAST_1,
+    "score.alignment_steps": AT_LEAST_1,
+    "score.alignment_references": _range(2),
     "score.alignment_t_min": FRACTION,
-    "select.keep": SHARE, "select.clusters": AT_LEAST_1, "select.drop": FRACTION,
-    "select.head": FRACTION, "select.mu": _range(0, 1), "select.sigma": POSITIVE,
-    "select.start": FRACTION, "select.threshold": FINITE, "select.temperature": POSITIVE,
-    "dedup.max_hamming": _range(0, PHASH_BITS), "dedup.min_cosine": _range(0, 1, low_open=True),
-    "dedup.min_aligned_cosine": _range(0, 1, low_open=True), "dedup.max_shift": AT_LEAST_0,
-    "dedup.border": AT_LEAST_0, "dedup.align_size": _range(4), "dedup.align_blur": AT_LEAST_0,
-    "dedup.bands": _range(1, PHASH_BITS), "dedup.projection_tables": AT_LEAST_0,
-    "dedup.window": AT_LEAST_1, "dedup.embedding_size": AT_LEAST_1, "dedup.blur": AT_LEAST_0,
+    "select.keep": SHARE,
+    "select.clusters": AT_LEAST_1,
+    "select.drop": FRACTION,
+    "select.head": FRACTION,
+    "select.mu": _range(0, 1),
+    "select.sigma": POSITIVE,
+    "select.start": FRACTION,
+    "select.threshold": FINITE,
+    "select.temperature": POSITIVE,
+    "dedup.max_hamming": _range(0, PHASH_BITS),
+    "dedup.min_cosine": _range(0, 1, low_open=True),
+    "dedup.min_aligned_cosine": _range(0, 1, low_open=True),
+    "dedup.max_shift": AT_LEAST_0,
+    "dedup.border": AT_LEAST_0,
+    "dedup.align_size": _range(4),
+    "dedup.align_blur": AT_LEAST_0,
+    "dedup.bands": _range(1, PHASH_BITS),
+    "dedup.projection_tables": AT_LEAST_0,
+    "dedup.window": AT_LEAST_1,
+    "dedup.embedding_size": AT_LEAST_1,
+    "dedup.blur": AT_LEAST_0,
     "dedup.batch_size": AT_LEAST_1,
-    "train.steps": AT_LEAST_1, "train.batch_size": AT_LEAST_1, "train.learning_rate": POSITIVE,
-    "train.warmup_steps": AT_LEAST_0, "train.weight_decay": AT_LEAST_0,
-    "train.grad_clip": POSITIVE, "train.eval_every": AT_LEAST_1,
-    "train.checkpoint_every": AT_LEAST_1, "train.max_bad_steps": AT_LEAST_1,
+    "train.steps": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.learning_rate": POSITIVE,
+    "train.warmup_steps": AT_LEAST_0,
+    "train.weight_decay": AT_LEAST_0,
+    "train.grad_clip": POSITIVE,
+    "train.eval_every": AT_LEAST_1,
+    "train.checkpoint_every": AT_LEAST_1,
+    "train.max_bad_steps": AT_LEAST_1,
     "train.divergence_factor": _range(1, low_open=True),
-    "evaluate.test_size": AT_LEAST_1, "evaluate.loss_draws": AT_LEAST_1,
-    "evaluate.sample_steps": AT_LEAST_1, "evaluate.guidance_scale": AT_LEAST_0,
-    "evaluate.classifier_steps": AT_LEAST_1, "evaluate.grid_captions": AT_LEAST_1,
+    "evaluate.test_size": AT_LEAST_1,
+    "evaluate.loss_draws": AT_LEAST_1,
+    "evaluate.sample_steps": AT_LEAST_1,
+    "evaluate.guidance_scale": AT_LEAST_0,
+    "evaluate.classifier_steps": AT_LEAST_1,
+    "evaluate.grid_captions": AT_LEAST_1,
     "evaluate.grid_samples": AT_LEAST_1,
-    "pipeline.keep": SHARE, "pipeline.penalty_steps": AT_LEAST_1,
+    "pipeline.keep": SHARE,
+    "pipeline.penalty_steps": AT_LEAST_1,
 }
 
 
@@ -612,26 +700,33 @@ def validate(config: Config) -> None:
     if r.mode == "lookahead" and r.inner_steps != 1:
         raise ConfigError(f"rate.mode=lookahead needs rate.inner_steps=1 (got {r.inner_steps})")
     if r.mixed_mode and r.mode != "unrolled":
-        raise ConfigError(f"rate.mixed_mode=true applies to rate.mode=unrolled only (got "
-                          f"{r.mode})")
+        raise ConfigError(f"rate.mixed_mode=true applies to rate.mode=unrolled only (got {r.mode})")
     if r.meta_every is not None and r.meta_every < r.inner_steps:
-        raise ConfigError(f"rate.meta_every ({r.meta_every}) must be >= rate.inner_steps "
-                          f"({r.inner_steps})")
+        raise ConfigError(
+            f"rate.meta_every ({r.meta_every}) must be >= rate.inner_steps ({r.inner_steps})"
+        )
     t = config.train
     if t.warmup_steps >= t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}")
     sel = config.select
     for name in ("drop", "head", "start"):
         value = getattr(sel, name)
-        if value is not None and sel.keep > 1.0 - value + 1e-9 and name in _POLICY_FRACTIONS.get(
-                sel.policy, ()):
-            raise ConfigError(f"select.{name}={value} leaves {1 - value:.3g} of the pool to "
-                              f"choose from, less than select.keep={sel.keep}; need keep <= "
-                              f"1 - {name}")
+        if (
+            value is not None
+            and sel.keep > 1.0 - value + 1e-9
+            and name in _POLICY_FRACTIONS.get(sel.policy, ())
+        ):
+            raise ConfigError(
+                f"select.{name}={value} leaves {1 - value:.3g} of the pool to "
+                f"choose from, less than select.keep={sel.keep}; need keep <= "
+                f"1 - {name}"
+            )
     if any(w < 0 or not math.isfinite(w) for w in sel.weights) or (
-            sel.weights and not sum(sel.weights) > 0):
-        raise ConfigError(f"select.weights must be >= 0 with a positive sum, got "
-                          f"{list(sel.weights)}")
+        sel.weights and not sum(sel.weights) > 0
+    ):
+        raise ConfigError(
+            f"select.weights must be >= 0 with a positive sum, got {list(sel.weights)}"
+        )
     pipe = config.pipeline
     if not pipe.arms or not pipe.seeds:
         raise ConfigError("pipeline.arms and pipeline.seeds must not be empty")
@@ -640,7 +735,8 @@ def validate(config: Config) -> None:
         if sel.weights and len(fused) > 1 and len(sel.weights) != len(fused):
             raise ConfigError(
                 f"select.weights has {len(sel.weights)} values, but arm {name!r} fuses "
-                f"{len(fused)} ratings ({', '.join(fused)}): give one weight each, in that order")
+                f"{len(fused)} ratings ({', '.join(fused)}): give one weight each, in that order"
+            )
 
 
 # The fractions of the pool each policy sets aside before choosing (checked against keep).

@@ -48,7 +48,8 @@ proxy_params / inner_opt_state / train_batches (and rng).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -104,13 +105,15 @@ def _leading_axis(train_batches) -> int:
         if len(shape) == 0:
             raise ValueError(
                 f"train_batches leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs a "
-                "leading axis K (one batch per inner step)")
+                "leading axis K (one batch per inner step)"
+            )
         sizes[jax.tree_util.keystr(path)] = shape[0]
     if len(set(sizes.values())) != 1:
         detail = ", ".join(f"{k or '<root>'}: {v}" for k, v in sizes.items())
         raise ValueError(
             "train_batches leaves disagree on the leading axis K (one batch per inner step): "
-            + detail)
+            + detail
+        )
     return next(iter(sizes.values()))
 
 
@@ -119,25 +122,29 @@ def _check_args(mode, remat, mixed_mode, lookahead_lr, penalty_lambda, k):
         raise ValueError(f"unknown meta-gradient mode {mode!r}; valid modes: {', '.join(MODES)}")
     if remat not in REMAT_POLICIES:
         raise ValueError(
-            f"unknown remat policy {remat!r}; valid policies: {', '.join(REMAT_POLICIES)}")
+            f"unknown remat policy {remat!r}; valid policies: {', '.join(REMAT_POLICIES)}"
+        )
     if mixed_mode and mode != "unrolled":
         raise ValueError(f"mixed_mode=True applies to mode='unrolled' only, got mode={mode!r}")
     if mode == "lookahead":
         if k != 1:
             raise ValueError(
                 f"mode='lookahead' takes exactly one inner batch: the leading axis K of "
-                f"train_batches must be 1, got {k}")
+                f"train_batches must be 1, got {k}"
+            )
         if lookahead_lr is None:
             raise ValueError("mode='lookahead' needs lookahead_lr (lr of the virtual SGD step)")
     if mode == "penalty" and penalty_lambda is None:
         raise ValueError(
-            "mode='penalty' needs penalty_lambda (λ; see penalty_lambda_at for the schedule)")
+            "mode='penalty' needs penalty_lambda (λ; see penalty_lambda_at for the schedule)"
+        )
 
 
 def _checked_losses(losses, name):
     if jnp.ndim(losses) != 1:
-        raise ValueError(f"{name} must return per-example values of shape (B,), got "
-                         f"shape {jnp.shape(losses)}")
+        raise ValueError(
+            f"{name} must return per-example values of shape (B,), got shape {jnp.shape(losses)}"
+        )
     return losses
 
 
@@ -145,8 +152,10 @@ def _checked_pair(weights, losses):
     _checked_losses(weights, "rater_fn")
     _checked_losses(losses, "loss_fn")
     if weights.shape != losses.shape:
-        raise ValueError(f"rater_fn weights {weights.shape} and loss_fn losses {losses.shape} "
-                         "must have the same shape (B,)")
+        raise ValueError(
+            f"rater_fn weights {weights.shape} and loss_fn losses {losses.shape} "
+            "must have the same shape (B,)"
+        )
     return weights, losses
 
 
@@ -217,6 +226,7 @@ def _make_inner_step(loss_fn, inner_opt, mixed_mode):
         def inner_objective(th):
             losses = _checked_losses(loss_fn(th, batch, key), "loss_fn")
             return jnp.mean(weights * losses), losses
+
         return jax.grad(inner_objective, has_aux=True)(theta)
 
     def apply_opt(grads, opt_state, theta):
@@ -258,8 +268,13 @@ def _make_inner_step(loss_fn, inner_opt, mixed_mode):
         hvp, losses_jvp = tangent_fn(grads_bar)
         theta_bar_in = jax.tree.map(jnp.add, theta_bar_direct, hvp)
         weights_bar = (losses_jvp / losses.shape[0]).astype(weights.dtype)
-        return (weights_bar, theta_bar_in, opt_state_bar_in,
-                jax.tree.map(_zero_cotangent, batch), _zero_cotangent(key))
+        return (
+            weights_bar,
+            theta_bar_in,
+            opt_state_bar_in,
+            jax.tree.map(_zero_cotangent, batch),
+            _zero_cotangent(key),
+        )
 
     mixed_step.defvjp(mixed_fwd, mixed_bwd)
     return mixed_step
@@ -295,8 +310,9 @@ def _make_rate_batches(rater_fn, recompute):
             _, rater_vjp = jax.vjp(lambda p: rater_fn(p, batch), phi)
             return jax.tree.map(jnp.add, phi_bar, rater_vjp(batch_weights_bar)[0]), None
 
-        phi_bar, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, phi),
-                                  (batches, weights_bar))
+        phi_bar, _ = jax.lax.scan(
+            accumulate, jax.tree.map(jnp.zeros_like, phi), (batches, weights_bar)
+        )
         return phi_bar, jax.tree.map(_zero_cotangent, batches)
 
     rate_batches.defvjp(rate_fwd, rate_bwd)
@@ -311,8 +327,22 @@ def _val_loss(loss_fn, theta, val_batch, key):
     return jnp.mean(losses), losses
 
 
-def _unrolled(rater_params, proxy_params, opt_state, train_batches, val_batch, keys, val_key, *,
-              rater_fn, loss_fn, inner_opt, remat, mixed_mode, unroll):
+def _unrolled(
+    rater_params,
+    proxy_params,
+    opt_state,
+    train_batches,
+    val_batch,
+    keys,
+    val_key,
+    *,
+    rater_fn,
+    loss_fn,
+    inner_opt,
+    remat,
+    mixed_mode,
+    unroll,
+):
     rate_batches = _make_rate_batches(rater_fn, recompute=remat == "nested")
     step = _make_inner_step(loss_fn, inner_opt, mixed_mode)
     if not mixed_mode:
@@ -335,15 +365,33 @@ def _unrolled(rater_params, proxy_params, opt_state, train_batches, val_batch, k
         else:
             (theta, s), losses = jax.lax.scan(body, init, xs, unroll=unroll)
         meta_loss, val_losses = _val_loss(loss_fn, theta, val_batch, val_key)
-        return meta_loss, dict(meta_loss=meta_loss, val_losses=val_losses, proxy_params=theta,
-                               inner_opt_state=s, weights=jax.lax.stop_gradient(weights),
-                               inner_losses=losses)
+        return meta_loss, dict(
+            meta_loss=meta_loss,
+            val_losses=val_losses,
+            proxy_params=theta,
+            inner_opt_state=s,
+            weights=jax.lax.stop_gradient(weights),
+            inner_losses=losses,
+        )
 
     return jax.grad(meta_loss_fn, has_aux=True)(rater_params)
 
 
-def _lookahead(rater_params, proxy_params, opt_state, train_batches, val_batch, keys, val_key, *,
-               rater_fn, loss_fn, inner_opt, remat, lookahead_lr):
+def _lookahead(
+    rater_params,
+    proxy_params,
+    opt_state,
+    train_batches,
+    val_batch,
+    keys,
+    val_key,
+    *,
+    rater_fn,
+    loss_fn,
+    inner_opt,
+    remat,
+    lookahead_lr,
+):
     batch = jax.tree.map(lambda x: x[0], train_batches)
     key = keys[0]
 
@@ -364,19 +412,40 @@ def _lookahead(rater_params, proxy_params, opt_state, train_batches, val_batch, 
     def meta_loss_fn(phi):
         theta_virtual, grads, weights, losses = virtual_step(phi, proxy_params)
         meta_loss, val_losses = _val_loss(loss_fn, theta_virtual, val_batch, val_key)
-        return meta_loss, dict(meta_loss=meta_loss, val_losses=val_losses, grads=grads,
-                               weights=weights, inner_losses=losses)
+        return meta_loss, dict(
+            meta_loss=meta_loss,
+            val_losses=val_losses,
+            grads=grads,
+            weights=weights,
+            inner_losses=losses,
+        )
 
     meta_grads, aux = jax.grad(meta_loss_fn, has_aux=True)(rater_params)
     # The real proxy step: same gradient (weights held constant), the caller's optimizer.
     updates, opt_state = inner_opt.update(aux.pop("grads"), opt_state, proxy_params)
-    aux.update(proxy_params=optax.apply_updates(proxy_params, updates), inner_opt_state=opt_state,
-               weights=aux["weights"][None], inner_losses=aux["inner_losses"][None])
+    aux.update(
+        proxy_params=optax.apply_updates(proxy_params, updates),
+        inner_opt_state=opt_state,
+        weights=aux["weights"][None],
+        inner_losses=aux["inner_losses"][None],
+    )
     return meta_grads, aux
 
 
-def _penalty(rater_params, proxy_params, opt_state, train_batches, val_batch, keys, val_key, *,
-             rater_fn, loss_fn, inner_opt, penalty_lambda):
+def _penalty(
+    rater_params,
+    proxy_params,
+    opt_state,
+    train_batches,
+    val_batch,
+    keys,
+    val_key,
+    *,
+    rater_fn,
+    loss_fn,
+    inner_opt,
+    penalty_lambda,
+):
     k_steps = keys.shape[0]
     lam = penalty_lambda
 
@@ -398,27 +467,51 @@ def _penalty(rater_params, proxy_params, opt_state, train_batches, val_batch, ke
         (rater_grad,) = rater_vjp((losses / losses.shape[0]).astype(weights.dtype))
         updates, s = inner_opt.update(grads, s, theta)
         theta = optax.apply_updates(theta, updates)
-        carry = (theta, s, jax.tree.map(jnp.add, rater_grad_sum, rater_grad),
-                 rater_loss_sum + jnp.mean(weights_const * losses))
+        carry = (
+            theta,
+            s,
+            jax.tree.map(jnp.add, rater_grad_sum, rater_grad),
+            rater_loss_sum + jnp.mean(weights_const * losses),
+        )
         return carry, (weights_const, losses)
 
     zeros = jax.tree.map(jnp.zeros_like, rater_params)
     init = (proxy_params, opt_state, zeros, jnp.zeros((), jnp.result_type(float)))
     (theta, s, rater_grad_sum, rater_loss_sum), (weights, losses) = jax.lax.scan(
-        body, init, (train_batches, keys))
+        body, init, (train_batches, keys)
+    )
     meta_grads = jax.tree.map(lambda g: g / k_steps, rater_grad_sum)
     meta_loss, val_losses = _val_loss(loss_fn, theta, val_batch, val_key)
-    aux = dict(meta_loss=meta_loss, val_losses=val_losses, proxy_params=theta, inner_opt_state=s,
-               weights=weights, inner_losses=losses, rater_loss=rater_loss_sum / k_steps)
+    aux = dict(
+        meta_loss=meta_loss,
+        val_losses=val_losses,
+        proxy_params=theta,
+        inner_opt_state=s,
+        weights=weights,
+        inner_losses=losses,
+        rater_loss=rater_loss_sum / k_steps,
+    )
     return meta_grads, aux
 
 
-def meta_gradient(rater_params, proxy_params, inner_opt_state, train_batches, val_batch, rng, *,
-                  rater_fn: RaterFn, loss_fn: LossFn,
-                  inner_opt: optax.GradientTransformation,
-                  mode: str = "unrolled", remat: str = "full", mixed_mode: bool = False,
-                  unroll: int | bool = 1, lookahead_lr: float | None = None,
-                  penalty_lambda: float | None = None):
+def meta_gradient(
+    rater_params,
+    proxy_params,
+    inner_opt_state,
+    train_batches,
+    val_batch,
+    rng,
+    *,
+    rater_fn: RaterFn,
+    loss_fn: LossFn,
+    inner_opt: optax.GradientTransformation,
+    mode: str = "unrolled",
+    remat: str = "full",
+    mixed_mode: bool = False,
+    unroll: int | bool = 1,
+    lookahead_lr: float | None = None,
+    penalty_lambda: float | None = None,
+):
     """The rater's gradient from K inner proxy steps, and the proxy state after them.
 
     Args:

@@ -31,17 +31,26 @@ import pyarrow.parquet as pq
 from alchemist_jax import config as config_lib
 from alchemist_jax import dedup, rating, report, scoring, selection, training
 from alchemist_jax.config import ARMS, RATERS, Arm
+from alchemist_jax.data import load_splits, preprocess
 from alchemist_jax.evaluation import classifier as classifier_lib
 from alchemist_jax.evaluation import generative
-from alchemist_jax.data import load_splits, preprocess
 from alchemist_jax.runtime.io import atomic_write_bytes
 
 log = logging.getLogger("alchemist_jax.pipeline")
 
 
 # A rerun must agree on these sections (the pipeline section may change: more seeds or arms).
-RESULT_SECTIONS = ("data", "model", "rater", "rate", "score", "dedup", "select", "train",
-                   "evaluate")
+RESULT_SECTIONS = (
+    "data",
+    "model",
+    "rater",
+    "rate",
+    "score",
+    "dedup",
+    "select",
+    "train",
+    "evaluate",
+)
 
 
 def rater_config(cfg: config_lib.Config, rater: str) -> config_lib.Config:
@@ -50,17 +59,25 @@ def rater_config(cfg: config_lib.Config, rater: str) -> config_lib.Config:
     if rater == "exact":
         return cfg
     steps = cfg.pipeline.penalty_steps or cfg.rate.steps
-    return dataclasses.replace(cfg, rate=dataclasses.replace(
-        cfg.rate, mode="penalty", steps=steps, checkpoint_every=min(cfg.rate.checkpoint_every,
-                                                                    steps)))
+    return dataclasses.replace(
+        cfg,
+        rate=dataclasses.replace(
+            cfg.rate,
+            mode="penalty",
+            steps=steps,
+            checkpoint_every=min(cfg.rate.checkpoint_every, steps),
+        ),
+    )
 
 
 def check_arms(cfg: config_lib.Config, has_defects: bool) -> None:
     """The one check that needs the data: the oracle arm knows the clean samples only when
     defects were injected (the config's own checks ran at load time, `config.validate`)."""
     if "oracle" in cfg.pipeline.arms and not has_defects:
-        raise config_lib.ConfigError("pipeline.arms: `oracle` needs injected defects "
-                                     "(data.corrupt.fraction > 0) to know the clean samples")
+        raise config_lib.ConfigError(
+            "pipeline.arms: `oracle` needs injected defects "
+            "(data.corrupt.fraction > 0) to know the clean samples"
+        )
 
 
 def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
@@ -106,21 +123,42 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
                 run_name = name if steps == cfg.train.steps else f"{name}-epochs"
                 _stage(f"train {run_name} seed {seed} ({len(ids)} samples, {steps} steps)")
                 train_dir = workdir / "train" / run_name / f"seed{seed}"
-                train_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-                    cfg.train, steps=steps, seed=seed))
+                train_cfg = dataclasses.replace(
+                    cfg, train=dataclasses.replace(cfg.train, steps=steps, seed=seed)
+                )
                 trained = training.train_model(
-                    train_cfg, pool.take(np.array([index_of[int(i)] for i in ids])), train_dir,
-                    steps=steps, seed=seed, validation=validation, desc=f"train {run_name}")
+                    train_cfg,
+                    pool.take(np.array([index_of[int(i)] for i in ids])),
+                    train_dir,
+                    steps=steps,
+                    seed=seed,
+                    validation=validation,
+                    desc=f"train {run_name}",
+                )
                 eval_dir = workdir / "eval" / run_name / f"seed{seed}"
                 metrics_path = eval_dir / "metrics.json"
                 if metrics_path.exists():
                     metrics = json.loads(metrics_path.read_text())
                 else:
-                    metrics = generative.evaluate_model(cfg, trained, test, classifier, eval_dir,
-                                                        classifier_missing=classifier_missing)
-                rows.append({"arm": name, "run": run_name, "budget": budget, "seed": seed,
-                             "steps": steps, "train_size": len(ids),
-                             **{k: metrics.get(k) for k in ("test_loss", "fcd", "alignment")}})
+                    metrics = generative.evaluate_model(
+                        cfg,
+                        trained,
+                        test,
+                        classifier,
+                        eval_dir,
+                        classifier_missing=classifier_missing,
+                    )
+                rows.append(
+                    {
+                        "arm": name,
+                        "run": run_name,
+                        "budget": budget,
+                        "seed": seed,
+                        "steps": steps,
+                        "train_size": len(ids),
+                        **{k: metrics.get(k) for k in ("test_loss", "fcd", "alignment")},
+                    }
+                )
 
     atomic_write_bytes(workdir / "results.json", json.dumps(rows, indent=1).encode())
     _stage("report")
@@ -138,14 +176,18 @@ def _stage(name: str) -> None:
     log.info("== %s", name)
 
 
-def _score(cfg: config_lib.Config, name: str, scorer: str, workdir: Path,
-           rater_dir: Path | None = None) -> None:
+def _score(
+    cfg: config_lib.Config, name: str, scorer: str, workdir: Path, rater_dir: Path | None = None
+) -> None:
     """Writes ratings/<name>.parquet with score.scorer=`scorer`, unless it is there."""
     ratings = workdir / "ratings" / f"{name}.parquet"
     if not ratings.exists():
         _stage(f"score ({name})")
-        scoring.run(dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, scorer=scorer)),
-                    ratings, rater_dir=rater_dir)
+        scoring.run(
+            dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, scorer=scorer)),
+            ratings,
+            rater_dir=rater_dir,
+        )
 
 
 def _select(cfg: config_lib.Config, name: str, arm: Arm, splits, workdir: Path) -> np.ndarray:
@@ -159,19 +201,31 @@ def _select(cfg: config_lib.Config, name: str, arm: Arm, splits, workdir: Path) 
         if arm.clean_only:
             keep = np.array([kind is None for kind in splits.defects])
         selected = np.sort(pool_ids[keep])
-        summary = {"count": len(selected), "pool_size": len(pool_ids),
-                   "policy": "clean samples" if arm.clean_only else "whole pool"}
+        summary = {
+            "count": len(selected),
+            "pool_size": len(pool_ids),
+            "policy": "clean samples" if arm.clean_only else "whole pool",
+        }
     else:
         # Files are named relative to the run folder, in the summaries and the report.
-        ratings = {f"ratings/{rating}.parquet": selection.read_ratings(
-            workdir / "ratings" / f"{rating}.parquet") for rating in arm.ratings}
-        duplicates = (("dedup.parquet", dedup.read_groups(workdir / "dedup.parquet"))
-                      if arm.dedup else None)
+        ratings = {
+            f"ratings/{rating}.parquet": selection.read_ratings(
+                workdir / "ratings" / f"{rating}.parquet"
+            )
+            for rating in arm.ratings
+        }
+        duplicates = (
+            ("dedup.parquet", dedup.read_groups(workdir / "dedup.parquet")) if arm.dedup else None
+        )
         select_cfg = dataclasses.replace(
-            cfg.select, policy=arm.policy, keep=cfg.pipeline.keep,
-            weights=cfg.select.weights if len(arm.ratings) > 1 else ())
-        selected, summary = selection.select_for_source(select_cfg, ratings, splits.train,
-                                                        duplicates=duplicates)
+            cfg.select,
+            policy=arm.policy,
+            keep=cfg.pipeline.keep,
+            weights=cfg.select.weights if len(arm.ratings) > 1 else (),
+        )
+        selected, summary = selection.select_for_source(
+            select_cfg, ratings, splits.train, duplicates=duplicates
+        )
         if not arm.ratings:
             summary.pop("rank_histogram", None)  # ranks of constant scores mean nothing
     selection.write_selection(out, selected, {"arm": name, **summary})

@@ -1,4 +1,4 @@
-"""Learning the rater (`alchemist-jax rate` calls `run`): the story of one rating run, top to bottom.
+"""Learning the rater (`alchemist-jax rate` calls `run`): one rating run, top to bottom.
 
   data      training pool (optionally with injected defects) and a clean validation set,
             preprocessed once into memory; grain iterators with resumable state
@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,8 @@ from alchemist_jax import meta, models
 from alchemist_jax.data import PreparedSplits, pipeline, prepare_splits
 from alchemist_jax.data.sources import ArraySource
 from alchemist_jax.evaluation.defects import defect_auroc
-from alchemist_jax.runtime import checkpoints, numerics, parallel, preemption, runlog
+from alchemist_jax.runtime import checkpoints, numerics, parallel, preemption, progress, runlog
 from alchemist_jax.runtime.parallel import model_inputs
-from alchemist_jax.runtime import progress
 
 log = logging.getLogger("alchemist_jax.rating")
 
@@ -78,59 +78,89 @@ def _meta_metrics(grads, aux: dict) -> dict[str, jax.Array]:
     probs = weights / weights.sum(-1, keepdims=True)
     entropy = -(probs * jnp.log(jnp.maximum(probs, 1e-30))).sum(-1) / jnp.log(batch)
     ess = weights.sum(-1) ** 2 / (weights**2).sum(-1) / batch
-    return {"meta_loss": aux["meta_loss"].mean(), "proxy_loss": aux["inner_losses"].mean(),
-            "weight_entropy": entropy.mean(), "weight_ess": ess.mean(),
-            "weight_max": weights.max(-1).mean(), "rater_grad_norm": _global_norm(grads)}
+    return {
+        "meta_loss": aux["meta_loss"].mean(),
+        "proxy_loss": aux["inner_losses"].mean(),
+        "weight_entropy": entropy.mean(),
+        "weight_ess": ess.mean(),
+        "weight_max": weights.max(-1).mean(),
+        "rater_grad_norm": _global_norm(grads),
+    }
 
 
-def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.sharding.Mesh,
-                  ) -> RatingProgram:
+def build_program(
+    cfg: config_lib.Config,
+    example_batch: dict,
+    mesh: jax.sharding.Mesh,
+) -> RatingProgram:
     """Builds the models and jits the steps for batches shaped like `example_batch`."""
     rate_cfg = cfg.rate
     population = rate_cfg.population
     key = jax.random.key(rate_cfg.seed)
-    proxy_graph, _, proxy_rest = models.init_proxy(cfg.model, example_batch, key,
-                                                   cfg.data.max_text_length)
-    rater_graph, _, rater_rest = models.init_rater(cfg.rater, example_batch, key,
-                                                   cfg.data.max_text_length)
+    proxy_graph, _, proxy_rest = models.init_proxy(
+        cfg.model, example_batch, key, cfg.data.max_text_length
+    )
+    rater_graph, _, rater_rest = models.init_rater(
+        cfg.rater, example_batch, key, cfg.data.max_text_length
+    )
     loss_fn = models.proxy_loss_fn(proxy_graph, proxy_rest, cfg.model.caption_dropout)
     rater_fn = models.rater_weight_fn(rater_graph, rater_rest, cfg.rater.temperature)
     score_fn = models.rater_score_fn(rater_graph, rater_rest)
     inner_opt = meta.inner_optimizer(rate_cfg.inner_lr, rate_cfg.inner_eps)
-    rater_opt = optax.chain(optax.clip_by_global_norm(rate_cfg.rater_clip),
-                            optax.adam(rate_cfg.rater_lr))
+    rater_opt = optax.chain(
+        optax.clip_by_global_norm(rate_cfg.rater_clip), optax.adam(rate_cfg.rater_lr)
+    )
 
     def init_proxy_params(k):
         return models.init_proxy(cfg.model, example_batch, k, cfg.data.max_text_length)[1]
 
     def init_state(k: jax.Array) -> dict:
         rater_key, proxy_key, k = jax.random.split(k, 3)
-        rater = models.init_rater(cfg.rater, example_batch, rater_key,
-                                  cfg.data.max_text_length)[1]
+        rater = models.init_rater(cfg.rater, example_batch, rater_key, cfg.data.max_text_length)[1]
         proxies = jax.vmap(init_proxy_params)(jax.random.split(proxy_key, population))
-        return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(k),
-                "rater": rater, "rater_ema": rater, "rater_opt": rater_opt.init(rater),
-                "proxy": proxies, "proxy_opt": jax.vmap(inner_opt.init)(proxies),
-                "warm_proxy": proxies}
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(k),
+            "rater": rater,
+            "rater_ema": rater,
+            "rater_opt": rater_opt.init(rater),
+            "proxy": proxies,
+            "proxy_opt": jax.vmap(inner_opt.init)(proxies),
+            "warm_proxy": proxies,
+        }
 
     def next_key(state: dict) -> tuple[dict, jax.Array]:
         k, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         return {**state, "rng": jax.random.key_data(k)}, sub
 
-    def population_meta_gradient(state: dict, train_batches: dict, val_batch: dict,
-                                 penalty_lambda, k: jax.Array):
+    def population_meta_gradient(
+        state: dict, train_batches: dict, val_batch: dict, penalty_lambda, k: jax.Array
+    ):
         """The rater's meta-gradient averaged over the P proxies, and `meta.meta_gradient`'s
         auxiliary outputs per proxy (leading axis P)."""
 
         def one_proxy(proxy, proxy_opt, batches, proxy_key):
             return meta.meta_gradient(
-                state["rater"], proxy, proxy_opt, batches, val_batch, proxy_key,
-                rater_fn=rater_fn, loss_fn=loss_fn, inner_opt=inner_opt, mode=rate_cfg.mode,
-                remat=rate_cfg.remat, mixed_mode=rate_cfg.mixed_mode, unroll=rate_cfg.unroll,
-                lookahead_lr=rate_cfg.lookahead_lr, penalty_lambda=penalty_lambda)
+                state["rater"],
+                proxy,
+                proxy_opt,
+                batches,
+                val_batch,
+                proxy_key,
+                rater_fn=rater_fn,
+                loss_fn=loss_fn,
+                inner_opt=inner_opt,
+                mode=rate_cfg.mode,
+                remat=rate_cfg.remat,
+                mixed_mode=rate_cfg.mixed_mode,
+                unroll=rate_cfg.unroll,
+                lookahead_lr=rate_cfg.lookahead_lr,
+                penalty_lambda=penalty_lambda,
+            )
 
-        grads, aux = jax.vmap(one_proxy)(state["proxy"], state["proxy_opt"], train_batches,
-                                         jax.random.split(k, population))
+        grads, aux = jax.vmap(one_proxy)(
+            state["proxy"], state["proxy_opt"], train_batches, jax.random.split(k, population)
+        )
         return jax.tree.map(lambda g: g.mean(axis=0), grads), aux
 
     def meta_gradient(state: dict, train_batches: dict, val_batch: dict, penalty_lambda):
@@ -147,10 +177,16 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
         ema = optax.incremental_update(rater, state["rater_ema"], 1.0 - rate_cfg.ema_decay)
         metrics = _meta_metrics(grads, aux)
         # A meta-step with a non-finite loss, meta-gradient or proxy is skipped (not applied).
-        ok = numerics.all_finite((aux["meta_loss"], aux["inner_losses"], grads,
-                                  aux["proxy_params"]))
-        updated = {"rater": rater, "rater_ema": ema, "rater_opt": opt_state,
-                   "proxy": aux["proxy_params"], "proxy_opt": aux["inner_opt_state"]}
+        ok = numerics.all_finite(
+            (aux["meta_loss"], aux["inner_losses"], grads, aux["proxy_params"])
+        )
+        updated = {
+            "rater": rater,
+            "rater_ema": ema,
+            "rater_opt": opt_state,
+            "proxy": aux["proxy_params"],
+            "proxy_opt": aux["inner_opt_state"],
+        }
         updated = numerics.keep_if(ok, updated, {key: state[key] for key in updated})
         return {**state, "step": state["step"] + 1, **updated}, {**metrics, "finite": ok}
 
@@ -168,23 +204,29 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
                 weights = rater_fn(rater, batch) if use_rater else 1.0
 
                 def objective(p):
-                    return jnp.mean(weights * loss_fn(p, batch,
-                                                      jax.random.fold_in(proxy_key, index)))
+                    return jnp.mean(
+                        weights * loss_fn(p, batch, jax.random.fold_in(proxy_key, index))
+                    )
 
                 grads = jax.grad(objective)(params)
                 updates, opt_state = inner_opt.update(grads, opt_state, params)
                 return (optax.apply_updates(params, updates), opt_state), None
 
             steps = jax.tree.leaves(proxy_batches)[0].shape[0]
-            (proxy, proxy_opt), _ = jax.lax.scan(step, (proxy, proxy_opt),
-                                                 (proxy_batches, jnp.arange(steps)))
+            (proxy, proxy_opt), _ = jax.lax.scan(
+                step, (proxy, proxy_opt), (proxy_batches, jnp.arange(steps))
+            )
             return proxy, proxy_opt
 
-        proxy, proxy_opt = jax.vmap(one_proxy)(state["proxy"], state["proxy_opt"], batches,
-                                               jax.random.split(k, population))
+        proxy, proxy_opt = jax.vmap(one_proxy)(
+            state["proxy"], state["proxy_opt"], batches, jax.random.split(k, population)
+        )
         ok = numerics.all_finite(proxy)  # diverged proxies are not kept
-        updated = numerics.keep_if(ok, {"proxy": proxy, "proxy_opt": proxy_opt},
-                                   {"proxy": state["proxy"], "proxy_opt": state["proxy_opt"]})
+        updated = numerics.keep_if(
+            ok,
+            {"proxy": proxy, "proxy_opt": proxy_opt},
+            {"proxy": state["proxy"], "proxy_opt": state["proxy_opt"]},
+        )
         return {**state, **updated}, ok
 
     def reset_proxy(state: dict, index: jax.Array) -> dict:
@@ -193,9 +235,13 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
         fresh = pick(state["warm_proxy"])
         fresh_opt = inner_opt.init(fresh)
         put = lambda stacked, one: jax.tree.map(  # noqa: E731
-            lambda s, o: s.at[index].set(o), stacked, one)
-        return {**state, "proxy": put(state["proxy"], fresh),
-                "proxy_opt": put(state["proxy_opt"], fresh_opt)}
+            lambda s, o: s.at[index].set(o), stacked, one
+        )
+        return {
+            **state,
+            "proxy": put(state["proxy"], fresh),
+            "proxy_opt": put(state["proxy_opt"], fresh_opt),
+        }
 
     replicated = NamedSharding(mesh, P())
     state_shape = jax.eval_shape(init_state, key)
@@ -205,21 +251,35 @@ def build_program(cfg: config_lib.Config, example_batch: dict, mesh: jax.shardin
     val_sharding = NamedSharding(mesh, P("data"))
     return RatingProgram(
         init_state=jax.jit(init_state, out_shardings=state_sharding),
-        meta_gradient=jax.jit(meta_gradient, in_shardings=(state_sharding, train_sharding,
-                                                            val_sharding, replicated),
-                              out_shardings=(rater_sharding, replicated)),
-        meta_step=jax.jit(meta_step, in_shardings=(state_sharding, train_sharding,
-                                                    val_sharding, replicated),
-                          out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
-        proxy_steps=jax.jit(proxy_steps, static_argnums=(2,),
-                            in_shardings=(state_sharding, train_sharding),
-                            out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
-        reset_proxy=jax.jit(reset_proxy, in_shardings=(state_sharding, replicated),
-                            out_shardings=state_sharding, donate_argnums=(0,)),
-        score=jax.jit(score_fn, in_shardings=(replicated, val_sharding),
-                      out_shardings=replicated),
-        state_sharding=state_sharding, train_sharding=train_sharding,
-        val_sharding=val_sharding)
+        meta_gradient=jax.jit(
+            meta_gradient,
+            in_shardings=(state_sharding, train_sharding, val_sharding, replicated),
+            out_shardings=(rater_sharding, replicated),
+        ),
+        meta_step=jax.jit(
+            meta_step,
+            in_shardings=(state_sharding, train_sharding, val_sharding, replicated),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=(0,),
+        ),
+        proxy_steps=jax.jit(
+            proxy_steps,
+            static_argnums=(2,),
+            in_shardings=(state_sharding, train_sharding),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=(0,),
+        ),
+        reset_proxy=jax.jit(
+            reset_proxy,
+            in_shardings=(state_sharding, replicated),
+            out_shardings=state_sharding,
+            donate_argnums=(0,),
+        ),
+        score=jax.jit(score_fn, in_shardings=(replicated, val_sharding), out_shardings=replicated),
+        state_sharding=state_sharding,
+        train_sharding=train_sharding,
+        val_sharding=val_sharding,
+    )
 
 
 # ==============================================================================================
@@ -234,18 +294,26 @@ class _Batches:
     def __init__(self, data: PreparedSplits, cfg: config_lib.Config):
         rate_cfg, batch = cfg.rate, cfg.data.batch_size
         self.population = rate_cfg.population
-        self.train = pipeline.train_iterator(data.pool, batch * self.population,
-                                             seed=cfg.data.seed,
-                                             read_threads=cfg.data.read_threads)
-        self.validation = pipeline.train_iterator(data.validation, rate_cfg.val_batch_size,
-                                                  seed=cfg.data.seed + 1,
-                                                  read_threads=cfg.data.read_threads)
+        self.train = pipeline.train_iterator(
+            data.pool,
+            batch * self.population,
+            seed=cfg.data.seed,
+            read_threads=cfg.data.read_threads,
+        )
+        self.validation = pipeline.train_iterator(
+            data.validation,
+            rate_cfg.val_batch_size,
+            seed=cfg.data.seed + 1,
+            read_threads=cfg.data.read_threads,
+        )
 
     def proxy_batches(self, steps: int) -> dict[str, np.ndarray]:
         draws = [model_inputs(next(self.train)) for _ in range(steps)]
         stacked = {k: np.stack([d[k] for d in draws]) for k in draws[0]}  # (S, P*B, ...)
-        return {k: np.swapaxes(v.reshape(steps, self.population, -1, *v.shape[2:]), 0, 1)
-                for k, v in stacked.items()}
+        return {
+            k: np.swapaxes(v.reshape(steps, self.population, -1, *v.shape[2:]), 0, 1)
+            for k, v in stacked.items()
+        }
 
     def validation_batch(self) -> dict[str, np.ndarray]:
         return model_inputs(next(self.validation))
@@ -258,28 +326,35 @@ class _Batches:
         self.validation.set_state(state["validation"])
 
 
-def score_source(program: RatingProgram, rater_params, source: ArraySource,
-                 batch_size: int) -> np.ndarray:
+def score_source(
+    program: RatingProgram, rater_params, source: ArraySource, batch_size: int
+) -> np.ndarray:
     """Batch-independent rater scores u (N,) float32 of every example of `source`, in order."""
     scores = np.empty(len(source), np.float32)
     position = 0
     for batch in pipeline.eval_iterator(source, batch_size, shard_index=0, shard_count=1):
         u = np.asarray(program.score(rater_params, model_inputs(batch)))
         real = batch["mask"]
-        scores[position:position + real.sum()] = u[real]
+        scores[position : position + real.sum()] = u[real]
         position += int(real.sum())
     return scores
 
 
-def rater_auroc(program: RatingProgram, state: dict, data: PreparedSplits,
-                batch_size: int) -> dict[str, float]:
+def rater_auroc(
+    program: RatingProgram, state: dict, data: PreparedSplits, batch_size: int
+) -> dict[str, float]:
     """AUROC of the EMA rater's scores, clean vs each defect kind, within caption classes."""
     scores = score_source(program, state["rater_ema"], data.pool, batch_size)
     return defect_auroc(scores, data.defects, data.caption_classes)
 
 
-def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None = None,
-        allow_data_change: bool = False) -> dict[str, Any]:
+def run(
+    cfg: config_lib.Config,
+    workdir: str | Path,
+    *,
+    stop_after: int | None = None,
+    allow_data_change: bool = False,
+) -> dict[str, Any]:
     """Runs (or resumes) a rating run in `workdir`; returns the final metrics.
 
     Args:
@@ -294,20 +369,30 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
         meta-step was saved first.
       numerics.NonFiniteError: `rate.max_bad_steps` consecutive meta-steps were non-finite.
     """
-    parallel.check_batch_split({"data.batch_size": cfg.data.batch_size,
-                                "rate.val_batch_size": cfg.rate.val_batch_size})
+    parallel.check_batch_split(
+        {"data.batch_size": cfg.data.batch_size, "rate.val_batch_size": cfg.rate.val_batch_size}
+    )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config_lib.write_run_config(cfg, workdir, ("data", "model", "rater", "rate"),
-                                resumable=checkpoints.latest_step(workdir / "checkpoints")
-                                is not None)
+    config_lib.write_run_config(
+        cfg,
+        workdir,
+        ("data", "model", "rater", "rate"),
+        resumable=checkpoints.latest_step(workdir / "checkpoints") is not None,
+    )
     rate_cfg = cfg.rate
     inner, cycle = rate_cfg.inner_steps, rate_cfg.meta_every or rate_cfg.inner_steps
 
     data = prepare_splits(cfg.data, report_dir=workdir)
-    log.info("pool %d examples, validation %d; %s, K=%d, P=%d, %d meta-steps",
-             len(data.pool), len(data.validation), rate_cfg.mode, inner,
-             rate_cfg.population, rate_cfg.steps)
+    log.info(
+        "pool %d examples, validation %d; %s, K=%d, P=%d, %d meta-steps",
+        len(data.pool),
+        len(data.validation),
+        rate_cfg.mode,
+        inner,
+        rate_cfg.population,
+        rate_cfg.steps,
+    )
     _check_batches_fit(cfg, len(data.pool), len(data.validation))
     batches = _Batches(data, cfg)
     mesh = parallel.make_mesh()
@@ -315,23 +400,27 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     example = {k: np.stack([v] * cfg.data.batch_size) for k, v in example.items()}
     program = build_program(cfg, example, mesh)
     guard = numerics.BadStepGuard(
-        "rate", rate_cfg.max_bad_steps,
+        "rate",
+        rate_cfg.max_bad_steps,
         f"the proxies or the rater diverge: lower rate.inner_lr ({rate_cfg.inner_lr:g}) or "
-        f"rate.rater_lr ({rate_cfg.rater_lr:g}), or check the data for extreme values")
+        f"rate.rater_lr ({rate_cfg.rater_lr:g}), or check the data for extreme values",
+    )
     fingerprint = data.fingerprint()
 
     manager = checkpoints.manager(workdir / "checkpoints")
     state = program.init_state(jax.random.key(rate_cfg.seed))
     if manager.latest_step() is not None:
         state, run_state = checkpoints.restore(manager, state)
-        _check_same_data(run_state.get("data"), fingerprint, workdir, int(state["step"]),
-                         allow_data_change)
+        _check_same_data(
+            run_state.get("data"), fingerprint, workdir, int(state["step"]), allow_data_change
+        )
         batches.set_state(run_state["batches"])
         runlog.forget_after(workdir / runlog.METRICS_FILE, int(state["step"]))
         log.info("resumed from meta-step %d", int(state["step"]))
     elif rate_cfg.warm_start_steps:
-        state, ok = program.proxy_steps(state, batches.proxy_batches(rate_cfg.warm_start_steps),
-                                        False)
+        state, ok = program.proxy_steps(
+            state, batches.proxy_batches(rate_cfg.warm_start_steps), False
+        )
         guard.check(0, ok, {})
         # A copy: the state is donated to the next step, and one buffer cannot be donated twice.
         state = {**state, "warm_proxy": jax.tree.map(jnp.copy, state["proxy"])}
@@ -355,25 +444,37 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
 
     def save(done: int) -> None:
         read_pending()
-        checkpoints.save(manager, done, state, {"batches": batches.get_state(),
-                                                "data": fingerprint})
+        checkpoints.save(
+            manager, done, state, {"batches": batches.get_state(), "data": fingerprint}
+        )
 
-    steps_bar = progress.bar(range(start, end), desc=f"rate ({rate_cfg.mode})", unit="step",
-                             initial=start, total=rate_cfg.steps)
+    steps_bar = progress.bar(
+        range(start, end),
+        desc=f"rate ({rate_cfg.mode})",
+        unit="step",
+        initial=start,
+        total=rate_cfg.steps,
+    )
     with preemption.guard() as stop:
         for step in steps_bar:
             if cycle > inner:
-                state, ok = program.proxy_steps(state, batches.proxy_batches(cycle - inner),
-                                                True)
+                state, ok = program.proxy_steps(state, batches.proxy_batches(cycle - inner), True)
                 pending.append((step + 1, ok, {}))
             val_epochs = step * rate_cfg.val_batch_size / len(data.validation)
-            penalty_lambda = np.float32(meta.penalty_lambda_at(
-                val_epochs, rate_cfg.penalty_start, rate_cfg.penalty_decay))
-            state, metrics = program.meta_step(state, batches.proxy_batches(inner),
-                                               batches.validation_batch(), penalty_lambda)
+            penalty_lambda = np.float32(
+                meta.penalty_lambda_at(val_epochs, rate_cfg.penalty_start, rate_cfg.penalty_decay)
+            )
+            state, metrics = program.meta_step(
+                state, batches.proxy_batches(inner), batches.validation_batch(), penalty_lambda
+            )
             ok = metrics.pop("finite")
-            pending.append((step + 1, ok, {k: metrics[k] for k in ("meta_loss", "proxy_loss",
-                                                                   "rater_grad_norm")}))
+            pending.append(
+                (
+                    step + 1,
+                    ok,
+                    {k: metrics[k] for k in ("meta_loss", "proxy_loss", "rater_grad_norm")},
+                )
+            )
             for p in _proxies_to_reset(step + 1, rate_cfg.reset_every, rate_cfg.population):
                 state = program.reset_proxy(state, jnp.int32(p))
             done = step + 1
@@ -383,14 +484,23 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
                 last["skipped_steps"] = guard.skipped
                 if rate_cfg.mode == "penalty":
                     last["penalty_lambda"] = float(penalty_lambda)
-                if data.defects is not None and (done % rate_cfg.checkpoint_every == 0
-                                                 or done == rate_cfg.steps):
-                    last.update({f"auroc/{k}": v for k, v in rater_auroc(
-                        program, state, data, rate_cfg.val_batch_size).items()})
+                if data.defects is not None and (
+                    done % rate_cfg.checkpoint_every == 0 or done == rate_cfg.steps
+                ):
+                    last.update(
+                        {
+                            f"auroc/{k}": v
+                            for k, v in rater_auroc(
+                                program, state, data, rate_cfg.val_batch_size
+                            ).items()
+                        }
+                    )
                 metrics_log.write(done, last)
-                steps_bar.set_postfix(meta=f"{last['meta_loss']:.4f}",
-                                      proxy=f"{last['proxy_loss']:.4f}",
-                                      H=f"{last['weight_entropy']:.3f}")
+                steps_bar.set_postfix(
+                    meta=f"{last['meta_loss']:.4f}",
+                    proxy=f"{last['proxy_loss']:.4f}",
+                    H=f"{last['weight_entropy']:.3f}",
+                )
             if done % rate_cfg.checkpoint_every == 0 or done == end:
                 save(done)
             elif stop.requested:
@@ -401,7 +511,8 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
                 raise preemption.Preempted(
                     f"rate stopped by {stop.signal_name} after meta-step {done} of "
                     f"{rate_cfg.steps}; checkpoint saved in {workdir / 'checkpoints'}: rerun the "
-                    "same command to resume")
+                    "same command to resume"
+                )
     steps_bar.close()
     manager.wait_until_finished()
     metrics_log.close()
@@ -414,24 +525,32 @@ def _check_batches_fit(cfg: config_lib.Config, pool: int, validation: int) -> No
     """One meta-step draws P batches from the pool and one from the validation set."""
     draw = cfg.data.batch_size * cfg.rate.population
     if draw > pool:
-        raise ValueError(f"data.batch_size * rate.population = {draw} is more than the pool's "
-                         f"{pool} samples")
+        raise ValueError(
+            f"data.batch_size * rate.population = {draw} is more than the pool's {pool} samples"
+        )
     if cfg.rate.val_batch_size > validation:
-        raise ValueError(f"rate.val_batch_size={cfg.rate.val_batch_size} is more than the "
-                         f"validation set's {validation} samples")
+        raise ValueError(
+            f"rate.val_batch_size={cfg.rate.val_batch_size} is more than the "
+            f"validation set's {validation} samples"
+        )
 
 
-def _check_same_data(saved: dict | None, current: dict, workdir: Path, step: int,
-                     allow: bool) -> None:
+def _check_same_data(
+    saved: dict | None, current: dict, workdir: Path, step: int, allow: bool
+) -> None:
     """Refuses to resume on data that changed since the checkpoint (unless `allow`)."""
     if saved is None or saved == current:
         return
     changed = ", ".join(split for split in current if saved.get(split) != current[split])
-    message = (f"{workdir} holds a run on other data: the {changed} rows differ from those its "
-               f"checkpoint at step {step} was trained on")
+    message = (
+        f"{workdir} holds a run on other data: the {changed} rows differ from those its "
+        f"checkpoint at step {step} was trained on"
+    )
     if not allow:
-        raise ValueError(f"{message}; rerun with --allow-data-change to continue on the new "
-                         "data anyway, or use a new --workdir")
+        raise ValueError(
+            f"{message}; rerun with --allow-data-change to continue on the new "
+            "data anyway, or use a new --workdir"
+        )
     log.warning("%s; continuing (--allow-data-change)", message)
 
 
@@ -440,5 +559,6 @@ def _proxies_to_reset(done: int, reset_every: int, population: int) -> list[int]
     population is staggered so that no two proxies restart at once."""
     if reset_every <= 0:
         return []
-    return [p for p in range(population)
-            if (done + p * reset_every // population) % reset_every == 0]
+    return [
+        p for p in range(population) if (done + p * reset_every // population) % reset_every == 0
+    ]

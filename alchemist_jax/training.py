@@ -1,6 +1,6 @@
-"""Downstream training (`alchemist-jax train` calls `run`): the text-to-image DiT of `cfg.model` trained from
-scratch on a selection of the pool, on the pool sampled by rating weights, or on the whole pool;
-how well it then does on held-out data is the benchmark's measure of a selection.
+"""Downstream training (`alchemist-jax train` calls `run`): the text-to-image DiT of `cfg.model`
+trained from scratch on a selection of the pool, on the pool sampled by rating weights, or on the
+whole pool; how well it then does on held-out data is the benchmark's measure of a selection.
 
   data      the preprocessed pool (or the selected subset of it): shuffled epochs from a grain
             stream, or, with sampling weights, batches drawn with replacement with probability
@@ -24,8 +24,9 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,21 +73,27 @@ class Trained:
         return nnx.merge(self.graphdef, self.params, self.rest)
 
 
-def make_optimizer(train_cfg: config_lib.TrainConfig, steps: int
-                   ) -> optax.GradientTransformation:
+def make_optimizer(train_cfg: config_lib.TrainConfig, steps: int) -> optax.GradientTransformation:
     """Clipping to global norm `grad_clip`, then AdamW whose learning rate rises linearly from 0
     to `learning_rate` over `warmup_steps` and follows a cosine down to 10% of it at `steps`.
     Weight decay applies to matrices and embeddings (ndim >= 2), not to biases and norm scales."""
     if not 0 <= train_cfg.warmup_steps < steps:
-        raise config_lib.ConfigError(f"train.warmup_steps={train_cfg.warmup_steps} must be in "
-                                     f"[0, {steps}), the steps of the run")
+        raise config_lib.ConfigError(
+            f"train.warmup_steps={train_cfg.warmup_steps} must be in "
+            f"[0, {steps}), the steps of the run"
+        )
     peak = train_cfg.learning_rate
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, train_cfg.warmup_steps, steps,
-                                                  end_value=0.1 * peak)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, peak, train_cfg.warmup_steps, steps, end_value=0.1 * peak
+    )
     return optax.chain(
         optax.clip_by_global_norm(train_cfg.grad_clip),
-        optax.adamw(schedule, weight_decay=train_cfg.weight_decay,
-                    mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)))
+        optax.adamw(
+            schedule,
+            weight_decay=train_cfg.weight_decay,
+            mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params),
+        ),
+    )
 
 
 # Input fields of a model batch, each (name, shape without the batch axis, dtype name).
@@ -95,8 +102,10 @@ InputSpec = tuple[tuple[str, tuple[int, ...], str], ...]
 
 def input_spec(example: dict[str, np.ndarray]) -> InputSpec:
     """The `InputSpec` of one example's model inputs (`parallel.MODEL_INPUTS`)."""
-    return tuple((k, tuple(np.shape(v)), str(np.asarray(v).dtype))
-                 for k, v in sorted(model_inputs(example).items()))
+    return tuple(
+        (k, tuple(np.shape(v)), str(np.asarray(v).dtype))
+        for k, v in sorted(model_inputs(example).items())
+    )
 
 
 @dataclasses.dataclass
@@ -113,9 +122,13 @@ class TrainProgram:
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_program(model_cfg: config_lib.ModelConfig, train_cfg: config_lib.TrainConfig,
-                    max_text_length: int, inputs: InputSpec, mesh: jax.sharding.Mesh
-                    ) -> tuple[Callable, Callable]:
+def _jitted_program(
+    model_cfg: config_lib.ModelConfig,
+    train_cfg: config_lib.TrainConfig,
+    max_text_length: int,
+    inputs: InputSpec,
+    mesh: jax.sharding.Mesh,
+) -> tuple[Callable, Callable]:
     """`init(key) -> (graphdef, state, rest)` and `train_step(state, rest, batch) -> (state,
     loss, finite)` of a `train_cfg.steps`-step run, jitted once per configuration, input shapes and
     mesh (the seed enters through init's key only, so seeds share them)."""
@@ -124,44 +137,64 @@ def _jitted_program(model_cfg: config_lib.ModelConfig, train_cfg: config_lib.Tra
 
     def init(key: jax.Array) -> tuple[nnx.GraphDef, dict, nnx.State]:
         init_key, loop_key = jax.random.split(key)
-        graphdef, params, rest = models.init_proxy(model_cfg, example, init_key,
-                                                   max_text_length)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params,
-                 "opt": optimizer.init(params), "rng": jax.random.key_data(loop_key)}
+        graphdef, params, rest = models.init_proxy(model_cfg, example, init_key, max_text_length)
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt": optimizer.init(params),
+            "rng": jax.random.key_data(loop_key),
+        }
         return graphdef, state, rest
 
     graphdef = jax.eval_shape(init, jax.random.key(0))[0]
 
-    def train_step(state: dict, rest: nnx.State, batch: dict
-                   ) -> tuple[dict, jax.Array, jax.Array]:
+    def train_step(state: dict, rest: nnx.State, batch: dict) -> tuple[dict, jax.Array, jax.Array]:
         loss_fn = models.proxy_loss_fn(graphdef, rest, model_cfg.caption_dropout)
         rng, step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-        loss, grads = jax.value_and_grad(
-            lambda p: jnp.mean(loss_fn(p, batch, step_key)))(state["params"])
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean(loss_fn(p, batch, step_key)))(
+            state["params"]
+        )
         updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
         ok = numerics.all_finite((loss, grads))
         kept = numerics.keep_if(
-            ok, {"params": optax.apply_updates(state["params"], updates), "opt": opt_state},
-            {"params": state["params"], "opt": state["opt"]})
+            ok,
+            {"params": optax.apply_updates(state["params"], updates), "opt": opt_state},
+            {"params": state["params"], "opt": state["opt"]},
+        )
         return {"step": state["step"] + 1, **kept, "rng": jax.random.key_data(rng)}, loss, ok
 
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return (jax.jit(init, out_shardings=replicated),
-            jax.jit(train_step, in_shardings=(replicated, replicated, batch_sharding),
-                    out_shardings=(replicated, replicated, replicated), donate_argnums=(0,)))
+    return (
+        jax.jit(init, out_shardings=replicated),
+        jax.jit(
+            train_step,
+            in_shardings=(replicated, replicated, batch_sharding),
+            out_shardings=(replicated, replicated, replicated),
+            donate_argnums=(0,),
+        ),
+    )
 
 
-def build_program(cfg: config_lib.Config, inputs: InputSpec, mesh: jax.sharding.Mesh,
-                  steps: int, seed: int) -> TrainProgram:
+def build_program(
+    cfg: config_lib.Config, inputs: InputSpec, mesh: jax.sharding.Mesh, steps: int, seed: int
+) -> TrainProgram:
     """The DiT of `cfg.model` for inputs `inputs`, initialised from `seed`, and the training
     step of a `steps`-step run on batches of `cfg.train.batch_size` split over the mesh."""
     init, train_step = _jitted_program(
-        cfg.model, dataclasses.replace(cfg.train, steps=steps, seed=0), cfg.data.max_text_length,
-        inputs, mesh)
+        cfg.model,
+        dataclasses.replace(cfg.train, steps=steps, seed=0),
+        cfg.data.max_text_length,
+        inputs,
+        mesh,
+    )
     graphdef, state, rest = init(jax.random.key(seed))
-    return TrainProgram(graphdef, rest, state,
-                        lambda state, batch: train_step(state, rest, batch),
-                        NamedSharding(mesh, P("data")))
+    return TrainProgram(
+        graphdef,
+        rest,
+        state,
+        lambda state, batch: train_step(state, rest, batch),
+        NamedSharding(mesh, P("data")),
+    )
 
 
 # ==============================================================================================
@@ -170,9 +203,17 @@ def build_program(cfg: config_lib.Config, inputs: InputSpec, mesh: jax.sharding.
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _fixed_draw_loss_sum(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State,
-                         batch: dict, id_low: jax.Array, id_high: jax.Array, mask: jax.Array,
-                         seed: jax.Array, draws: jax.Array) -> jax.Array:
+def _fixed_draw_loss_sum(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    batch: dict,
+    id_low: jax.Array,
+    id_high: jax.Array,
+    mask: jax.Array,
+    seed: jax.Array,
+    draws: jax.Array,
+) -> jax.Array:
     """Sum over the rows with `mask` and over `draws` draws of the flow-matching loss at the
     fixed draws of `models.fixed_draws` (ids as uint32 halves, `models.split_ids`)."""
     model = nnx.merge(graphdef, params, rest)
@@ -186,8 +227,9 @@ def _fixed_draw_loss_sum(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.St
     return jax.lax.fori_loop(0, draws, add_draw, jnp.zeros((), jnp.float32))
 
 
-def validation_loss(trained: Trained, data: ArraySource, batch_size: int, seed: int,
-                    draws: int = 1) -> float:
+def validation_loss(
+    trained: Trained, data: ArraySource, batch_size: int, seed: int, draws: int = 1
+) -> float:
     """Mean flow-matching loss of `trained` over every example of `data` and `draws` fixed
     (t, noise) draws per example, with the caption (no dropout).
 
@@ -211,10 +253,19 @@ def validation_loss(trained: Trained, data: ArraySource, batch_size: int, seed: 
     batch_sharding = NamedSharding(parallel.make_mesh(), P(parallel.DATA_AXIS))
     total = 0.0
     for batch in pipeline.eval_iterator(data, batch_size, shard_index=0, shard_count=1):
-        inputs = jax.device_put((model_inputs(batch), *models.split_ids(batch["id"]),
-                                 batch["mask"]), batch_sharding)
-        total += float(_fixed_draw_loss_sum(trained.graphdef, trained.params, trained.rest,
-                                            *inputs, np.int32(seed), np.int32(draws)))
+        inputs = jax.device_put(
+            (model_inputs(batch), *models.split_ids(batch["id"]), batch["mask"]), batch_sharding
+        )
+        total += float(
+            _fixed_draw_loss_sum(
+                trained.graphdef,
+                trained.params,
+                trained.rest,
+                *inputs,
+                np.int32(seed),
+                np.int32(draws),
+            )
+        )
     return total / (len(data) * draws)
 
 
@@ -223,8 +274,9 @@ def validation_loss(trained: Trained, data: ArraySource, batch_size: int, seed: 
 # ==============================================================================================
 
 
-def weighted_batch_indices(probabilities: np.ndarray, seed: int, position: int,
-                           batch_size: int) -> np.ndarray:
+def weighted_batch_indices(
+    probabilities: np.ndarray, seed: int, position: int, batch_size: int
+) -> np.ndarray:
     """The rows of weighted batch number `position`: `batch_size` independent draws, with
     replacement, of index i with probability `probabilities[i]` (N,) (summing to 1).
 
@@ -245,12 +297,11 @@ class WeightedBatches:
         self.probabilities = sampling_probabilities(weights, len(source))
         self.position = 0
 
-    def __iter__(self) -> "WeightedBatches":
+    def __iter__(self) -> WeightedBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rows = weighted_batch_indices(self.probabilities, self.seed, self.position,
-                                      self.batch_size)
+        rows = weighted_batch_indices(self.probabilities, self.seed, self.position, self.batch_size)
         self.position += 1
         return pipeline.stack_examples([self.source[int(i)] for i in rows])
 
@@ -296,10 +347,19 @@ def _data_digest(source: ArraySource, sampling_weights: np.ndarray | None) -> st
     return digest.hexdigest()
 
 
-def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | Path | None, *,
-                steps: int, seed: int, validation: ArraySource | None = None,
-                sampling_weights: np.ndarray | None = None, desc: str = "train",
-                stop_after: int | None = None, allow_data_change: bool = False) -> Trained:
+def train_model(
+    cfg: config_lib.Config,
+    train_data: ArraySource,
+    workdir: str | Path | None,
+    *,
+    steps: int,
+    seed: int,
+    validation: ArraySource | None = None,
+    sampling_weights: np.ndarray | None = None,
+    desc: str = "train",
+    stop_after: int | None = None,
+    allow_data_change: bool = False,
+) -> Trained:
     """Trains a fresh DiT of `cfg.model` for `steps` steps of `cfg.train.batch_size` examples.
 
     Args:
@@ -329,30 +389,43 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
         training loss above `train.divergence_factor` times the first one logged.
     """
     train_cfg = cfg.train
-    run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(train_cfg, steps=steps,
-                                                                 seed=seed))
+    run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(train_cfg, steps=steps, seed=seed))
     parallel.check_batch_split({"train.batch_size": train_cfg.batch_size})
     batch_size = train_cfg.batch_size
     if batch_size > len(train_data):
-        raise ValueError(f"train.batch_size={batch_size} is more than the {len(train_data)} "
-                         "training samples")
+        raise ValueError(
+            f"train.batch_size={batch_size} is more than the {len(train_data)} training samples"
+        )
     inputs = input_spec(train_data[0])
     program = build_program(run_cfg, inputs, parallel.make_mesh(), steps, seed)
     if workdir is not None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        config_lib.write_run_config(run_cfg, workdir, RESUME_SECTIONS,
-                                    resumable=checkpoints.latest_step(workdir / "checkpoints")
-                                    is not None)
+        config_lib.write_run_config(
+            run_cfg,
+            workdir,
+            RESUME_SECTIONS,
+            resumable=checkpoints.latest_step(workdir / "checkpoints") is not None,
+        )
     if sampling_weights is None:
-        batches = pipeline.train_iterator(train_data, batch_size, seed=seed, shard_index=0,
-                                          shard_count=1, read_threads=cfg.data.read_threads)
+        batches = pipeline.train_iterator(
+            train_data,
+            batch_size,
+            seed=seed,
+            shard_index=0,
+            shard_count=1,
+            read_threads=cfg.data.read_threads,
+        )
     else:
         batches = WeightedBatches(train_data, sampling_weights, batch_size, seed)
     # Saved with every checkpoint (as its JSON item) next to the data position: what
     # `load_trained` needs to rebuild the model, and what a resumed run must share.
-    info = {"steps": steps, "seed": seed, "data": _data_digest(train_data, sampling_weights),
-            "inputs": inputs}
+    info = {
+        "steps": steps,
+        "seed": seed,
+        "data": _data_digest(train_data, sampling_weights),
+        "inputs": inputs,
+    }
 
     state = program.initial_state
     losses: list = []  # (loss, finite) of the steps since the last training-loss line
@@ -363,11 +436,15 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
         if manager.latest_step() is not None:
             state, saved = checkpoints.restore(manager, state)
             if saved["data"] != info["data"]:
-                message = (f"{workdir} holds a run on other training data (rows, contents, "
-                           "selection or weights changed since its checkpoint)")
+                message = (
+                    f"{workdir} holds a run on other training data (rows, contents, "
+                    "selection or weights changed since its checkpoint)"
+                )
                 if not allow_data_change:
-                    raise ValueError(f"{message}: rerun with --allow-data-change to continue on "
-                                     "the new data anyway, or use a new --workdir")
+                    raise ValueError(
+                        f"{message}: rerun with --allow-data-change to continue on "
+                        "the new data anyway, or use a new --workdir"
+                    )
                 log.warning("%s; continuing (--allow-data-change)", message)
             batches.set_state(saved["batches"])
             losses = [(loss, True) for loss in saved["losses"]]
@@ -376,28 +453,36 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
             log.info("resuming %s at step %d of %d", workdir, int(state["step"]), steps)
         metrics_log = runlog.MetricsLog(workdir)
     guard = numerics.BadStepGuard(
-        desc, train_cfg.max_bad_steps,
+        desc,
+        train_cfg.max_bad_steps,
         f"training diverges: lower train.learning_rate ({train_cfg.learning_rate:g}) or check "
-        "the data for extreme values")
+        "the data for extreme values",
+    )
 
     def unread_losses() -> list[float]:
         """Reads the pending (loss, finite) pairs: counts skipped steps, returns the finite
         losses of the interval (a device sync once per log interval)."""
         values = jax.device_get(losses)
         first = step + 1 - len(values) + 1
-        return [float(loss) for number, (loss, ok) in enumerate(values, first)
-                if guard.check(number, ok, {"loss": loss})]
+        return [
+            float(loss)
+            for number, (loss, ok) in enumerate(values, first)
+            if guard.check(number, ok, {"loss": loss})
+        ]
 
     def save(done: int) -> None:
         finite = unread_losses()
         losses[:] = [(loss, True) for loss in finite]
-        checkpoints.save(manager, done, state, {**info, "batches": batches.get_state(),
-                                                "losses": finite, "reference_loss": reference})
+        checkpoints.save(
+            manager,
+            done,
+            state,
+            {**info, "batches": batches.get_state(), "losses": finite, "reference_loss": reference},
+        )
 
     start = int(state["step"])
     end = steps if stop_after is None else min(steps, start + stop_after)
-    steps_bar = progress.bar(range(start, end), desc=desc, unit="step", initial=start,
-                             total=steps)
+    steps_bar = progress.bar(range(start, end), desc=desc, unit="step", initial=start, total=steps)
     with preemption.guard() as stop:
         for step in steps_bar:
             batch = jax.device_put(model_inputs(next(batches)), program.batch_sharding)
@@ -418,24 +503,34 @@ def train_model(cfg: config_lib.Config, train_data: ArraySource, workdir: str | 
                             f"{metrics['train_loss']:.4g} is over train.divergence_factor="
                             f"{train_cfg.divergence_factor:g} times the first one logged "
                             f"({reference:.4g}); lower train.learning_rate "
-                            f"({train_cfg.learning_rate:g})")
+                            f"({train_cfg.learning_rate:g})"
+                        )
             if validation is not None and (done % train_cfg.eval_every == 0 or done == steps):
                 trained = Trained(program.graphdef, state["params"], program.rest)
-                metrics["val_loss"] = validation_loss(trained, validation, batch_size,
-                                                      VALIDATION_SEED)
+                metrics["val_loss"] = validation_loss(
+                    trained, validation, batch_size, VALIDATION_SEED
+                )
             if metrics_log is not None:
                 for key, value in metrics.items():  # one line per metric (docs: run folders)
                     metrics_log.write(done, {key: value})
-            if manager is not None and (done % train_cfg.checkpoint_every == 0 or done == end
-                                        or stop.requested):
+            if manager is not None and (
+                done % train_cfg.checkpoint_every == 0 or done == end or stop.requested
+            ):
                 save(done)
             if stop.requested:
                 if metrics_log is not None:
                     metrics_log.close()
-                where = (f"checkpoint saved in {workdir / 'checkpoints'}: rerun the same command "
-                         "to resume") if manager is not None else "nothing was saved (no workdir)"
-                raise preemption.Preempted(f"{desc} stopped by {stop.signal_name} after step "
-                                           f"{done} of {steps}; {where}")
+                where = (
+                    (
+                        f"checkpoint saved in {workdir / 'checkpoints'}: rerun the same command "
+                        "to resume"
+                    )
+                    if manager is not None
+                    else "nothing was saved (no workdir)"
+                )
+                raise preemption.Preempted(
+                    f"{desc} stopped by {stop.signal_name} after step {done} of {steps}; {where}"
+                )
     steps_bar.close()
     if manager is not None:
         manager.wait_until_finished()
@@ -457,12 +552,15 @@ def load_trained(cfg: config_lib.Config, workdir: str | Path) -> Trained:
     manager = checkpoints.manager(workdir / "checkpoints", read_only=True)
     info = checkpoints.restore_run_state(manager, step)
     if step < info["steps"]:
-        raise ValueError(f"the train run in {workdir} is unfinished: it reached step {step} of "
-                         f"{info['steps']}; rerun its train command to finish it")
+        raise ValueError(
+            f"the train run in {workdir} is unfinished: it reached step {step} of "
+            f"{info['steps']}; rerun its train command to finish it"
+        )
     stored = yaml.safe_load((workdir / "config.yaml").read_text())
     if stored["model"] != json.loads(json.dumps(config_lib.to_dict(cfg)))["model"]:
-        raise ValueError(f"{workdir / 'config.yaml'} has another model section than the config "
-                         "given")
+        raise ValueError(
+            f"{workdir / 'config.yaml'} has another model section than the config given"
+        )
     inputs = tuple((name, tuple(shape), dtype) for name, shape, dtype in info["inputs"])
     program = build_program(cfg, inputs, parallel.make_mesh(), info["steps"], info["seed"])
     state, _ = checkpoints.restore(manager, program.initial_state, step)
@@ -480,8 +578,9 @@ def read_selection(path: Path, pool: ArraySource) -> ArraySource:
     ids = io.read_parquet(path, ("id",)).column("id").to_numpy().astype(np.int64)
     if len(ids) == 0:
         raise ValueError(f"{path} selects no ids")
-    return pool.take(np.sort(io.pool_positions(ids, pool.ids, str(path))),
-                     name=f"{pool.name}[selection]")
+    return pool.take(
+        np.sort(io.pool_positions(ids, pool.ids, str(path))), name=f"{pool.name}[selection]"
+    )
 
 
 def read_rating_weights(path: Path, pool: ArraySource) -> np.ndarray:
@@ -498,8 +597,13 @@ def read_rating_weights(path: Path, pool: ArraySource) -> np.ndarray:
     return rating_weights(pool_scores)
 
 
-def run(cfg: config_lib.Config, workdir: str | Path, selection: str | Path | None = None,
-        weights: str | Path | None = None, allow_data_change: bool = False) -> dict[str, Any]:
+def run(
+    cfg: config_lib.Config,
+    workdir: str | Path,
+    selection: str | Path | None = None,
+    weights: str | Path | None = None,
+    allow_data_change: bool = False,
+) -> dict[str, Any]:
     """Trains (or resumes) the T2I model of `cfg` in `workdir` for `train.steps` steps.
 
     Data: with `selection` (a Parquet file with an `id` column), the pool examples it lists;
@@ -519,11 +623,26 @@ def run(cfg: config_lib.Config, workdir: str | Path, selection: str | Path | Non
         pool = read_selection(Path(selection), pool)
     if weights is not None:
         sampling_weights = read_rating_weights(Path(weights), pool)
-    mode = ("selection" if selection is not None
-            else "weighted pool" if weights is not None else "full pool")
+    mode = (
+        "selection"
+        if selection is not None
+        else "weighted pool"
+        if weights is not None
+        else "full pool"
+    )
     log.info("training on %d examples (%s), %d steps", len(pool), mode, cfg.train.steps)
-    train_model(cfg, pool, workdir, steps=cfg.train.steps, seed=cfg.train.seed,
-                validation=data.validation, sampling_weights=sampling_weights,
-                allow_data_change=allow_data_change)
-    return {"steps": cfg.train.steps, "train_size": len(pool),
-            **runlog.last_values(workdir / runlog.METRICS_FILE, ("train_loss", "val_loss"))}
+    train_model(
+        cfg,
+        pool,
+        workdir,
+        steps=cfg.train.steps,
+        seed=cfg.train.seed,
+        validation=data.validation,
+        sampling_weights=sampling_weights,
+        allow_data_change=allow_data_change,
+    )
+    return {
+        "steps": cfg.train.steps,
+        "train_size": len(pool),
+        **runlog.last_values(workdir / runlog.METRICS_FILE, ("train_loss", "val_loss")),
+    }

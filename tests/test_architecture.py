@@ -18,8 +18,12 @@ FLOORS = (
     ("alchemist_jax.meta", "alchemist_jax.config"),
     ("alchemist_jax.data",),
     ("alchemist_jax.models",),
-    ("alchemist_jax.alignment", "alchemist_jax.rating", "alchemist_jax.training",
-     "alchemist_jax.evaluation"),
+    (
+        "alchemist_jax.alignment",
+        "alchemist_jax.rating",
+        "alchemist_jax.training",
+        "alchemist_jax.evaluation",
+    ),
     ("alchemist_jax.scoring", "alchemist_jax.dedup", "alchemist_jax.selection"),
     ("alchemist_jax.report",),
     ("alchemist_jax.pipeline",),
@@ -51,8 +55,10 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
 
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
-    return {name: {m for m in _imports(path, modules) if m in modules and m != name}
-            for name, path in modules.items()}
+    return {
+        name: {m for m in _imports(path, modules) if m in modules and m != name}
+        for name, path in modules.items()
+    }
 
 
 def _floor(module: str) -> int:
@@ -70,15 +76,18 @@ def test_no_import_cycle():
 
 
 def test_stages_import_only_downward():
-    upward = [f"{module} (floor {_floor(module)}) imports {target} (floor {_floor(target)})"
-              for module, targets in _graph().items() for target in targets
-              if _floor(target) > _floor(module)]
+    upward = [
+        f"{module} (floor {_floor(module)}) imports {target} (floor {_floor(target)})"
+        for module, targets in _graph().items()
+        for target in targets
+        if _floor(target) > _floor(module)
+    ]
     assert not upward, "\n".join(upward)
 
 
 def test_every_module_imports_in_dependency_order():
     order = list(TopologicalSorter(_graph()).static_order())
-    script = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % order
+    script = f"import importlib\nfor name in {order!r}:\n    importlib.import_module(name)\n"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 

@@ -21,8 +21,9 @@ def _nearest_centroid_accuracy(train, test):
 def test_mnist_sizes_ids_and_content():
     splits = {s: data.load("mnist", s) for s in builtin.SPLITS}
     assert [len(splits[s]) for s in builtin.SPLITS] == [50_000, 10_000, 10_000]
-    assert np.array_equal(np.concatenate([splits[s].ids for s in builtin.SPLITS]),
-                          np.arange(70_000))
+    assert np.array_equal(
+        np.concatenate([splits[s].ids for s in builtin.SPLITS]), np.arange(70_000)
+    )
     train = splits["train"]
     assert train.images.shape == (50_000, 28, 28, 1) and train.images.dtype == np.uint8
     # The classic file: first labels 5 0 4 1 9 2 1 3 1 4, mean intensity 0.1307 of full scale.
@@ -73,10 +74,12 @@ def test_pool_splits_are_disjoint_and_balanced():
 
 def test_pool_too_large_and_bad_split():
     with pytest.raises(ValueError, match=r"lower data.pool.validation_size"):
-        data.load("pool", "validation",
-                  config=DataConfig(pool=PoolConfig(validation_size=2002)))
-    with pytest.raises(ValueError, match=r"unknown split 'valid'; valid splits: train, "
-                                         r"validation, test"):
+        data.load("pool", "validation", config=DataConfig(pool=PoolConfig(validation_size=2002)))
+    with pytest.raises(
+        ValueError,
+        match=r"unknown split 'valid'; valid splits: train, "
+        r"validation, test",
+    ):
         data.load("mnist", "valid")
     with pytest.raises(ValueError, match=r"'nope' is neither a built-in"):
         data.load("nope")

@@ -13,16 +13,29 @@ from alchemist_jax import cli
 
 
 def test_help_lists_subcommands():
-    result = subprocess.run([sys.executable, "-m", "alchemist_jax.cli", "--help"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "alchemist_jax.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for command in ("fetch", "data-summary", "prepare"):
         assert command in result.stdout
 
 
 def test_data_summary_on_corrupted_pool(tmp_path, capsys):
     out = tmp_path / "run"
-    status = cli.main(["data-summary", "--config", "configs/demo.yaml", "--out", str(out),
-                       "data.pool.train_size=200", "data.corrupt.fraction=0.3"])
+    status = cli.main(
+        [
+            "data-summary",
+            "--config",
+            "configs/demo.yaml",
+            "--out",
+            str(out),
+            "data.pool.train_size=200",
+            "data.corrupt.fraction=0.3",
+        ]
+    )
     assert status == 0
     stats = json.loads((out / "summary.json").read_text())
     assert stats["count"] == stats["examined"] == 200
@@ -39,12 +52,20 @@ def test_data_summary_on_corrupted_pool(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["data-summary", "--out", "X", "data.batch_sise=3"], "unknown config key 'data.batch_sise'"),
-    (["data-summary", "--out", "X", "data.source=/no/such/manifest.csv"],
-     "'/no/such/manifest.csv' is neither a built-in"),
-    (["data-summary", "--out", "X", "data.split=valid"], "unknown split 'valid'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["data-summary", "--out", "X", "data.batch_sise=3"],
+            "unknown config key 'data.batch_sise'",
+        ),
+        (
+            ["data-summary", "--out", "X", "data.source=/no/such/manifest.csv"],
+            "'/no/such/manifest.csv' is neither a built-in",
+        ),
+        (["data-summary", "--out", "X", "data.split=valid"], "unknown split 'valid'"),
+    ],
+)
 def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
     argv = [str(tmp_path / a) if a == "X" else a for a in argv]
     assert cli.main(argv) == 2
@@ -57,8 +78,22 @@ def test_prepare_then_load_round_trip(tmp_path, capsys):
     from alchemist_jax.config import DataConfig, PoolConfig
 
     out = tmp_path / "tfds"
-    assert cli.main(["prepare", "--source", "pool", "--splits", "train,test", "--out", str(out),
-                     "data.pool.train_size=60", "data.pool.test_size=20"]) == 0
+    assert (
+        cli.main(
+            [
+                "prepare",
+                "--source",
+                "pool",
+                "--splits",
+                "train,test",
+                "--out",
+                str(out),
+                "data.pool.train_size=60",
+                "data.pool.test_size=20",
+            ]
+        )
+        == 0
+    )
     assert "wrote TFDS dataset" in capsys.readouterr().out
     config = DataConfig(pool=PoolConfig(train_size=60, test_size=20))
     for split, size in (("train", 60), ("test", 20)):

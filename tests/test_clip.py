@@ -24,10 +24,22 @@ from alchemist_jax.data import load_splits
 from alchemist_jax.data import tokenizer as tokenizer_lib
 from alchemist_jax.models import clip
 
-TEXT = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-            hidden_act="quick_gelu")
-VISION = dict(hidden_size=12, intermediate_size=20, num_hidden_layers=2, num_attention_heads=3,
-              image_size=16, patch_size=4, hidden_act="gelu")
+TEXT = dict(
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    hidden_act="quick_gelu",
+)
+VISION = dict(
+    hidden_size=12,
+    intermediate_size=20,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    image_size=16,
+    patch_size=4,
+    hidden_act="gelu",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,15 +70,20 @@ def _torch_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
             linear(f"{layer}.mlp.fc1", width, hidden)
             linear(f"{layer}.mlp.fc2", hidden, width)
     shapes["text_model.embeddings.token_embedding.weight"] = (text.vocab_size, text.hidden_size)
-    shapes["text_model.embeddings.position_embedding.weight"] = (text.max_position_embeddings,
-                                                                 text.hidden_size)
+    shapes["text_model.embeddings.position_embedding.weight"] = (
+        text.max_position_embeddings,
+        text.hidden_size,
+    )
     norm("text_model.final_layer_norm", text.hidden_size)
     grid = vision.image_size // vision.patch_size
     shapes["vision_model.embeddings.class_embedding"] = (vision.hidden_size,)
     shapes["vision_model.embeddings.patch_embedding.weight"] = (
-        vision.hidden_size, 3, vision.patch_size, vision.patch_size)
-    shapes["vision_model.embeddings.position_embedding.weight"] = (grid**2 + 1,
-                                                                   vision.hidden_size)
+        vision.hidden_size,
+        3,
+        vision.patch_size,
+        vision.patch_size,
+    )
+    shapes["vision_model.embeddings.position_embedding.weight"] = (grid**2 + 1, vision.hidden_size)
     norm("vision_model.pre_layrnorm", vision.hidden_size)
     norm("vision_model.post_layernorm", vision.hidden_size)
     shapes["text_projection.weight"] = (config.projection_dim, text.hidden_size)
@@ -79,15 +96,19 @@ def write_checkpoint(directory, *, eos_token_id=49407, vocab_size=49408, seed=0)
     """Writes config.json (transformers.CLIPConfig) and model.safetensors (float32, with the
     position_ids buffer older exports carry) into `directory`; returns (config, weights as
     float64)."""
-    config = CLIPConfig(text_config=dict(TEXT, eos_token_id=eos_token_id, vocab_size=vocab_size),
-                        vision_config=VISION, projection_dim=8)
+    config = CLIPConfig(
+        text_config=dict(TEXT, eos_token_id=eos_token_id, vocab_size=vocab_size),
+        vision_config=VISION,
+        projection_dim=8,
+    )
     config.save_pretrained(directory)
     rng = np.random.default_rng(seed)
     weights = {}
     for key, shape in _torch_shapes(config).items():
         is_norm_scale = "norm" in key and key.endswith(".weight")
-        weights[key] = np.asarray((1.0 if is_norm_scale else 0.0)
-                                  + 0.3 * rng.normal(size=shape), np.float32)
+        weights[key] = np.asarray(
+            (1.0 if is_norm_scale else 0.0) + 0.3 * rng.normal(size=shape), np.float32
+        )
     buffers = {"text_model.embeddings.position_ids": np.arange(77, dtype=np.int64)[None]}
     safetensors.numpy.save_file({**weights, **buffers}, directory / "model.safetensors")
     return config, {key: value.astype(np.float64) for key, value in weights.items()}
@@ -103,8 +124,10 @@ def _linear(x, w, prefix):
     return x @ w[f"{prefix}.weight"].T + w[f"{prefix}.bias"]
 
 
-_ACTIVATIONS = {"quick_gelu": lambda x: x / (1 + np.exp(-1.702 * x)),
-                "gelu": lambda x: 0.5 * x * (1 + erf(x / np.sqrt(2)))}
+_ACTIVATIONS = {
+    "quick_gelu": lambda x: x / (1 + np.exp(-1.702 * x)),
+    "gelu": lambda x: 0.5 * x * (1 + erf(x / np.sqrt(2))),
+}
 
 
 def _encoder(x, w, tower, section, causal):
@@ -114,8 +137,12 @@ def _encoder(x, w, tower, section, causal):
     for n in range(section.num_hidden_layers):
         prefix = f"{tower}.encoder.layers.{n}"
         h = _layer_norm(x, w, f"{prefix}.layer_norm1", eps)
-        q, k, v = (_linear(h, w, f"{prefix}.self_attn.{name}_proj")
-                   .reshape(batch, length, heads, -1).transpose(0, 2, 1, 3) for name in "qkv")
+        q, k, v = (
+            _linear(h, w, f"{prefix}.self_attn.{name}_proj")
+            .reshape(batch, length, heads, -1)
+            .transpose(0, 2, 1, 3)
+            for name in "qkv"
+        )
         logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(width // heads)
         if causal:
             logits = logits + np.triu(np.full((length, length), -np.inf), 1)
@@ -133,8 +160,10 @@ def reference_text_embeds(w, config, tokens):
     """transformers' CLIPModel.get_text_features: tokens (B, L) -> (B, projection_dim)."""
     text = config.text_config
     length = tokens.shape[1]
-    x = (w["text_model.embeddings.token_embedding.weight"][tokens]
-         + w["text_model.embeddings.position_embedding.weight"][:length])
+    x = (
+        w["text_model.embeddings.token_embedding.weight"][tokens]
+        + w["text_model.embeddings.position_embedding.weight"][:length]
+    )
     x = _encoder(x, w, "text_model", text, causal=True)
     x = _layer_norm(x, w, "text_model.final_layer_norm", text.layer_norm_eps)
     if text.eos_token_id == 2:
@@ -151,10 +180,12 @@ def reference_image_embeds(w, config, pixels):
     batch, size, patch = len(pixels), vision.image_size, vision.patch_size
     grid = size // patch
     blocks = pixels.reshape(batch, grid, patch, grid, patch, 3)
-    patches = np.einsum("bipjqc,dcpq->bijd", blocks,
-                        w["vision_model.embeddings.patch_embedding.weight"])
-    cls = np.broadcast_to(w["vision_model.embeddings.class_embedding"],
-                          (batch, 1, vision.hidden_size))
+    patches = np.einsum(
+        "bipjqc,dcpq->bijd", blocks, w["vision_model.embeddings.patch_embedding.weight"]
+    )
+    cls = np.broadcast_to(
+        w["vision_model.embeddings.class_embedding"], (batch, 1, vision.hidden_size)
+    )
     x = np.concatenate([cls, patches.reshape(batch, grid * grid, -1)], axis=1)
     x = x + w["vision_model.embeddings.position_embedding.weight"]
     x = _layer_norm(x, w, "vision_model.pre_layrnorm", vision.layer_norm_eps)
@@ -167,9 +198,22 @@ def reference_pixels(images01, size, mean, std):
     """(B, R, R, C) in [0, 1] -> CLIP inputs (B, S, S, 3): PIL bicubic per channel (float
     mode), clipped to [0, 1], normalised."""
     rgb = np.repeat(images01, 3, axis=-1) if images01.shape[-1] == 1 else images01
-    resized = np.stack([np.stack([np.asarray(Image.fromarray(
-        channel.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BICUBIC))
-        for channel in np.moveaxis(image, -1, 0)], axis=-1) for image in rgb])
+    resized = np.stack(
+        [
+            np.stack(
+                [
+                    np.asarray(
+                        Image.fromarray(channel.astype(np.float32), mode="F").resize(
+                            (size, size), Image.Resampling.BICUBIC
+                        )
+                    )
+                    for channel in np.moveaxis(image, -1, 0)
+                ],
+                axis=-1,
+            )
+            for image in rgb
+        ]
+    )
     return (np.clip(resized.astype(np.float64), 0, 1) - np.array(mean)) / np.array(std)
 
 
@@ -187,9 +231,9 @@ def _token_rows(rng, count, length, vocab_size):
         words = rng.integers(3, 49406, size=rng.integers(3, length - 2))
         words[rng.integers(len(words))] = 2
         words[rng.integers(len(words))] = vocab_size - 1
-        rows[row, :len(words) + 2] = [49406, *words, 49407]
+        rows[row, : len(words) + 2] = [49406, *words, 49407]
         if row % 2:
-            rows[row, len(words) + 2:] = 49407
+            rows[row, len(words) + 2 :] = 49407
     return rows
 
 
@@ -215,8 +259,7 @@ def test_towers_match_the_float64_reference(tmp_path, eos_token_id):
         text, image = map(np.asarray, embeds(checkpoint.params, tokens, pixels))
     assert text.dtype == image.dtype == np.float64
     np.testing.assert_allclose(text, reference_text_embeds(w, config, tokens), rtol=0, atol=1e-9)
-    np.testing.assert_allclose(image, reference_image_embeds(w, config, pixels), rtol=0,
-                               atol=1e-9)
+    np.testing.assert_allclose(image, reference_image_embeds(w, config, pixels), rtol=0, atol=1e-9)
     assert float(checkpoint.params["logit_scale"][...]) == pytest.approx(w["logit_scale"])
 
 
@@ -224,7 +267,8 @@ def test_clip_score_is_the_cosine_of_the_reference_embeddings(tmp_path):
     config, w = write_checkpoint(tmp_path)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     (tmp_path / "preprocessor_config.json").write_text(
-        json.dumps({"image_mean": list(mean), "image_std": list(std)}))
+        json.dumps({"image_mean": list(mean), "image_std": list(std)})
+    )
     rng = np.random.default_rng(2)
     images = rng.uniform(-1, 1, (5, 28, 28, 1)).astype(np.float32)
     checkpoint = clip.load_clip(tmp_path)
@@ -234,8 +278,9 @@ def test_clip_score_is_the_cosine_of_the_reference_embeddings(tmp_path):
     scores = np.asarray(clip.clip_score_fn(checkpoint)(checkpoint.params, images, tokens))
     assert scores.dtype == np.float32
     pixels = reference_pixels((images + 1) / 2, 16, mean, std)
-    expected = _cosine(reference_image_embeds(w, config, pixels),
-                       reference_text_embeds(w, config, tokens))
+    expected = _cosine(
+        reference_image_embeds(w, config, pixels), reference_text_embeds(w, config, tokens)
+    )
     np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-5)
 
 
@@ -286,8 +331,7 @@ def test_text_hidden_states_match_transformers(hidden_layer):
     checkpoint = clip.load_clip(FIXTURES / "clip_tiny")
     tokens = checkpoint.tokenize(["a cat", "two dogs on a red mat", "x"])
     np.testing.assert_array_equal(tokens, reference["ids"])
-    states, mask = clip.text_hidden_states_fn(checkpoint, hidden_layer)(checkpoint.params,
-                                                                        tokens)
+    states, mask = clip.text_hidden_states_fn(checkpoint, hidden_layer)(checkpoint.params, tokens)
     assert states.shape == (3, 20, 16) and states.dtype == np.float32
     np.testing.assert_allclose(states, reference[hidden_layer], rtol=0, atol=5e-6)
     # True up to and including the end-of-text token (id 513); without merges a word is one
@@ -298,8 +342,7 @@ def test_text_hidden_states_match_transformers(hidden_layer):
 
 def test_text_hidden_states_refuse_an_unknown_layer(tmp_path):
     write_checkpoint(tmp_path)
-    with pytest.raises(ValueError, match="hidden_layer='middle' is not one of last, "
-                                         "penultimate"):
+    with pytest.raises(ValueError, match="hidden_layer='middle' is not one of last, penultimate"):
         clip.text_hidden_states_fn(clip.load_clip(tmp_path), "middle")
 
 
@@ -314,14 +357,25 @@ def _edit_weights(directory, edit):
     safetensors.numpy.save_file(tensors, directory / "model.safetensors")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: t.pop("vision_model.encoder.layers.1.mlp.fc2.bias"),
-     "has no parameter vision_model.encoder.layers.1.mlp.fc2.bias (1 missing)"),
-    (lambda t: t.update({"text_model.encoder.layers.2.mlp.fc1.bias": np.zeros(24, np.float32)}),
-     "unexpected key text_model.encoder.layers.2.mlp.fc1.bias (1 unexpected)"),
-    (lambda t: t.update({"text_projection.weight": np.zeros((16, 8), np.float32)}),
-     "text_projection.weight has shape (16, 8), but config.json implies (8, 16)"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda t: t.pop("vision_model.encoder.layers.1.mlp.fc2.bias"),
+            "has no parameter vision_model.encoder.layers.1.mlp.fc2.bias (1 missing)",
+        ),
+        (
+            lambda t: t.update(
+                {"text_model.encoder.layers.2.mlp.fc1.bias": np.zeros(24, np.float32)}
+            ),
+            "unexpected key text_model.encoder.layers.2.mlp.fc1.bias (1 unexpected)",
+        ),
+        (
+            lambda t: t.update({"text_projection.weight": np.zeros((16, 8), np.float32)}),
+            "text_projection.weight has shape (16, 8), but config.json implies (8, 16)",
+        ),
+    ],
+)
 def test_checkpoint_errors_name_the_key(tmp_path, edit, message):
     write_checkpoint(tmp_path)
     _edit_weights(tmp_path, edit)
@@ -339,7 +393,8 @@ def test_directory_errors_name_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="has no model.safetensors nor"):
         clip.load_clip(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"logit_scale": "part-1.safetensors"}}))
+        json.dumps({"weight_map": {"logit_scale": "part-1.safetensors"}})
+    )
     with pytest.raises(ValueError, match="lists the shard part-1.safetensors, which is missing"):
         clip.load_clip(tmp_path)
 
@@ -351,9 +406,16 @@ def test_directory_errors_name_what_is_missing(tmp_path):
 
 def test_clip_score_run_scores_the_pool_like_the_reference(tmp_path):
     config, w = write_checkpoint(tmp_path / "clip")
-    cfg = load_config("configs/demo.yaml", TINY + [
-        "score.scorer=clip_score", f"score.clip_path={tmp_path / 'clip'}",
-        "score.batch_size=40", "score.chunk_size=40"])
+    cfg = load_config(
+        "configs/demo.yaml",
+        TINY
+        + [
+            "score.scorer=clip_score",
+            f"score.clip_path={tmp_path / 'clip'}",
+            "score.batch_size=40",
+            "score.chunk_size=40",
+        ],
+    )
     out = tmp_path / "ratings.parquet"
     summary = scoring.run(cfg, out)
     table = pq.read_table(out)
@@ -367,8 +429,9 @@ def test_clip_score_run_scores_the_pool_like_the_reference(tmp_path):
     tokens = checkpoint.tokenize([e["caption"] for e in examples])
     images = np.stack([e["image"] for e in examples]) / 255.0
     pixels = reference_pixels(images, 16, clip.OPENAI_IMAGE_MEAN, clip.OPENAI_IMAGE_STD)
-    expected = _cosine(reference_image_embeds(w, config, pixels),
-                       reference_text_embeds(w, config, tokens))
+    expected = _cosine(
+        reference_image_embeds(w, config, pixels), reference_text_embeds(w, config, tokens)
+    )
     np.testing.assert_allclose(table.column("score").to_numpy(), expected, rtol=0, atol=1e-5)
     assert np.std(expected) > 0.05  # the scores differ from sample to sample
 

@@ -14,8 +14,15 @@ def test_defaults_without_file():
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  batch_size: 16\n  pool:\n    train_size: 100\n")
-    cfg = load_config(path, ["data.pool.train_size=200", "data.corrupt.kinds=[noise, blur]",
-                             "data.corrupt.fraction=1", "data.manifest.id_column=uid"])
+    cfg = load_config(
+        path,
+        [
+            "data.pool.train_size=200",
+            "data.corrupt.kinds=[noise, blur]",
+            "data.corrupt.fraction=1",
+            "data.manifest.id_column=uid",
+        ],
+    )
     assert cfg.data.batch_size == 16
     assert cfg.data.pool.train_size == 200
     assert cfg.data.corrupt.kinds == ("noise", "blur")
@@ -29,18 +36,26 @@ def test_demo_config_loads():
     assert cfg.data.source == "pool" and cfg.data.corrupt.fraction == 0.3
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.batch_sise=3", "unknown config key 'data.batch_sise'. Did you mean 'data.batch_size'?"),
-    ("dta.source=pool", "unknown config key 'dta'. Did you mean 'data', 'train'?"),
-    ("data.batch_size=big", "config key 'data.batch_size' expects int, got 'big'"),
-    ("data.batch_size=true", "config key 'data.batch_size' expects int, got True"),
-    ("data.channels=2", "config key 'data.channels' must be one of 1, 3; got 2"),
-    ("data.manifest.on_bad_sample=ignore",
-     "config key 'data.manifest.on_bad_sample' must be one of 'skip', 'error'; got 'ignore'"),
-    ("data.pool=3", "config key 'data.pool' must be a section (mapping), got 3"),
-    ("data.corrupt.kinds=noise", "config key 'data.corrupt.kinds' expects a list, got 'noise'"),
-    ("data.batch_size", "override 'data.batch_size' is not of the form key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "data.batch_sise=3",
+            "unknown config key 'data.batch_sise'. Did you mean 'data.batch_size'?",
+        ),
+        ("dta.source=pool", "unknown config key 'dta'. Did you mean 'data', 'train'?"),
+        ("data.batch_size=big", "config key 'data.batch_size' expects int, got 'big'"),
+        ("data.batch_size=true", "config key 'data.batch_size' expects int, got True"),
+        ("data.channels=2", "config key 'data.channels' must be one of 1, 3; got 2"),
+        (
+            "data.manifest.on_bad_sample=ignore",
+            "config key 'data.manifest.on_bad_sample' must be one of 'skip', 'error'; got 'ignore'",
+        ),
+        ("data.pool=3", "config key 'data.pool' must be a section (mapping), got 3"),
+        ("data.corrupt.kinds=noise", "config key 'data.corrupt.kinds' expects a list, got 'noise'"),
+        ("data.batch_size", "override 'data.batch_size' is not of the form key.sub=value"),
+    ],
+)
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
@@ -50,8 +65,11 @@ def test_errors_name_the_key(override, message):
 def test_unknown_key_lists_valid_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  pool:\n    size: 3\n")
-    with pytest.raises(ConfigError, match=r"Valid keys in 'data.pool': test_size, train_size, "
-                                          r"validation_size"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Valid keys in 'data.pool': test_size, train_size, "
+        r"validation_size",
+    ):
         load_config(path)
 
 
@@ -74,7 +92,9 @@ def _numeric_keys(cls, prefix=""):
         tp = typing.get_type_hints(cls)[field.name]
         if dataclasses.is_dataclass(tp):
             keys += _numeric_keys(tp, f"{prefix}{field.name}.")
-        elif typing.get_origin(tp) is not tuple and {int, float} & set(typing.get_args(tp) or (tp,)):
+        elif typing.get_origin(tp) is not tuple and {int, float} & set(
+            typing.get_args(tp) or (tp,)
+        ):
             keys.append(prefix + field.name)
     return keys
 
@@ -91,20 +111,26 @@ def test_every_number_has_a_range():
         load_config(path)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.grad_clip=0", "config key 'train.grad_clip' must be > 0, got 0.0"),
-    ("rate.ema_decay=1.5", "config key 'rate.ema_decay' must be in [0, 1), got 1.5"),
-    ("rate.inner_lr=-1e-3", "config key 'rate.inner_lr' must be > 0, got -0.001"),
-    ("train.learning_rate=.nan", "config key 'train.learning_rate' must be > 0, got nan"),
-    ("select.keep=0", "config key 'select.keep' must be in (0, 1], got 0.0"),
-    ("dedup.max_hamming=65", "config key 'dedup.max_hamming' must be in [0, 64], got 65"),
-    ("train.warmup_steps=3000", "train.warmup_steps=3000 must be < train.steps=2000"),
-    ("rate.mixed_mode=true", "rate.mixed_mode=true applies to rate.mode=unrolled only"),
-    ("select.drop=0.6", "select.drop=0.6 leaves 0.4 of the pool to choose from"),
-    ("select.weights=[1, -1]", "select.weights must be >= 0 with a positive sum"),
-    ("pipeline.arms=[alchemy]", "config key 'pipeline.arms[0]' must be one of 'alchemist'"),
-    ("rate.steps=!!python/object:os.system x", "override 'rate.steps=!!python/object:os.system"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.grad_clip=0", "config key 'train.grad_clip' must be > 0, got 0.0"),
+        ("rate.ema_decay=1.5", "config key 'rate.ema_decay' must be in [0, 1), got 1.5"),
+        ("rate.inner_lr=-1e-3", "config key 'rate.inner_lr' must be > 0, got -0.001"),
+        ("train.learning_rate=.nan", "config key 'train.learning_rate' must be > 0, got nan"),
+        ("select.keep=0", "config key 'select.keep' must be in (0, 1], got 0.0"),
+        ("dedup.max_hamming=65", "config key 'dedup.max_hamming' must be in [0, 64], got 65"),
+        ("train.warmup_steps=3000", "train.warmup_steps=3000 must be < train.steps=2000"),
+        ("rate.mixed_mode=true", "rate.mixed_mode=true applies to rate.mode=unrolled only"),
+        ("select.drop=0.6", "select.drop=0.6 leaves 0.4 of the pool to choose from"),
+        ("select.weights=[1, -1]", "select.weights must be >= 0 with a positive sum"),
+        ("pipeline.arms=[alchemy]", "config key 'pipeline.arms[0]' must be one of 'alchemist'"),
+        (
+            "rate.steps=!!python/object:os.system x",
+            "override 'rate.steps=!!python/object:os.system",
+        ),
+    ],
+)
 def test_ranges_and_cross_field_checks_at_load_time(override, message):
     extra = ["rate.mode=penalty"] if "mixed_mode" in override else []
     with pytest.raises(ConfigError) as error:
@@ -113,8 +139,10 @@ def test_ranges_and_cross_field_checks_at_load_time(override, message):
     assert len(str(error.value).splitlines()) == 1
 
 
-@pytest.mark.parametrize("text, value", [("3e-4", 3e-4), ("1E5", 1e5), ("-2.5e-3", -2.5e-3),
-                                         ("1e+2", 100.0), (".5e1", 5.0)])
+@pytest.mark.parametrize(
+    "text, value",
+    [("3e-4", 3e-4), ("1E5", 1e5), ("-2.5e-3", -2.5e-3), ("1e+2", 100.0), (".5e1", 5.0)],
+)
 def test_scientific_notation_is_a_number(tmp_path, text, value):
     assert load_config(None, [f"rate.penalty_start={text}"]).rate.penalty_start == value
     path = tmp_path / "c.yaml"

@@ -10,8 +10,18 @@ from PIL import Image
 
 from alchemist_jax.config import DEFECT_KINDS, HELDOUT_DEFECT_KINDS, ConfigError, load_config
 from alchemist_jax.data.corrupt import (
-    CAPTION_DEFECTS, IMAGE_DEFECTS, blend, boilerplate_caption, corrupt, keyword_stuffing,
-    scale_brightness, shift, tiled_text_mask, truncated_caption, watermark)
+    CAPTION_DEFECTS,
+    IMAGE_DEFECTS,
+    blend,
+    boilerplate_caption,
+    corrupt,
+    keyword_stuffing,
+    scale_brightness,
+    shift,
+    tiled_text_mask,
+    truncated_caption,
+    watermark,
+)
 from alchemist_jax.data.sources import ArraySource
 
 SIZE = 200
@@ -22,9 +32,12 @@ def make_source(size: int = SIZE, labeled: bool = True) -> ArraySource:
     rng = np.random.default_rng(123)
     labels = np.arange(size) % 4
     return ArraySource(
-        "test", 1000 + np.arange(size), rng.integers(0, 256, (size, 28, 28, 1), dtype=np.uint8),
+        "test",
+        1000 + np.arange(size),
+        rng.integers(0, 256, (size, 28, 28, 1), dtype=np.uint8),
         [f"a photo of class {label}, variant {i}" for i, label in enumerate(labels)],
-        labels=labels if labeled else None)
+        labels=labels if labeled else None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +143,9 @@ def test_unlabeled_caption_swap_takes_a_different_caption():
 
 def test_blur_and_lowres_keep_rgb_shape():
     rng = np.random.default_rng(0)
-    base = ArraySource("rgb", np.arange(4), rng.integers(0, 256, (4, 64, 48, 3), dtype=np.uint8),
-                       ["x"] * 4)
+    base = ArraySource(
+        "rgb", np.arange(4), rng.integers(0, 256, (4, 64, 48, 3), dtype=np.uint8), ["x"] * 4
+    )
     source, _ = corrupt(base, 1.0, kinds=["blur", "lowres", "noise", "blank"], seed=0)
     for index in range(4):
         image = source[index]["image"]
@@ -157,14 +171,19 @@ def gain_interval(shifted: np.ndarray, image: np.ndarray) -> tuple[float, float]
 def test_near_duplicate_is_a_shifted_brightened_clean_copy(channels):
     rng = np.random.default_rng(5)
     labels = np.arange(60) % 3
-    base = ArraySource("nd", 500 + np.arange(60),
-                       rng.integers(0, 256, (60, 10, 12, channels), dtype=np.uint8),
-                       [f"caption {i}" for i in range(60)], labels=labels)
+    base = ArraySource(
+        "nd",
+        500 + np.arange(60),
+        rng.integers(0, 256, (60, 10, 12, channels), dtype=np.uint8),
+        [f"caption {i}" for i in range(60)],
+        labels=labels,
+    )
     source, truth = corrupt(base, 0.25, kinds=["noise", "near_duplicate"], seed=4)
     defects, source_ids = truth["defect"].to_pylist(), truth["source_id"].to_pylist()
     near = [i for i, d in enumerate(defects) if d == "near_duplicate"]
-    assert len(near) == 7 and all(defects[i] == "noise" or defects[i] is None
-                                  for i in range(60) if i not in near)
+    assert len(near) == 7 and all(
+        defects[i] == "noise" or defects[i] is None for i in range(60) if i not in near
+    )
     offsets = set()
     for index in near:
         donor = source_ids[index] - 500
@@ -188,24 +207,30 @@ def test_near_duplicate_is_a_shifted_brightened_clean_copy(channels):
 
 def test_shift_repeats_edges_and_brightness_rounds_and_clips():
     image = np.arange(12, dtype=np.uint8).reshape(3, 4, 1) * 20
-    np.testing.assert_array_equal(shift(image, 1, -2)[..., 0], [[40, 60, 60, 60],
-                                                                [40, 60, 60, 60],
-                                                                [120, 140, 140, 140]])
-    np.testing.assert_array_equal(shift(image, -2, 1)[..., 0], [[160, 160, 180, 200],
-                                                                [160, 160, 180, 200],
-                                                                [160, 160, 180, 200]])
-    np.testing.assert_array_equal(scale_brightness(np.array([0, 10, 15, 240, 255], np.uint8), 1.1),
-                                  [0, 11, 16, 255, 255])  # 16.5 rounds to even
-    np.testing.assert_array_equal(scale_brightness(np.array([5, 25, 255], np.uint8), 0.9),
-                                  [4, 22, 230])
+    np.testing.assert_array_equal(
+        shift(image, 1, -2)[..., 0], [[40, 60, 60, 60], [40, 60, 60, 60], [120, 140, 140, 140]]
+    )
+    np.testing.assert_array_equal(
+        shift(image, -2, 1)[..., 0],
+        [[160, 160, 180, 200], [160, 160, 180, 200], [160, 160, 180, 200]],
+    )
+    np.testing.assert_array_equal(
+        scale_brightness(np.array([0, 10, 15, 240, 255], np.uint8), 1.1), [0, 11, 16, 255, 255]
+    )  # 16.5 rounds to even
+    np.testing.assert_array_equal(
+        scale_brightness(np.array([5, 25, 255], np.uint8), 0.9), [4, 22, 230]
+    )
 
 
 def rgb_and_gray_source(channels: int, size: int = 42) -> ArraySource:
     rng = np.random.default_rng(11)
-    return ArraySource("heldout", 2000 + np.arange(size),
-                       rng.integers(0, 256, (size, 24, 20, channels), dtype=np.uint8),
-                       [f"a small picture of a cat number {i}" for i in range(size)],
-                       labels=np.arange(size) % 3)
+    return ArraySource(
+        "heldout",
+        2000 + np.arange(size),
+        rng.integers(0, 256, (size, 24, 20, channels), dtype=np.uint8),
+        [f"a small picture of a cat number {i}" for i in range(size)],
+        labels=np.arange(size) % 3,
+    )
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -246,7 +271,8 @@ def test_tiled_text_mask_and_blend_are_exact():
         "##.########.#.#.",
         "................",
         "................",
-        "................"]
+        "................",
+    ]
     image = np.array([[[0], [100]], [[200], [255]]], np.uint8)
     stamp = np.array([[True, True], [False, True]])
     np.testing.assert_array_equal(blend(image, stamp, 255, 0.45)[..., 0], [[115, 170], [200, 255]])
@@ -255,14 +281,9 @@ def test_tiled_text_mask_and_blend_are_exact():
 
 def test_watermark_pixels_pinned():
     out = watermark(np.full((6, 10, 1), 40, np.uint8), np.random.default_rng(3))
-    assert ["".join("#" if v == 136 else "." if v == 40 else "?" for v in row)
-            for row in out[..., 0]] == [
-        "..........",
-        "..........",
-        "..........",
-        "#.########",
-        "##.##....#",
-        "##.####..#"]
+    assert [
+        "".join("#" if v == 136 else "." if v == 40 else "?" for v in row) for row in out[..., 0]
+    ] == ["..........", "..........", "..........", "#.########", "##.##....#", "##.####..#"]
     bright = watermark(np.full((6, 10, 3), 200, np.uint8), np.random.default_rng(3))
     # The same draws (opacity 0.4465: 40 -> 136) in black ink on a bright image: 200 -> 111.
     np.testing.assert_array_equal(bright, np.where(out == 136, 111, 200).repeat(3, axis=-1))
@@ -277,8 +298,10 @@ def changed_by_one_of(candidates: dict, image: np.ndarray):
 def test_jpeg_crop_and_letterbox_match_their_definition(channels):
     base = rgb_and_gray_source(channels, size=30)
     source, truth = corrupt(base, 1.0, kinds=["jpeg", "bad_crop", "letterbox"], seed=5)
-    planes = lambda image: [Image.fromarray(np.ascontiguousarray(image[..., c]))  # noqa: E731
-                            for c in range(channels)]
+    planes = lambda image: [
+        Image.fromarray(np.ascontiguousarray(image[..., c]))  # noqa: E731
+        for c in range(channels)
+    ]
     qualities = set()
     for index, defect in enumerate(truth["defect"].to_pylist()):
         image, damaged = base[index]["image"], source[index]["image"]
@@ -287,7 +310,8 @@ def test_jpeg_crop_and_letterbox_match_their_definition(channels):
             for quality in range(1, 40):
                 encoded = io.BytesIO()
                 Image.fromarray(image if channels == 3 else image[..., 0]).save(
-                    encoded, format="JPEG", quality=quality)
+                    encoded, format="JPEG", quality=quality
+                )
                 decoded[quality] = np.asarray(Image.open(encoded)).reshape(image.shape)
             found = changed_by_one_of(decoded, damaged)
             assert found and 5 <= min(found) and max(found) <= 15, found
@@ -296,12 +320,23 @@ def test_jpeg_crop_and_letterbox_match_their_definition(channels):
             windows = {}
             for height, width in np.ndindex(25, 21):
                 if 0.4 * 24 - 0.5 <= height <= 0.6 * 24 + 0.5 and 8 <= width <= 12:
-                    for top, left in ((0, 0), (0, 20 - width), (24 - height, 0),
-                                      (24 - height, 20 - width)):
-                        windows[height, width, top, left] = np.stack([np.asarray(p.crop(
-                            (left, top, left + width, top + height)).resize((20, 24),
-                                                                            Image.BILINEAR))
-                            for p in planes(image)], axis=-1)
+                    for top, left in (
+                        (0, 0),
+                        (0, 20 - width),
+                        (24 - height, 0),
+                        (24 - height, 20 - width),
+                    ):
+                        windows[height, width, top, left] = np.stack(
+                            [
+                                np.asarray(
+                                    p.crop((left, top, left + width, top + height)).resize(
+                                        (20, 24), Image.BILINEAR
+                                    )
+                                )
+                                for p in planes(image)
+                            ],
+                            axis=-1,
+                        )
             assert len(changed_by_one_of(windows, damaged)) == 1
         else:  # letterbox: the image shrunk bilinear to 55-80% per side, centred on black / white
             frames = {}
@@ -309,9 +344,13 @@ def test_jpeg_crop_and_letterbox_match_their_definition(channels):
                 if height >= 13 and width >= 11:  # round(0.55 * 24), round(0.55 * 20)
                     framed = np.full_like(image, 255 * level)
                     y, x = (24 - height) // 2, (20 - width) // 2
-                    framed[y:y + height, x:x + width] = np.stack(
-                        [np.asarray(p.resize((width, height), Image.BILINEAR))
-                         for p in planes(image)], axis=-1)
+                    framed[y : y + height, x : x + width] = np.stack(
+                        [
+                            np.asarray(p.resize((width, height), Image.BILINEAR))
+                            for p in planes(image)
+                        ],
+                        axis=-1,
+                    )
                     frames[height, width, level] = framed
             assert len(changed_by_one_of(frames, damaged)) == 1
     assert len(qualities) >= 3
@@ -322,13 +361,17 @@ def test_caption_defects_pinned():
     caption = "digit 1, handwritten in white ink"
     assert boilerplate_caption(caption, rng()) == "untitled-5118"
     assert [boilerplate_caption(caption, np.random.default_rng(seed)) for seed in (4, 5, 11)] == [
-        "photo by user9430 on flickr", "click to enlarge", "DSC01285.JPG"]
+        "photo by user9430 on flickr",
+        "click to enlarge",
+        "DSC01285.JPG",
+    ]
     assert truncated_caption(caption, rng()) == "digit 1"
     assert truncated_caption("a silhouette of a elephant", rng()) == "a sil"
     assert truncated_caption("x", rng()) == "x"
     assert keyword_stuffing(caption, rng()) == (
         "digit, handwritten, picture, popular, 1, white, wallpaper, png, free, top, amazing, "
-        "background, photo, 2019, cute, ink")
+        "background, photo, 2019, cute, ink"
+    )
     stuffed = keyword_stuffing("a silhouette of a elephant", rng()).split(", ")
     assert len(stuffed) == len(set(stuffed)) == 13 and {"silhouette", "elephant"} <= set(stuffed)
 
@@ -346,23 +389,33 @@ def test_zero_fraction_changes_nothing(base):
     assert all(source[i]["image"].tobytes() == base[i]["image"].tobytes() for i in range(SIZE))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"fraction": 0.1, "kinds": ["noise", "smudge"]},
-     "unknown defect kind 'smudge'; valid kinds: noise, blur, blank"),
-    ({"fraction": 0.1, "kinds": []}, "one or more distinct kinds"),
-    ({"fraction": 0.1, "kinds": ["tuned", "blur"]}, "one or more distinct kinds"),
-    ({"fraction": 1.0, "kinds": ["near_duplicate"]}, "`near_duplicate` needs clean examples"),
-    ({"fraction": 1.5}, r"fraction must be in \[0, 1\], got 1.5"),
-    ({"fraction": -0.1}, r"fraction must be in \[0, 1\]"),
-    ({"fraction": 1.0, "kinds": ["duplicate"]}, "needs clean examples"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"fraction": 0.1, "kinds": ["noise", "smudge"]},
+            "unknown defect kind 'smudge'; valid kinds: noise, blur, blank",
+        ),
+        ({"fraction": 0.1, "kinds": []}, "one or more distinct kinds"),
+        ({"fraction": 0.1, "kinds": ["tuned", "blur"]}, "one or more distinct kinds"),
+        ({"fraction": 1.0, "kinds": ["near_duplicate"]}, "`near_duplicate` needs clean examples"),
+        ({"fraction": 1.5}, r"fraction must be in \[0, 1\], got 1.5"),
+        ({"fraction": -0.1}, r"fraction must be in \[0, 1\]"),
+        ({"fraction": 1.0, "kinds": ["duplicate"]}, "needs clean examples"),
+    ],
+)
 def test_invalid_arguments_are_rejected(base, kwargs, message):
     with pytest.raises(ValueError, match=message):
         corrupt(base, **kwargs)
 
 
 def test_precomputed_sources_are_rejected():
-    latents = ArraySource("latents", np.arange(3), None, ["a", "b", "c"],
-                          extra={"latent": np.zeros((3, 4, 4, 4), np.float32)})
+    latents = ArraySource(
+        "latents",
+        np.arange(3),
+        None,
+        ["a", "b", "c"],
+        extra={"latent": np.zeros((3, 4, 4, 4), np.float32)},
+    )
     with pytest.raises(ValueError, match="needs examples with `image`"):
         corrupt(latents, 0.5)

@@ -11,28 +11,54 @@ from alchemist_jax.config import ARMS, ConfigError, load_config
 from alchemist_jax.data import load_splits
 
 TINY = [
-    "data.pool.train_size=96", "data.pool.validation_size=32", "data.pool.test_size=32",
-    "data.batch_size=8", "data.max_text_length=16", "data.corrupt.fraction=0.3",
-    "model.width=32", "model.depth=1", "model.heads=2", "model.text_width=32",
-    "model.patch_size=7", "model.text_trainable=false", "model.text_depth=1",
-    "model.text_heads=2", "rater.width=16", "rater.hidden=32",
-    "rate.population=2", "rate.inner_steps=2", "rate.steps=4", "rate.val_batch_size=16",
-    "rate.checkpoint_every=2", "rate.log_every=1", "rate.reset_every=2",
-    "score.batch_size=16", "score.chunk_size=40",
-    "train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=2",
+    "data.pool.train_size=96",
+    "data.pool.validation_size=32",
+    "data.pool.test_size=32",
+    "data.batch_size=8",
+    "data.max_text_length=16",
+    "data.corrupt.fraction=0.3",
+    "model.width=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.text_width=32",
+    "model.patch_size=7",
+    "model.text_trainable=false",
+    "model.text_depth=1",
+    "model.text_heads=2",
+    "rater.width=16",
+    "rater.hidden=32",
+    "rate.population=2",
+    "rate.inner_steps=2",
+    "rate.steps=4",
+    "rate.val_batch_size=16",
+    "rate.checkpoint_every=2",
+    "rate.log_every=1",
+    "rate.reset_every=2",
+    "score.batch_size=16",
+    "score.chunk_size=40",
+    "train.steps=4",
+    "train.batch_size=8",
+    "train.warmup_steps=1",
+    "train.eval_every=2",
     "train.checkpoint_every=2",
-    "evaluate.classifier_steps=20", "evaluate.sample_steps=2", "evaluate.grid_captions=2",
+    "evaluate.classifier_steps=20",
+    "evaluate.sample_steps=2",
+    "evaluate.grid_captions=2",
     "evaluate.grid_samples=2",
     "pipeline.arms=[alchemist,meta_only,meta_alignment,alchemist_shift_gsample,release,topk,"
     "random,full,oracle]",
-    "pipeline.seeds=[0]", "pipeline.budget=both", "pipeline.penalty_steps=2",
+    "pipeline.seeds=[0]",
+    "pipeline.budget=both",
+    "pipeline.penalty_steps=2",
 ]
 
 
 def test_pipeline_outputs_are_complete_and_consistent(tmp_path, capsys):
     workdir = tmp_path / "run"
-    assert cli.main(["pipeline", "--config", "configs/demo.yaml", "--workdir", str(workdir),
-                     *TINY]) == 0
+    assert (
+        cli.main(["pipeline", "--config", "configs/demo.yaml", "--workdir", str(workdir), *TINY])
+        == 0
+    )
     cfg = load_config("configs/demo.yaml", TINY)
     splits = load_splits(cfg.data)
     pool_ids = set(splits.train.ids.tolist())
@@ -56,18 +82,28 @@ def test_pipeline_outputs_are_complete_and_consistent(tmp_path, capsys):
         assert len(set(ids)) == len(ids) == summary["count"]
         assert set(ids) <= pool_ids
         assert summary["arm"] == arm
-        assert summary.get("ratings", []) == [f"ratings/{name}.parquet"
-                                              for name in ARMS[arm].ratings]
+        assert summary.get("ratings", []) == [
+            f"ratings/{name}.parquet" for name in ARMS[arm].ratings
+        ]
         assert summary.get("dedup") == ("dedup.parquet" if arm == "alchemist" else None)
         sizes[arm] = len(ids)
         if arm == "alchemist":  # at most one sample of each duplicate group
             assert len({group_of[i] for i in ids}) == len(ids)
-    half = ("alchemist", "meta_only", "meta_alignment", "alchemist_shift_gsample", "release",
-            "topk", "random")
+    half = (
+        "alchemist",
+        "meta_only",
+        "meta_alignment",
+        "alchemist_shift_gsample",
+        "release",
+        "topk",
+        "random",
+    )
     assert {arm: sizes[arm] for arm in half} == dict.fromkeys(half, 48)
     assert sizes["full"] == 96
-    assert set(pq.read_table(workdir / "selections" / "oracle.parquet").column("id")
-               .to_pylist()) == clean_ids
+    assert (
+        set(pq.read_table(workdir / "selections" / "oracle.parquet").column("id").to_pylist())
+        == clean_ids
+    )
 
     rows = json.loads((workdir / "results.json").read_text())
     # 9 arms at equal steps; at equal epochs the 50% arms reuse their runs, full and oracle
@@ -79,8 +115,7 @@ def test_pipeline_outputs_are_complete_and_consistent(tmp_path, capsys):
     assert epochs["alchemist"]["run"] == "alchemist" and epochs["alchemist"]["steps"] == 4
     for row in rows:
         assert row["train_size"] == sizes[row["arm"]]
-        metrics = json.loads((workdir / "eval" / row["run"] / "seed0" / "metrics.json")
-                             .read_text())
+        metrics = json.loads((workdir / "eval" / row["run"] / "seed0" / "metrics.json").read_text())
         assert row["test_loss"] == metrics["test_loss"] and np.isfinite(row["test_loss"])
         assert 0 <= row["alignment"] <= 1 and row["fcd"] >= 0
         assert (workdir / "eval" / row["run"] / "seed0" / "samples.png").exists()
@@ -95,14 +130,21 @@ def test_pipeline_outputs_are_complete_and_consistent(tmp_path, capsys):
 
 
 def test_pipeline_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"config key 'pipeline.arms\[1\]' must be one of "
-                                          r"'alchemist', .*; got 'best'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config key 'pipeline.arms\[1\]' must be one of "
+        r"'alchemist', .*; got 'best'",
+    ):
         load_config("configs/demo.yaml", TINY + ["pipeline.arms=[alchemist,best]"])
-    cfg = load_config("configs/demo.yaml", TINY + ["data.corrupt.fraction=0",
-                                                   "pipeline.arms=[oracle]"])
+    cfg = load_config(
+        "configs/demo.yaml", TINY + ["data.corrupt.fraction=0", "pipeline.arms=[oracle]"]
+    )
     with pytest.raises(ConfigError, match="`oracle` needs injected defects"):
         pipeline.run(cfg, tmp_path / "other")
     cfg = load_config("configs/demo.yaml", TINY + ["select.weights=[1.0, 2.0, 3.0]"])
-    with pytest.raises(ConfigError, match=r"select.weights has 3 values, but arm 'alchemist' "
-                                          r"fuses 2 ratings \(exact, alignment\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"select.weights has 3 values, but arm 'alchemist' "
+        r"fuses 2 ratings \(exact, alignment\)",
+    ):
         pipeline.run(cfg, tmp_path / "third")

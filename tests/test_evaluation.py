@@ -47,9 +47,21 @@ def test_a_kept_copy_trades_labels_with_its_collapsed_source():
     # 11 kept, its source 10 collapsed: they trade. 12 kept: its copies stay duplicates.
     eligible = np.array([False, True, True, False, False, True])
     assert credit_kept_copies(defects, ids, eligible, copied_from) == [
-        "duplicate", None, None, "duplicate", "duplicate", "noise"]
+        "duplicate",
+        None,
+        None,
+        "duplicate",
+        "duplicate",
+        "noise",
+    ]
     # 13 kept over its source 12 (14 collapsed too): 13 and 12 trade, 14 stays a duplicate.
     eligible = np.array([True, False, False, True, False, True])
     assert credit_kept_copies(defects, ids, eligible, copied_from) == [
-        None, "duplicate", "duplicate", None, "duplicate", "noise"]
+        None,
+        "duplicate",
+        "duplicate",
+        None,
+        "duplicate",
+        "noise",
+    ]
     assert credit_kept_copies(defects, ids, np.ones(6, bool), copied_from) == defects

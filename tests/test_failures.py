@@ -34,21 +34,25 @@ def _manifest(folder: Path, name: str, ids: list[int], bad: int = 0, seed: int =
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in ids[:len(ids) - bad]:
+    for i in ids[: len(ids) - bad]:
         path = folder / f"{name}-{i}.png"
         Image.fromarray(rng.integers(0, 255, (28, 28, 3), np.uint8)).save(path)
         paths.append(path.name)
-    paths += [f"missing-{i}.png" for i in ids[len(ids) - bad:]]
-    table = pa.table({"id": ids, "image": paths,
-                      "caption": [f"a photo number {i}" for i in ids]})
+    paths += [f"missing-{i}.png" for i in ids[len(ids) - bad :]]
+    table = pa.table({"id": ids, "image": paths, "caption": [f"a photo number {i}" for i in ids]})
     out = folder / f"{name}.parquet"
     pq.write_table(table, out)
     return out
 
 
 def _manifest_overrides(pool: Path, validation: Path) -> list[str]:
-    return [f"data.source={pool}", f"data.validation_source={validation}",
-            "data.manifest.id_column=id", "data.channels=3", "data.corrupt.fraction=0"]
+    return [
+        f"data.source={pool}",
+        f"data.validation_source={validation}",
+        "data.manifest.id_column=id",
+        "data.channels=3",
+        "data.corrupt.fraction=0",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,15 +63,19 @@ def _manifest_overrides(pool: Path, validation: Path) -> list[str]:
 def test_guard_helpers_skip_and_count():
     ok = numerics.all_finite({"a": jax.numpy.ones(3), "n": jax.numpy.arange(3)})
     assert bool(ok) and not bool(numerics.all_finite((1.0, np.array([np.nan]))))
-    kept = numerics.keep_if(jax.numpy.asarray(False), {"x": jax.numpy.ones(2)},
-                            {"x": jax.numpy.zeros(2)})
+    kept = numerics.keep_if(
+        jax.numpy.asarray(False), {"x": jax.numpy.ones(2)}, {"x": jax.numpy.zeros(2)}
+    )
     np.testing.assert_array_equal(kept["x"], [0.0, 0.0])
     guard = numerics.BadStepGuard("probe", 2, "lower probe.lr")
     assert guard.check(1, False, {"loss": float("nan")}) is False
     assert guard.check(2, True, {}) is True and guard.consecutive == 0
     guard.check(3, False, {"loss": float("inf")})
-    with pytest.raises(numerics.NonFiniteError, match=r"probe stopped at step 4: 2 consecutive "
-                                                      r"steps .*loss=nan.*lower probe.lr"):
+    with pytest.raises(
+        numerics.NonFiniteError,
+        match=r"probe stopped at step 4: 2 consecutive "
+        r"steps .*loss=nan.*lower probe.lr",
+    ):
         guard.check(4, False, {"loss": float("nan")})
     assert guard.skipped == 3
 
@@ -81,10 +89,14 @@ def test_rating_with_an_exploding_inner_lr_stops_and_keeps_no_bad_checkpoint(tmp
     step = checkpoints.latest_step(tmp_path / "checkpoints")
     if step is not None:  # whatever was saved is finite
         manager = checkpoints.manager(tmp_path / "checkpoints", read_only=True)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))["state"]
-        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored)
-                   if np.issubdtype(np.asarray(x).dtype, np.floating))
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
+            "state"
+        ]
+        assert all(
+            np.all(np.isfinite(np.asarray(x)))
+            for x in jax.tree.leaves(restored)
+            if np.issubdtype(np.asarray(x).dtype, np.floating)
+        )
 
 
 def test_checkpoint_of_a_non_finite_state_is_refused(tmp_path):
@@ -96,8 +108,9 @@ def test_checkpoint_of_a_non_finite_state_is_refused(tmp_path):
 
 
 def test_training_that_diverges_stops_with_the_cause(tmp_path):
-    cfg = load_config("configs/demo.yaml", TRAIN_TINY + ["train.learning_rate=1e6",
-                                                         "train.divergence_factor=10"])
+    cfg = load_config(
+        "configs/demo.yaml", TRAIN_TINY + ["train.learning_rate=1e6", "train.divergence_factor=10"]
+    )
     data = prepare_splits(cfg.data)
     with pytest.raises(numerics.NonFiniteError, match=r"lower train.learning_rate \(1e\+06\)"):
         training.train_model(cfg, data.pool, tmp_path, steps=30, seed=0)
@@ -130,6 +143,7 @@ def _signal_after(count: int, sig: int, monkeypatch, loop: str = "rate") -> None
                 yield item
                 if number + 1 == count:
                     os.kill(os.getpid(), sig)
+
         return real(steps(), **{k: v for k, v in kwargs.items() if k != "total"})
 
     monkeypatch.setattr(progress, "bar", bar)
@@ -141,8 +155,10 @@ def test_a_signal_saves_a_checkpoint_and_the_rerun_resumes_exactly(tmp_path, mon
     full = rating.run(cfg, tmp_path / "full")
     _signal_after(1, sig, monkeypatch)
     # The signal arrives as meta-step 2 begins: that step finishes, then the run stops.
-    with pytest.raises(preemption.Preempted, match=f"rate stopped by {signal.Signals(sig).name} "
-                                                   "after meta-step 2 of 4"):
+    with pytest.raises(
+        preemption.Preempted,
+        match=f"rate stopped by {signal.Signals(sig).name} after meta-step 2 of 4",
+    ):
         rating.run(cfg, tmp_path / "split")
     assert checkpoints.latest_step(tmp_path / "split" / "checkpoints") == 2
     assert signal.getsignal(sig) is not None  # the guard restored the handler
@@ -155,9 +171,19 @@ def test_a_signal_saves_a_checkpoint_and_the_rerun_resumes_exactly(tmp_path, mon
 def test_sigterm_to_the_command_exits_75_with_one_line(tmp_path):
     """The real thing: `alchemist-jax train` in a subprocess, SIGTERM once it is stepping."""
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "alchemist_jax.cli", "train", "--config", "configs/demo.yaml",
-               "--workdir", str(workdir), *TRAIN_TINY, "train.steps=100000",
-               "train.checkpoint_every=100000"]
+    command = [
+        sys.executable,
+        "-m",
+        "alchemist_jax.cli",
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        "--workdir",
+        str(workdir),
+        *TRAIN_TINY,
+        "train.steps=100000",
+        "train.checkpoint_every=100000",
+    ]
     env = {**os.environ, "ALCHEMIST_PROGRESS_SECONDS": "0"}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     lines = []
@@ -184,8 +210,11 @@ def test_resume_on_changed_data_is_refused_unless_allowed(tmp_path):
     cfg = load_config("configs/demo.yaml", QUICK_RATE + _manifest_overrides(pool, validation))
     rating.run(cfg, tmp_path / "run", stop_after=1)
     _manifest(tmp_path / "data", "pool", list(range(32)), seed=7)  # same ids, other images
-    with pytest.raises(ValueError, match=r"holds a run on other data: the pool rows differ .* "
-                                         r"--allow-data-change"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds a run on other data: the pool rows differ .* "
+        r"--allow-data-change",
+    ):
         rating.run(cfg, tmp_path / "run")
     assert "meta_loss" in rating.run(cfg, tmp_path / "run", allow_data_change=True)
 
@@ -202,8 +231,17 @@ def test_pool_and_validation_reports_do_not_overwrite_each_other(tmp_path):
 def test_an_all_bad_manifest_is_one_line(tmp_path, capsys):
     pool = _manifest(tmp_path / "data", "pool", list(range(4)), bad=4)
     validation = _manifest(tmp_path / "data", "val", list(range(100, 108)), seed=1)
-    code = cli.main(["rate", "--config", "configs/demo.yaml", "--workdir", str(tmp_path / "r"),
-                     *QUICK_RATE, *_manifest_overrides(pool, validation)])
+    code = cli.main(
+        [
+            "rate",
+            "--config",
+            "configs/demo.yaml",
+            "--workdir",
+            str(tmp_path / "r"),
+            *QUICK_RATE,
+            *_manifest_overrides(pool, validation),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "no usable samples: all 4 rows are bad" in err[0]
@@ -229,18 +267,28 @@ def test_disk_full_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch)
         io.atomic_write_json(target, {"new": 1})
     monkeypatch.undo()
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
-        "out.json"]
+        "out.json"
+    ]
 
 
 def test_silent_hold_out_is_announced(tmp_path, caplog):
     pool = _manifest(tmp_path / "data", "pool", list(range(24)))
-    cfg = load_config("configs/demo.yaml", [f"data.source={pool}", "data.manifest.id_column=id",
-                                            "data.channels=3", "data.corrupt.fraction=0"])
+    cfg = load_config(
+        "configs/demo.yaml",
+        [
+            f"data.source={pool}",
+            "data.manifest.id_column=id",
+            "data.channels=3",
+            "data.corrupt.fraction=0",
+        ],
+    )
     with caplog.at_level(logging.WARNING, logger="alchemist_jax"):
         splits = prepare_splits(cfg.data)
     assert len(splits.pool) == 22
-    assert any("2 of its 24 samples" in r.message and "data.validation_source" in r.message
-               for r in caplog.records)
+    assert any(
+        "2 of its 24 samples" in r.message and "data.validation_source" in r.message
+        for r in caplog.records
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,17 +14,31 @@ from alchemist_jax import config as config_lib
 from alchemist_jax import models
 from alchemist_jax.evaluation import classifier as classifier_lib
 from alchemist_jax.evaluation import generative
-from alchemist_jax.evaluation.classifier import (UnlabeledDataError, feature_classifier,
-                                                 load_test_data)
-from alchemist_jax.evaluation.generative import (evaluate_model, fcd, frechet_distance,
-                                                 try_feature_classifier)
+from alchemist_jax.evaluation.classifier import (
+    UnlabeledDataError,
+    feature_classifier,
+    load_test_data,
+)
+from alchemist_jax.evaluation.generative import (
+    evaluate_model,
+    fcd,
+    frechet_distance,
+    try_feature_classifier,
+)
 from alchemist_jax.training import Trained
 
 OVERRIDES = [
-    "data.pool.train_size=200", "data.pool.validation_size=800", "data.pool.test_size=200",
-    "data.max_text_length=16", "model.patch_size=7", "model.text_trainable=false",
-    "evaluate.classifier_steps=250", "evaluate.sample_steps=3", "evaluate.loss_draws=2",
-    "evaluate.grid_captions=4", "evaluate.grid_samples=3",
+    "data.pool.train_size=200",
+    "data.pool.validation_size=800",
+    "data.pool.test_size=200",
+    "data.max_text_length=16",
+    "model.patch_size=7",
+    "model.text_trainable=false",
+    "evaluate.classifier_steps=250",
+    "evaluate.sample_steps=3",
+    "evaluate.loss_draws=2",
+    "evaluate.grid_captions=4",
+    "evaluate.grid_samples=3",
 ]
 
 
@@ -51,7 +65,8 @@ def test_frechet_distance_closed_forms():
     a, b, mu = rng.normal(size=(5, 5)), rng.normal(size=(5, 3)), rng.normal(size=5)
     cov1, cov2 = a @ a.T, b @ b.T
     assert frechet_distance(mu, cov1, np.zeros(5), cov2) == pytest.approx(
-        _reference_frechet(mu, cov1, np.zeros(5), cov2), rel=1e-6)
+        _reference_frechet(mu, cov1, np.zeros(5), cov2), rel=1e-6
+    )
     with pytest.raises(ValueError, match="means \\(F,\\) and covariances"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
 
@@ -90,7 +105,8 @@ def test_classifier_is_accurate_and_cached(setup, monkeypatch):
     arrays = classifier_lib.source_arrays(test)
     assert classifier.accuracy(arrays["image"], arrays["label"]) == meta["test_accuracy"]
     entry = root / classifier_lib.classifier_key(
-        classifier_lib.load_splits(cfg.data).validation, cfg)
+        classifier_lib.load_splits(cfg.data).validation, cfg
+    )
     assert json.loads((entry / "metadata.json").read_text()) == meta
 
     def no_training(*args, **kwargs):
@@ -104,15 +120,16 @@ def test_classifier_is_accurate_and_cached(setup, monkeypatch):
     np.testing.assert_array_equal(cached.features(arrays["image"]), features)
     # Another step count is another classifier.
     other = config_lib.load_config(None, [*OVERRIDES, "evaluate.classifier_steps=7"])
-    assert classifier_lib.classifier_key(classifier_lib.load_splits(cfg.data).validation,
-                                         other) != entry.name
+    assert (
+        classifier_lib.classifier_key(classifier_lib.load_splits(cfg.data).validation, other)
+        != entry.name
+    )
 
 
 def test_alignment_of_real_images_is_the_test_accuracy(setup):
     _, test, classifier, _ = setup
     arrays = classifier_lib.source_arrays(test)
-    scores = generative.score_samples(classifier, arrays["image"], arrays["image"],
-                                      arrays["label"])
+    scores = generative.score_samples(classifier, arrays["image"], arrays["image"], arrays["label"])
     assert scores["alignment"] == scores["classifier_test_accuracy"]
     assert scores["alignment"] == classifier.metadata["test_accuracy"]
     assert abs(scores["fcd"]) < 1e-6
@@ -138,10 +155,12 @@ def test_fcd_separates_real_from_noise(setup):
 @pytest.fixture(scope="module")
 def untrained(setup):
     cfg, test, _, _ = setup
-    example = {k: np.stack([v] * 2) for k, v in test[0].items()
-               if k in ("image", "tokens", "token_mask")}
-    return Trained(*models.init_proxy(cfg.model, example, jax.random.key(0),
-                                      cfg.data.max_text_length))
+    example = {
+        k: np.stack([v] * 2) for k, v in test[0].items() if k in ("image", "tokens", "token_mask")
+    }
+    return Trained(
+        *models.init_proxy(cfg.model, example, jax.random.key(0), cfg.data.max_text_length)
+    )
 
 
 def test_evaluate_untrained_model(setup, untrained, tmp_path):
@@ -181,18 +200,25 @@ def test_unlabeled_data_reports_null_fcd_and_alignment(setup, untrained, tmp_pat
         Image.fromarray(np.full((28, 28), 25 * i, np.uint8)).save(folder / f"{i}.png")
         rows.append(f"{i}.png,a gray square number {i}")
     (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
-    unlabeled = config_lib.load_config(None, [*OVERRIDES, f"data.source={folder}/manifest.csv",
-                                              "data.validation_fraction=0.3"])
-    with pytest.raises(UnlabeledDataError, match="evaluate needs labelled clean data for "
-                                                 "FCD/alignment; the validation set"):
+    unlabeled = config_lib.load_config(
+        None, [*OVERRIDES, f"data.source={folder}/manifest.csv", "data.validation_fraction=0.3"]
+    )
+    with pytest.raises(
+        UnlabeledDataError,
+        match="evaluate needs labelled clean data for FCD/alignment; the validation set",
+    ):
         feature_classifier(unlabeled)
     classifier, reason = try_feature_classifier(unlabeled)
     assert classifier is None and reason.startswith("evaluate needs labelled clean data")
 
-    metrics = evaluate_model(cfg, untrained, test, None, tmp_path / "eval",
-                             classifier_missing=reason)
+    metrics = evaluate_model(
+        cfg, untrained, test, None, tmp_path / "eval", classifier_missing=reason
+    )
     assert metrics["fcd"] is None and metrics["alignment"] is None
-    assert metrics["unavailable"] == {"fcd": reason, "alignment": reason,
-                                      "classifier_test_accuracy": reason}
+    assert metrics["unavailable"] == {
+        "fcd": reason,
+        "alignment": reason,
+        "classifier_test_accuracy": reason,
+    }
     assert np.isfinite(metrics["test_loss"])
     assert Image.open(tmp_path / "eval" / "samples.png").size == generative.grid_size(4, 3, 28)

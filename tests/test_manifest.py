@@ -23,8 +23,9 @@ from alchemist_jax.data.manifest import (
 )
 
 # Every good image has at most 100 pixels; big.png has 400.
-CONFIG = ManifestConfig(image_column="file", caption_column="text", id_column="key",
-                        max_image_pixels=100)
+CONFIG = ManifestConfig(
+    image_column="file", caption_column="text", id_column="key", max_image_pixels=100
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,8 +40,9 @@ def png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
 
 
 def rgba_image() -> Image.Image:
-    pixels = np.array([[[10, 20, 30, 0], [255, 0, 0, 255]],
-                       [[0, 0, 0, 128], [0, 0, 255, 255]]], dtype=np.uint8)
+    pixels = np.array(
+        [[[10, 20, 30, 0], [255, 0, 0, 255]], [[0, 0, 0, 128], [0, 0, 255, 255]]], dtype=np.uint8
+    )
     return Image.fromarray(pixels, "RGBA")
 
 
@@ -114,6 +116,7 @@ def csv_field(value: bytes) -> bytes:
 
 def write_csv(path: Path, columns: dict[str, list]) -> None:
     """Writes columns of bytes/str/int values (None: empty field) as a CSV file of raw bytes."""
+
     def encode(value):
         if value is None:
             return b""
@@ -138,19 +141,25 @@ def dataset(request, tmp_path) -> Path:
     write_images(tmp_path / "data" / "img")
     path = tmp_path / "data" / f"manifest.{request.param}"
     absolute = str(tmp_path / "data" / "img" / "rgb.jpg")
-    write_table(path, {
-        "key": [key for key, _, _ in ROWS],
-        "file": [image or absolute for _, image, _ in ROWS],
-        "text": [caption for _, _, caption in ROWS],
-    })
+    write_table(
+        path,
+        {
+            "key": [key for key, _, _ in ROWS],
+            "file": [image or absolute for _, image, _ in ROWS],
+            "text": [caption for _, _, caption in ROWS],
+        },
+    )
     return path
 
 
 def single_row_manifest(tmp_path: Path, image: Image.Image | bytes, suffix=".png") -> Path:
     folder = tmp_path / "one"
     folder.mkdir()
-    data = image if isinstance(image, bytes) else png_bytes(image, {".png": "PNG", ".tif": "TIFF",
-                                                                    ".jpg": "JPEG"}[suffix])
+    data = (
+        image
+        if isinstance(image, bytes)
+        else png_bytes(image, {".png": "PNG", ".tif": "TIFF", ".jpg": "JPEG"}[suffix])
+    )
     (folder / f"image{suffix}").write_bytes(data)
     path = folder / "m.parquet"
     write_table(path, {"image": [f"image{suffix}"], "caption": ["x"]})
@@ -190,10 +199,20 @@ def test_manifest_examples_hold_rgb_pixels_and_stripped_captions(dataset):
 
     assert [type(e["id"]) for e in examples] == [np.int64] * 6
     assert [e["caption"] for e in examples] == [
-        "a gray square", "an orange square", "half transparent", "sixteen bits",
-        "caf\u00e9 palette", "absolute path"]
+        "a gray square",
+        "an orange square",
+        "half transparent",
+        "sixteen bits",
+        "caf\u00e9 palette",
+        "absolute path",
+    ]
     assert [e["source"] for e in examples[:5]] == [
-        "img/gray.png", "img/rgb.jpg", "img/rgba.png", "img/deep.png", "img/palette.png"]
+        "img/gray.png",
+        "img/rgb.jpg",
+        "img/rgba.png",
+        "img/deep.png",
+        "img/palette.png",
+    ]
     for e in examples:
         assert e["image"].dtype == np.uint8 and e["image"].ndim == 3 and e["image"].shape[2] == 3
     gray, rgb, rgba, deep, palette, absolute = (e["image"] for e in examples)
@@ -213,44 +232,54 @@ def test_skip_logs_one_line_per_bad_sample_and_a_summary(dataset, tmp_path, capl
     ManifestSource(dataset, CONFIG, report_dir=tmp_path / "reports")
 
     lines = [r.getMessage() for r in caplog.records if r.name == "alchemist_jax.data"]
-    assert lines == [f"{dataset}: row {row}: {path}: {reason} (skipped)"
-                     for row, path, reason in EXPECTED_BAD] + [
+    assert lines == [
+        f"{dataset}: row {row}: {path}: {reason} (skipped)" for row, path, reason in EXPECTED_BAD
+    ] + [
         f"{dataset}: 8 bad samples skipped of 14; "
-        f"see {tmp_path / 'reports' / 'bad_samples.parquet'}"]
+        f"see {tmp_path / 'reports' / 'bad_samples.parquet'}"
+    ]
     assert all(r.levelno == logging.WARNING for r in caplog.records)
 
 
 def test_error_mode_raises_at_the_first_bad_sample(dataset, tmp_path):
     with pytest.raises(BadSampleError) as raised:
-        ManifestSource(dataset, dataclasses.replace(CONFIG, on_bad_sample="error"),
-                       report_dir=tmp_path / "reports")
+        ManifestSource(
+            dataset,
+            dataclasses.replace(CONFIG, on_bad_sample="error"),
+            report_dir=tmp_path / "reports",
+        )
     assert str(raised.value) == f"{dataset}: row 5: img/missing.png: missing file"
     assert isinstance(raised.value, ValueError)
     assert not (tmp_path / "reports" / "bad_samples.parquet").exists()
 
 
-@pytest.mark.parametrize("image, caption, key, reason", [
-    ("img/missing.png", b"x", 2, "missing file"),
-    ("img/empty.png", b"x", 2, "empty file"),
-    ("img/text.png", b"x", 2, "unreadable or not an image"),
-    ("img/truncated.png", b"x", 2, "truncated image"),
-    ("img/big.png", b"x", 2, "image too large"),
-    ("img/gray.png", b" \t\n", 2, "empty caption"),
-    ("img/gray.png", b"\xff\xfe", 2, "non-UTF-8 caption"),
-    ("img/gray.png", b"x", 1, "duplicate id"),
-    ("img/gray.png", b"x", None, "null id"),
-    (None, b"x", 2, "null image path"),
-    ("img/gray.png", None, 2, "null caption"),
-])
+@pytest.mark.parametrize(
+    "image, caption, key, reason",
+    [
+        ("img/missing.png", b"x", 2, "missing file"),
+        ("img/empty.png", b"x", 2, "empty file"),
+        ("img/text.png", b"x", 2, "unreadable or not an image"),
+        ("img/truncated.png", b"x", 2, "truncated image"),
+        ("img/big.png", b"x", 2, "image too large"),
+        ("img/gray.png", b" \t\n", 2, "empty caption"),
+        ("img/gray.png", b"\xff\xfe", 2, "non-UTF-8 caption"),
+        ("img/gray.png", b"x", 1, "duplicate id"),
+        ("img/gray.png", b"x", None, "null id"),
+        (None, b"x", 2, "null image path"),
+        ("img/gray.png", None, 2, "null caption"),
+    ],
+)
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_each_bad_kind_is_skipped_or_raised_with_file_row_path_and_reason(
-        tmp_path, suffix, image, caption, key, reason):
+    tmp_path, suffix, image, caption, key, reason
+):
     if suffix == ".csv" and caption is None:
         reason = "empty caption"  # an empty CSV field is an empty string, not a null
     write_images(tmp_path / "img")
     path = tmp_path / f"m{suffix}"
-    write_table(path, {"file": ["img/gray.png", image], "text": [b"good", caption],
-                       "key": [1, key]})
+    write_table(
+        path, {"file": ["img/gray.png", image], "text": [b"good", caption], "key": [1, key]}
+    )
     assert bad_rows(ManifestSource(path, CONFIG)) == [(1, image, reason)]
     with pytest.raises(BadSampleError) as raised:
         ManifestSource(path, dataclasses.replace(CONFIG, on_bad_sample="error"))
@@ -258,17 +287,20 @@ def test_each_bad_kind_is_skipped_or_raised_with_file_row_path_and_reason(
     assert str(raised.value) == where + reason
 
 
-@pytest.mark.parametrize("image, expected", [
-    (Image.new("L", (2, 1), 77), [[77, 77, 77]] * 2),
-    (Image.new("1", (2, 1), 1), [[255, 255, 255]] * 2),
-    (Image.new("LA", (2, 1), (77, 0)), [[255, 255, 255]] * 2),
-    (Image.new("LA", (2, 1), (77, 255)), [[77, 77, 77]] * 2),
-    (Image.new("RGB", (2, 1), (1, 2, 3)), [[1, 2, 3]] * 2),
-    (Image.new("RGBA", (2, 1), (1, 2, 3, 0)), [[255, 255, 255]] * 2),
-    (Image.new("RGBA", (2, 1), (1, 2, 3, 255)), [[1, 2, 3]] * 2),
-    (Image.new("I;16", (2, 1), 65535), [[255, 255, 255]] * 2),
-    (Image.new("I;16", (2, 1), 0x1234), [[0x12, 0x12, 0x12]] * 2),
-])
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        (Image.new("L", (2, 1), 77), [[77, 77, 77]] * 2),
+        (Image.new("1", (2, 1), 1), [[255, 255, 255]] * 2),
+        (Image.new("LA", (2, 1), (77, 0)), [[255, 255, 255]] * 2),
+        (Image.new("LA", (2, 1), (77, 255)), [[77, 77, 77]] * 2),
+        (Image.new("RGB", (2, 1), (1, 2, 3)), [[1, 2, 3]] * 2),
+        (Image.new("RGBA", (2, 1), (1, 2, 3, 0)), [[255, 255, 255]] * 2),
+        (Image.new("RGBA", (2, 1), (1, 2, 3, 255)), [[1, 2, 3]] * 2),
+        (Image.new("I;16", (2, 1), 65535), [[255, 255, 255]] * 2),
+        (Image.new("I;16", (2, 1), 0x1234), [[0x12, 0x12, 0x12]] * 2),
+    ],
+)
 def test_png_modes_become_rgb(tmp_path, image, expected):
     source = ManifestSource(single_row_manifest(tmp_path, image))
     assert source[0]["image"][0].tolist() == expected
@@ -282,9 +314,15 @@ def test_palette_transparency_is_composited_onto_white(tmp_path):
     assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[0, 1].tolist() == [0, 255, 0]
 
 
-@pytest.mark.parametrize("mode, value, expected", [
-    ("I;16B", 0xABCD, 0xAB), ("I", 65535, 255), ("I", 70000, 255), ("I", -5, 0),
-])
+@pytest.mark.parametrize(
+    "mode, value, expected",
+    [
+        ("I;16B", 0xABCD, 0xAB),
+        ("I", 65535, 255),
+        ("I", 70000, 255),
+        ("I", -5, 0),
+    ],
+)
 def test_tiff_integer_modes_are_scaled_from_16_bits(tmp_path, mode, value, expected):
     image = Image.new(mode, (2, 1), value)
     pixels = ManifestSource(single_row_manifest(tmp_path, image, ".tif"))[0]["image"]
@@ -319,8 +357,10 @@ def test_zero_size_image_is_bad(tmp_path, monkeypatch):
 def test_ids_default_to_the_row_index(tmp_path):
     write_images(tmp_path / "img")
     path = tmp_path / "m.csv"
-    write_table(path, {"image": ["img/gray.png", "img/empty.png", "img/rgb.jpg"],
-                       "caption": ["a", "b", "c"]})
+    write_table(
+        path,
+        {"image": ["img/gray.png", "img/empty.png", "img/rgb.jpg"], "caption": ["a", "b", "c"]},
+    )
     source = ManifestSource(path)
     assert source.ids.tolist() == [0, 2]
     assert [source[i]["id"] for i in range(2)] == [0, 2]
@@ -335,7 +375,8 @@ def test_report_is_written_when_there_are_no_bad_samples(tmp_path, caplog):
     report = pq.read_table(tmp_path / "r" / "bad_samples.parquet")
     assert report.schema == BAD_SAMPLES_SCHEMA and report.num_rows == 0
     assert [r.getMessage() for r in caplog.records] == [
-        f"{path}: 0 bad samples skipped of 2; see {tmp_path / 'r' / 'bad_samples.parquet'}"]
+        f"{path}: 0 bad samples skipped of 2; see {tmp_path / 'r' / 'bad_samples.parquet'}"
+    ]
 
 
 def test_a_changed_file_raises_bad_sample_error_when_read(tmp_path):
@@ -347,8 +388,10 @@ def test_a_changed_file_raises_bad_sample_error_when_read(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
-@pytest.mark.parametrize("missing, config_key", [
-    ("file", "image_column"), ("text", "caption_column"), ("key", "id_column")])
+@pytest.mark.parametrize(
+    "missing, config_key",
+    [("file", "image_column"), ("text", "caption_column"), ("key", "id_column")],
+)
 def test_a_missing_column_raises_manifest_error(tmp_path, suffix, missing, config_key):
     path = tmp_path / f"m{suffix}"
     columns = {"file": ["a.png"], "text": ["x"], "key": [0]}
@@ -362,13 +405,16 @@ def test_a_missing_column_raises_manifest_error(tmp_path, suffix, missing, confi
     assert str(path) in message and f"columns are: {', '.join(columns)}" in message
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("absent.csv", None, "manifest file not found"),
-    ("garbage.parquet", b"not parquet at all", "cannot read Parquet manifest"),
-    ("ragged.csv", b"file,text,key\na.png,x,0\nb.png\n", "cannot read CSV manifest"),
-    ("letters.csv", b"file,text,key\na.png,x,zero\n", "cannot read CSV manifest"),
-    ("m.json", b"{}", "unsupported manifest type '.json'"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("absent.csv", None, "manifest file not found"),
+        ("garbage.parquet", b"not parquet at all", "cannot read Parquet manifest"),
+        ("ragged.csv", b"file,text,key\na.png,x,0\nb.png\n", "cannot read CSV manifest"),
+        ("letters.csv", b"file,text,key\na.png,x,zero\n", "cannot read CSV manifest"),
+        ("m.json", b"{}", "unsupported manifest type '.json'"),
+    ],
+)
 def test_an_unusable_manifest_raises_manifest_error(tmp_path, name, content, expected):
     path = tmp_path / name
     if content is not None:
@@ -393,12 +439,17 @@ def test_a_non_integer_id_column_raises_manifest_error(tmp_path):
 
 def write_precomputed(path: Path, columns: dict, arrays: dict[str, list], shapes: dict) -> None:
     """Writes flattened arrays as list<float32> columns with their shapes in the metadata."""
-    table = pa.table({
-        **columns,
-        **{name: pa.array([None if a is None else np.ravel(a) for a in values],
-                          pa.list_(pa.float32()))
-           for name, values in arrays.items()},
-    })
+    table = pa.table(
+        {
+            **columns,
+            **{
+                name: pa.array(
+                    [None if a is None else np.ravel(a) for a in values], pa.list_(pa.float32())
+                )
+                for name, values in arrays.items()
+            },
+        }
+    )
     metadata = {manifest.SHAPES_METADATA_KEY: json.dumps(shapes).encode()} if shapes else None
     pq.write_table(table.replace_schema_metadata(metadata), path)
 
@@ -408,9 +459,12 @@ def test_precomputed_latents_and_embeddings_round_trip_without_images_or_caption
     latents = rng.normal(size=(3, 4, 2, 2)).astype(np.float32)
     embeddings = rng.normal(size=(3, 3, 5)).astype(np.float32)
     path = tmp_path / "pre.parquet"
-    write_precomputed(path, {"id": [7, 8, 9]},
-                      {"latent": list(latents), "text_embedding": list(embeddings)},
-                      {"latent": [4, 2, 2], "text_embedding": [3, 5]})
+    write_precomputed(
+        path,
+        {"id": [7, 8, 9]},
+        {"latent": list(latents), "text_embedding": list(embeddings)},
+        {"latent": [4, 2, 2], "text_embedding": [3, 5]},
+    )
     source = ManifestSource(path, ManifestConfig(id_column="id"))
 
     assert source.ids.tolist() == [7, 8, 9]
@@ -425,14 +479,21 @@ def test_precomputed_latents_and_embeddings_round_trip_without_images_or_caption
 def test_precomputed_latents_next_to_images_and_bad_latent_rows(tmp_path):
     write_images(tmp_path / "img")
     path = tmp_path / "pre.parquet"
-    write_precomputed(path, {"image": ["img/gray.png"] * 3, "caption": ["a", "b", "c"]},
-                      {"latent": [np.arange(4.0), None, np.arange(3.0)],
-                       "text_embedding": [np.ones(6), np.ones(6), np.ones(6)]},
-                      {"latent": [2, 2]})  # text_embedding has no shape: 1-D
+    write_precomputed(
+        path,
+        {"image": ["img/gray.png"] * 3, "caption": ["a", "b", "c"]},
+        {
+            "latent": [np.arange(4.0), None, np.arange(3.0)],
+            "text_embedding": [np.ones(6), np.ones(6), np.ones(6)],
+        },
+        {"latent": [2, 2]},
+    )  # text_embedding has no shape: 1-D
     source = ManifestSource(path)
 
-    assert bad_rows(source) == [(1, "img/gray.png", "null latent"),
-                                (2, "img/gray.png", "latent size does not match its shape")]
+    assert bad_rows(source) == [
+        (1, "img/gray.png", "null latent"),
+        (2, "img/gray.png", "latent size does not match its shape"),
+    ]
     example = source[0]
     assert set(example) == {"id", "image", "caption", "source", "latent", "text_embedding"}
     assert example["latent"].tolist() == [[0, 1], [2, 3]]
@@ -485,10 +546,17 @@ FOLDER_BAD = [
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     write_images(tmp_path / "images")
-    contents = {"gray.png": "a_gray.png", "rgba.png": "b_rgba.png", "deep.png": "c_deep.png",
-                "empty.png": "d_empty.png", "text.png": "e_text.png",
-                "truncated.png": "f_truncated.png", "big.png": "g_big.png",
-                "rgb.jpg": "h_uncaptioned.png", "palette.png": "sub/k_palette.png"}
+    contents = {
+        "gray.png": "a_gray.png",
+        "rgba.png": "b_rgba.png",
+        "deep.png": "c_deep.png",
+        "empty.png": "d_empty.png",
+        "text.png": "e_text.png",
+        "truncated.png": "f_truncated.png",
+        "big.png": "g_big.png",
+        "rgb.jpg": "h_uncaptioned.png",
+        "palette.png": "sub/k_palette.png",
+    }
     folder = tmp_path / "folder"
     (folder / "sub").mkdir(parents=True)
     for original, name in contents.items():
@@ -508,8 +576,10 @@ def test_image_folder_skips_bad_files_and_keeps_listing_ids(image_folder, tmp_pa
     assert source.ids.tolist() == [0, 1, 2, 10]
     assert bad_rows(source) == FOLDER_BAD
     report = pq.read_table(tmp_path / "r" / "bad_samples.parquet").to_pylist()
-    assert report == [{"file": str(image_folder), "row": row, "path": path, "reason": reason}
-                      for row, path, reason in FOLDER_BAD]
+    assert report == [
+        {"file": str(image_folder), "row": row, "path": path, "reason": reason}
+        for row, path, reason in FOLDER_BAD
+    ]
     warnings = [r.getMessage() for r in caplog.records if "(skipped)" in r.getMessage()]
     assert warnings[0] == f"{image_folder}: row 3: d_empty.png: empty file (skipped)"
     assert len(warnings) == 7
@@ -519,10 +589,13 @@ def test_image_folder_examples(image_folder):
     source = ImageFolderSource(image_folder, CONFIG)
     examples = [source[i] for i in range(len(source))]
 
-    assert [e["source"] for e in examples] == ["a_gray.png", "b_rgba.png", "c_deep.png",
-                                               "sub/k_palette.png"]
-    assert [e["caption"] for e in examples] == ["gray", "with a byte-order mark", "deep",
-                                                "palette"]
+    assert [e["source"] for e in examples] == [
+        "a_gray.png",
+        "b_rgba.png",
+        "c_deep.png",
+        "sub/k_palette.png",
+    ]
+    assert [e["caption"] for e in examples] == ["gray", "with a byte-order mark", "deep", "palette"]
     assert [e["id"] for e in examples] == [0, 1, 2, 10]
     assert examples[0]["image"][0, 0].tolist() == [77, 77, 77]
     assert examples[1]["image"][0, 0].tolist() == [255, 255, 255]
@@ -544,7 +617,6 @@ def test_image_folder_that_is_missing_or_empty_raises_manifest_error(tmp_path):
     (tmp_path / "texts" / "a.txt").write_text("caption without an image")
     with pytest.raises(ManifestError, match="no image files"):
         ImageFolderSource(tmp_path / "texts")
-
 
 
 def test_exif_orientation_is_applied(tmp_path):

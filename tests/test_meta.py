@@ -26,8 +26,13 @@ B, B_VAL, D_IN, HIDDEN = 6, 5, 3, 40
 
 # Compilation dominates this file's run time (2-5 s per meta-gradient on 2 cores); these tiny
 # problems run in milliseconds either way, so skip XLA's expensive CPU backend passes (~2x faster).
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                   "xla_llvm_disable_expensive_passes": True})
+jit = functools.partial(
+    jax.jit,
+    compiler_options={
+        "xla_backend_optimization_level": 0,
+        "xla_llvm_disable_expensive_passes": True,
+    },
+)
 
 
 # ----------------------------------------------------------------------------- tiny problem
@@ -92,8 +97,10 @@ def tree_dot(a, b):
 
 
 def tree_max_abs_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def tree_max_abs(a):
@@ -101,11 +108,16 @@ def tree_max_abs(a):
 
 
 def meta_fn(opt_name, **kwargs):
-    return functools.partial(meta.meta_gradient, rater_fn=rater_weights, loss_fn=proxy_loss,
-                             inner_opt=INNER_OPTS[opt_name], **kwargs)
+    return functools.partial(
+        meta.meta_gradient,
+        rater_fn=rater_weights,
+        loss_fn=proxy_loss,
+        inner_opt=INNER_OPTS[opt_name],
+        **kwargs,
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(opt_name, **kwargs):
     """One jitted meta_gradient per (optimizer, options): tests share compilations."""
     return jit(meta_fn(opt_name, **kwargs))
@@ -162,8 +174,9 @@ def test_unrolled_matches_finite_differences(opt_name, k_steps):
 
     for i in range(3):
         d = random_like(rater, 100 + i)
-        meta_loss = lambda t: float(fn(shifted(rater, d, t), proxy, opt_state, train, val,
-                                       rng)[1]["meta_loss"])
+        meta_loss = lambda t: float(
+            fn(shifted(rater, d, t), proxy, opt_state, train, val, rng)[1]["meta_loss"]
+        )
         fd = directional_fd(meta_loss)
         analytic = tree_dot(grads, d)
         rel = abs(analytic - fd) / abs(fd)  # measured ≤ 3e-10
@@ -180,15 +193,22 @@ def unrolled_reference(rater, proxy, opt_state, train, val, rng, inner_opt):
             batch = jax.tree.map(lambda x: x[k], train)
             key = jax.random.fold_in(rng, k)
             w = rater_weights(phi, batch)
-            g, l = jax.grad(lambda th: (jnp.mean(w * proxy_loss(th, batch, key)),
-                                        proxy_loss(th, batch, key)), has_aux=True)(theta)
+            g, step_losses = jax.grad(
+                lambda th: (jnp.mean(w * proxy_loss(th, batch, key)), proxy_loss(th, batch, key)),
+                has_aux=True,
+            )(theta)
             updates, s = inner_opt.update(g, s, theta)
             theta = optax.apply_updates(theta, updates)
             weights.append(w)
-            losses.append(l)
+            losses.append(step_losses)
         loss = jnp.mean(proxy_loss(theta, val, jax.random.fold_in(rng, k_steps)))
-        return loss, dict(meta_loss=loss, proxy_params=theta, inner_opt_state=s,
-                          weights=jnp.stack(weights), inner_losses=jnp.stack(losses))
+        return loss, dict(
+            meta_loss=loss,
+            proxy_params=theta,
+            inner_opt_state=s,
+            weights=jnp.stack(weights),
+            inner_losses=jnp.stack(losses),
+        )
 
     return jax.grad(meta_loss, has_aux=True)(rater)
 
@@ -200,12 +220,17 @@ def test_unrolled_variants_agree():
     rater, proxy, train, val, rng = make_problem(3)
     opt_state = warm_opt_state(opt_name, proxy)
     ref_grads, ref_aux = jit(unrolled_reference, static_argnums=6)(
-        rater, proxy, opt_state, train, val, rng, inner_opt)
-    variants = {"full": jitted(opt_name), "mixed": jitted(opt_name, mixed_mode=True),
-                "none": jitted(opt_name, remat="none"), "dots": jitted(opt_name, remat="dots"),
-                "unroll": jitted(opt_name, unroll=True),
-                "unroll_mixed": jitted(opt_name, unroll=2, mixed_mode=True)}
-    for name, fn in variants.items():
+        rater, proxy, opt_state, train, val, rng, inner_opt
+    )
+    variants = {
+        "full": jitted(opt_name),
+        "mixed": jitted(opt_name, mixed_mode=True),
+        "none": jitted(opt_name, remat="none"),
+        "dots": jitted(opt_name, remat="dots"),
+        "unroll": jitted(opt_name, unroll=True),
+        "unroll_mixed": jitted(opt_name, unroll=2, mixed_mode=True),
+    }
+    for fn in variants.values():
         grads, aux = fn(rater, proxy, opt_state, train, val, rng)
         assert_trees_close(ref_grads, grads)  # measured ≤ 3e-16 relative
         # The same real proxy steps and reports, whichever way the gradient is taken.
@@ -226,9 +251,14 @@ def test_nested_remat_equals_full_and_holds_fewer_carries():
     opt_name = "adam"
     rater, proxy, train, val, rng = make_problem(16)
     args = (rater, proxy, warm_opt_state(opt_name, proxy), train, val, rng)
-    compiled = {name: jit(meta_fn(opt_name, **kwargs)).lower(*args).compile() for name, kwargs in
-                [("full", {}), ("nested", dict(remat="nested")),
-                 ("mixed", dict(remat="nested", mixed_mode=True))]}
+    compiled = {
+        name: jit(meta_fn(opt_name, **kwargs)).lower(*args).compile()
+        for name, kwargs in [
+            ("full", {}),
+            ("nested", dict(remat="nested")),
+            ("mixed", dict(remat="nested", mixed_mode=True)),
+        ]
+    }
     ref_grads, ref_aux = compiled["full"](*args)
     for name in ("nested", "mixed"):
         grads, aux = compiled[name](*args)
@@ -248,7 +278,8 @@ def test_lookahead_equals_unrolled_k1_sgd():
     adam = INNER_OPTS["adam"]
     adam_state = warm_opt_state("adam", proxy)
     g_look, aux_look = jitted("adam", mode="lookahead", lookahead_lr=lr)(
-        rater, proxy, adam_state, train, val, rng)
+        rater, proxy, adam_state, train, val, rng
+    )
     sgd = INNER_OPTS["sgd"]
     g_unr, aux_unr = jitted("sgd")(rater, proxy, sgd.init(proxy), train, val, rng)
     assert_trees_close(g_unr, g_look)
@@ -284,9 +315,19 @@ def toy_rater(params, batch):
 
 def toy_penalty(rater, proxy, train, val, lam, lr=0.1):
     opt = optax.sgd(lr)
-    return meta.meta_gradient(rater, proxy, opt.init(proxy), train, val, jax.random.PRNGKey(0),
-                              rater_fn=toy_rater, loss_fn=toy_loss, inner_opt=opt,
-                              mode="penalty", penalty_lambda=lam)
+    return meta.meta_gradient(
+        rater,
+        proxy,
+        opt.init(proxy),
+        train,
+        val,
+        jax.random.PRNGKey(0),
+        rater_fn=toy_rater,
+        loss_fn=toy_loss,
+        inner_opt=opt,
+        mode="penalty",
+        penalty_lambda=lam,
+    )
 
 
 def test_penalty_one_step_by_hand():
@@ -297,8 +338,9 @@ def test_penalty_one_step_by_hand():
     #         = ½ (0.5·(−1.5)·1 + 1.5·0.5·9) = 3.0.  rater_loss = mean(0.5·1, 1.5·9) = 7.0.
     rater = {"phi": jnp.array(np.log(3.0) / 2)}
     proxy = {"theta": jnp.array(0.0)}
-    grads, aux = toy_penalty(rater, proxy, {"x": jnp.array([[1.0, 3.0]])},
-                             {"x": jnp.array([2.0, 4.0])}, lam=0.25)
+    grads, aux = toy_penalty(
+        rater, proxy, {"x": jnp.array([[1.0, 3.0]])}, {"x": jnp.array([2.0, 4.0])}, lam=0.25
+    )
     np.testing.assert_allclose(grads["phi"], 3.0, rtol=1e-12)
     np.testing.assert_allclose(aux["proxy_params"]["theta"], 0.525, rtol=1e-12)
     np.testing.assert_allclose(aux["meta_loss"], 7.125625, rtol=1e-12)
@@ -322,13 +364,20 @@ def test_penalty_two_steps_closed_form():
         grad_val = (2 * (theta - v[0]) + 2 * (theta - v[1])) / 2
         grad_train = (w1 * 2 * (theta - x1) + w2 * 2 * (theta - x2)) / 2
         theta -= lr * (lam * grad_val + (1 - lam) * grad_train)
-    grads, aux = toy_penalty({"phi": jnp.array(phi)}, {"theta": jnp.array(0.0)},
-                             {"x": jnp.array(xs)}, {"x": jnp.array(v)}, lam=lam, lr=lr)
+    grads, aux = toy_penalty(
+        {"phi": jnp.array(phi)},
+        {"theta": jnp.array(0.0)},
+        {"x": jnp.array(xs)},
+        {"x": jnp.array(v)},
+        lam=lam,
+        lr=lr,
+    )
     np.testing.assert_allclose(grads["phi"], np.mean(rater_grads), rtol=1e-12)
     np.testing.assert_allclose(aux["rater_loss"], np.mean(rater_losses), rtol=1e-12)
     np.testing.assert_allclose(aux["proxy_params"]["theta"], theta, rtol=1e-12)
-    np.testing.assert_allclose(aux["meta_loss"], ((theta - 2) ** 2 + (theta - 4) ** 2) / 2,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        aux["meta_loss"], ((theta - 2) ** 2 + (theta - 4) ** 2) / 2, rtol=1e-12
+    )
 
 
 def test_penalty_lambda_schedule_has_no_floor():
@@ -361,8 +410,10 @@ def embed_rater(params, batch):
 
 def embed_problem():
     np_rng = np.random.default_rng(3)
-    proxy = {"emb": jnp.asarray(np_rng.normal(size=(6, 4))),
-             "w": jnp.asarray(np_rng.normal(size=4))}
+    proxy = {
+        "emb": jnp.asarray(np_rng.normal(size=(6, 4))),
+        "w": jnp.asarray(np_rng.normal(size=4)),
+    }
     rater = {"a": jnp.array(0.3), "c": jnp.asarray(0.1 * np_rng.normal(size=6))}
     # Rows 4 and 5 of the embedding never appear: their gradient is exactly zero.
     ids = jnp.array([[0, 1, 2, 3, 0, 1], [2, 3, 0, 1, 2, 3]])
@@ -377,10 +428,17 @@ EMBED_OPTS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def embed_fn(opt_name, mixed_mode=False):
-    return jit(functools.partial(meta.meta_gradient, rater_fn=embed_rater, loss_fn=embed_loss,
-                                 inner_opt=EMBED_OPTS[opt_name], mixed_mode=mixed_mode))
+    return jit(
+        functools.partial(
+            meta.meta_gradient,
+            rater_fn=embed_rater,
+            loss_fn=embed_loss,
+            inner_opt=EMBED_OPTS[opt_name],
+            mixed_mode=mixed_mode,
+        )
+    )
 
 
 @pytest.mark.parametrize("mixed", [False, True])
@@ -406,8 +464,9 @@ def test_default_adam_meta_gradient_matches_finite_differences():
     rng = jax.random.PRNGKey(0)
     grads, _ = fn(rater, proxy, opt_state, train, val, rng)
     d = {"a": np.array(0.7), "c": np.linspace(-1.0, 1.0, 6)}
-    loss = lambda t: float(fn(shifted(rater, d, t), proxy, opt_state, train, val,
-                              rng)[1]["meta_loss"])
+    loss = lambda t: float(
+        fn(shifted(rater, d, t), proxy, opt_state, train, val, rng)[1]["meta_loss"]
+    )
     np.testing.assert_allclose(tree_dot(grads, d), directional_fd(loss), rtol=1e-6)
 
 
@@ -423,7 +482,8 @@ def test_vmap_over_population_equals_separate_calls(mixed):
     states = [warm_opt_state(opt_name, proxy_a), warm_opt_state(opt_name, proxy_b)]
     kwargs = dict(mixed_mode=True) if mixed else {}
     pop = jit(jax.vmap(meta_fn(opt_name, **kwargs), in_axes=(None, 0, 0, 0, None, None)))(
-        rater, stack(proxy_a, proxy_b), stack(*states), stack(train_a, train_b), val, rng)
+        rater, stack(proxy_a, proxy_b), stack(*states), stack(train_a, train_b), val, rng
+    )
     for i, (proxy, train) in enumerate([(proxy_a, train_a), (proxy_b, train_b)]):
         single = jitted(opt_name, **kwargs)(rater, proxy, states[i], train, val, rng)
         assert_trees_close(single, jax.tree.map(lambda x: x[i], pop))
@@ -446,8 +506,9 @@ def test_nnx_state_params_and_typed_keys_in_mixed_mode():
     """nnx.State pytrees for both models and a new-style typed key through the custom VJP."""
     np_rng = np.random.default_rng(11)
     init = lambda key, shape, dtype: jnp.asarray(np_rng.normal(size=shape) / shape[0], dtype)
-    linear = lambda n_in, n_out: nnx.Linear(n_in, n_out, kernel_init=init, bias_init=init,
-                                            param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    linear = lambda n_in, n_out: nnx.Linear(
+        n_in, n_out, kernel_init=init, bias_init=init, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+    )
     proxy_model = nnx.Sequential(linear(D_IN, 8), jnp.tanh, linear(8, 1))
     rater_model = linear(D_IN + 1, 1)
     proxy_def, proxy_state = nnx.split(proxy_model, nnx.Param)
@@ -466,14 +527,18 @@ def test_nnx_state_params_and_typed_keys_in_mixed_mode():
     _, _, train, val, _ = make_problem(2, seed=6)
     rng = jax.random.key(7)
     opt = meta.inner_optimizer(1e-2)
-    fn = jit(functools.partial(meta.meta_gradient, rater_fn=rater_fn, loss_fn=loss_fn,
-                               inner_opt=opt, mixed_mode=True))
+    fn = jit(
+        functools.partial(
+            meta.meta_gradient, rater_fn=rater_fn, loss_fn=loss_fn, inner_opt=opt, mixed_mode=True
+        )
+    )
     opt_state = opt.init(proxy_state)
     grads, aux = fn(rater_state, proxy_state, opt_state, train, val, rng)
     assert isinstance(grads, nnx.State) and isinstance(aux["proxy_params"], nnx.State)
     d = random_like(rater_state, 7)
-    meta_loss = lambda t: float(fn(shifted(rater_state, d, t), proxy_state, opt_state, train, val,
-                                   rng)[1]["meta_loss"])
+    meta_loss = lambda t: float(
+        fn(shifted(rater_state, d, t), proxy_state, opt_state, train, val, rng)[1]["meta_loss"]
+    )
     np.testing.assert_allclose(tree_dot(grads, d), directional_fd(meta_loss), rtol=1e-6)
 
 
@@ -483,8 +548,18 @@ def test_nnx_state_params_and_typed_keys_in_mixed_mode():
 def test_argument_errors():
     rater, proxy, train, val, rng = make_problem(2)
     opt = optax.sgd(0.1)
-    call = functools.partial(meta.meta_gradient, rater, proxy, opt.init(proxy), train, val, rng,
-                             rater_fn=rater_weights, loss_fn=proxy_loss, inner_opt=opt)
+    call = functools.partial(
+        meta.meta_gradient,
+        rater,
+        proxy,
+        opt.init(proxy),
+        train,
+        val,
+        rng,
+        rater_fn=rater_weights,
+        loss_fn=proxy_loss,
+        inner_opt=opt,
+    )
     with pytest.raises(ValueError, match="unrolled, lookahead, penalty"):
         call(mode="exact")
     with pytest.raises(ValueError, match="none, full, dots, nested"):
@@ -494,19 +569,45 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="leading axis K"):
         call(mode="lookahead", lookahead_lr=0.1)
     with pytest.raises(ValueError, match="lookahead_lr"):
-        meta.meta_gradient(rater, proxy, opt.init(proxy), jax.tree.map(lambda x: x[:1], train),
-                           val, rng, rater_fn=rater_weights, loss_fn=proxy_loss, inner_opt=opt,
-                           mode="lookahead")
+        meta.meta_gradient(
+            rater,
+            proxy,
+            opt.init(proxy),
+            jax.tree.map(lambda x: x[:1], train),
+            val,
+            rng,
+            rater_fn=rater_weights,
+            loss_fn=proxy_loss,
+            inner_opt=opt,
+            mode="lookahead",
+        )
     with pytest.raises(ValueError, match="penalty_lambda"):
         call(mode="penalty")
     bad = {"x": train["x"], "y": train["y"][:1]}
     with pytest.raises(ValueError, match=r"leading axis K.*\['x'\]: 2.*\['y'\]: 1"):
-        meta.meta_gradient(rater, proxy, opt.init(proxy), bad, val, rng,
-                           rater_fn=rater_weights, loss_fn=proxy_loss, inner_opt=opt)
+        meta.meta_gradient(
+            rater,
+            proxy,
+            opt.init(proxy),
+            bad,
+            val,
+            rng,
+            rater_fn=rater_weights,
+            loss_fn=proxy_loss,
+            inner_opt=opt,
+        )
     with pytest.raises(ValueError, match=r"shape \(B,\)"):
-        meta.meta_gradient(rater, proxy, opt.init(proxy), train, val, rng,
-                           rater_fn=rater_weights, inner_opt=opt,
-                           loss_fn=lambda p, b, r: proxy_loss(p, b, r)[:, None])
+        meta.meta_gradient(
+            rater,
+            proxy,
+            opt.init(proxy),
+            train,
+            val,
+            rng,
+            rater_fn=rater_weights,
+            inner_opt=opt,
+            loss_fn=lambda p, b, r: proxy_loss(p, b, r)[:, None],
+        )
 
 
 def test_defaults():

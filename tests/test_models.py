@@ -15,9 +15,19 @@ from flax import nnx
 
 from alchemist_jax.config import ModelConfig, RaterConfig
 from alchemist_jax.data.tokenizer import END_ID, START_ID
-from alchemist_jax.models import (PRESETS, TextEncoder, count_params, flow_matching_loss_at,
-                                  init_proxy, init_rater, proxy_loss_fn, rater_score_fn,
-                                  rater_weight_fn, resolve_model_config, sample)
+from alchemist_jax.models import (
+    PRESETS,
+    TextEncoder,
+    count_params,
+    flow_matching_loss_at,
+    init_proxy,
+    init_rater,
+    proxy_loss_fn,
+    rater_score_fn,
+    rater_weight_fn,
+    resolve_model_config,
+    sample,
+)
 
 # Every program here runs a few times on tiny inputs: skip XLA's backend optimisation, which is
 # most of the compile time (a second-order program: 17 s -> 6 s on 2 cores).
@@ -26,8 +36,17 @@ jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_lev
 B, L, RES = 4, 8, 8
 # Small enough to compile fast (XLA compilation dominates the run time), yet every layer kind is
 # there. Shared sizes (32) let the eager initialisers reuse compiled programs across models.
-SMALL = ModelConfig(preset="tiny", patch_size=4, width=32, depth=2, heads=2, mlp_ratio=2.0,
-                    text_width=32, text_depth=1, text_heads=2)
+SMALL = ModelConfig(
+    preset="tiny",
+    patch_size=4,
+    width=32,
+    depth=2,
+    heads=2,
+    mlp_ratio=2.0,
+    text_width=32,
+    text_depth=1,
+    text_heads=2,
+)
 RATER = RaterConfig(width=32, hidden=32, batch_head=True)
 
 
@@ -37,7 +56,7 @@ def make_tokens(rng: np.random.RandomState, lengths) -> tuple[np.ndarray, np.nda
     mask = np.zeros((len(lengths), L), bool)
     for i, n in enumerate(lengths):
         tokens[i, 0] = START_ID
-        tokens[i, 1:n - 1] = rng.randint(0, 49000, n - 2)
+        tokens[i, 1 : n - 1] = rng.randint(0, 49000, n - 2)
         mask[i, :n] = True
     return tokens, mask
 
@@ -45,8 +64,11 @@ def make_tokens(rng: np.random.RandomState, lengths) -> tuple[np.ndarray, np.nda
 def make_batch(seed: int = 0, lengths=(3, 5, 8, 4)) -> dict:
     rng = np.random.RandomState(seed)
     tokens, mask = make_tokens(rng, lengths)
-    return {"image": rng.uniform(-1, 1, (len(lengths), RES, RES, 1)).astype(np.float32),
-            "tokens": tokens, "token_mask": mask}
+    return {
+        "image": rng.uniform(-1, 1, (len(lengths), RES, RES, 1)).astype(np.float32),
+        "tokens": tokens,
+        "token_mask": mask,
+    }
 
 
 def perturb(params, seed: int, scale: float = 0.1):
@@ -55,8 +77,10 @@ def perturb(params, seed: int, scale: float = 0.1):
     In numpy: eager JAX ops would compile once per leaf shape, which dominates on 2 cores.
     """
     rng = np.random.RandomState(seed)
-    return jax.tree.map(lambda x: jnp.asarray(
-        np.asarray(x) + scale * rng.standard_normal(x.shape).astype(x.dtype)), params)
+    return jax.tree.map(
+        lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape).astype(x.dtype)),
+        params,
+    )
 
 
 def max_abs(a) -> float:
@@ -81,15 +105,19 @@ def trained_like(proxy):
 def apply(proxy):
     """Jitted v_pred = DiT(params)(x, t, batch, drop_text) of the small proxy."""
     graphdef, _, rest, _ = proxy
-    return jit(lambda params, x, t, batch, drop: nnx.merge(graphdef, params, rest)(
-        x, t, batch, drop))
+    return jit(
+        lambda params, x, t, batch, drop: nnx.merge(graphdef, params, rest)(x, t, batch, drop)
+    )
 
 
 @pytest.fixture(scope="module")
 def loss_at(proxy):
     graphdef, _, rest, _ = proxy
-    return jit(lambda params, batch, t, eps, drop: flow_matching_loss_at(
-        nnx.merge(graphdef, params, rest), batch, t, eps, drop))
+    return jit(
+        lambda params, batch, t, eps, drop: flow_matching_loss_at(
+            nnx.merge(graphdef, params, rest), batch, t, eps, drop
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +137,18 @@ def variant():
     """A DiT on latents with precomputed caption embeddings (no text encoder), perturbed."""
     rng = np.random.RandomState(3)
     mask = np.array([[True] * 4 + [False] * 2] * B)
-    batch = {"image": np.zeros((B, 32, 32, 3), np.float32),
-             "latent": rng.randn(B, 4, 4, 4).astype(np.float32),
-             "text_embedding": rng.randn(B, 6, 24).astype(np.float32), "token_mask": mask}
+    batch = {
+        "image": np.zeros((B, 32, 32, 3), np.float32),
+        "latent": rng.randn(B, 4, 4, 4).astype(np.float32),
+        "text_embedding": rng.randn(B, 6, 24).astype(np.float32),
+        "token_mask": mask,
+    }
     graphdef, params, rest = init_proxy(SMALL, batch, jax.random.key(2), L)
-    forward = jit(lambda params, batch: nnx.merge(graphdef, params, rest)(
-        batch["latent"], jnp.full((B,), 0.4), batch))
+    forward = jit(
+        lambda params, batch: nnx.merge(graphdef, params, rest)(
+            batch["latent"], jnp.full((B,), 0.4), batch
+        )
+    )
     return params, batch, forward
 
 
@@ -135,9 +169,11 @@ def test_resolve_model_config_fills_from_preset_and_overrides():
 
 def test_tiny_preset_parameter_counts():
     tokens, mask = make_tokens(np.random.RandomState(0), [5])
-    batch = {"image": np.zeros((1, 28, 28, 1), np.float32),
-             "tokens": np.pad(tokens, ((0, 0), (0, 32 - L)), constant_values=END_ID),
-             "token_mask": np.pad(mask, ((0, 0), (0, 32 - L)))}
+    batch = {
+        "image": np.zeros((1, 28, 28, 1), np.float32),
+        "tokens": np.pad(tokens, ((0, 0), (0, 32 - L)), constant_values=END_ID),
+        "token_mask": np.pad(mask, ((0, 0), (0, 32 - L))),
+    }
     key = jax.random.key(0)
     params = jax.eval_shape(lambda k: init_proxy(ModelConfig(), batch, k, 32)[1], key)
     assert count_params(params) == 3_430_352
@@ -176,8 +212,12 @@ def test_adaln_zero_init_output_is_zero_and_blocks_are_identity(proxy, apply):
     x = jax.random.normal(keys[0], (B, 4, 32))
     c = jax.random.normal(keys[1], (B, 32))
     context = jax.random.normal(keys[2], (B, L, 32))
-    outputs = jit(lambda params: [block(x, c, context, batch["token_mask"]) for block in
-                                  nnx.merge(graphdef, params, rest).blocks])(params)
+    outputs = jit(
+        lambda params: [
+            block(x, c, context, batch["token_mask"])
+            for block in nnx.merge(graphdef, params, rest).blocks
+        ]
+    )(params)
     assert len(outputs) == SMALL.depth
     for out in outputs:
         np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
@@ -192,24 +232,28 @@ def test_loss_at_init_equals_velocity_energy(proxy, loss_at):
     np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-6)
 
 
-def test_random_loss_is_deterministic_and_uses_documented_draws(proxy, trained_like, loss_at,
-                                                                jitted_loss):
+def test_random_loss_is_deterministic_and_uses_documented_draws(
+    proxy, trained_like, loss_at, jitted_loss
+):
     batch = proxy[3]
     a = jitted_loss(trained_like, batch, jax.random.key(3))
-    np.testing.assert_array_equal(np.asarray(a),
-                                  np.asarray(jitted_loss(trained_like, batch, jax.random.key(3))))
+    np.testing.assert_array_equal(
+        np.asarray(a), np.asarray(jitted_loss(trained_like, batch, jax.random.key(3)))
+    )
     assert not np.allclose(a, jitted_loss(trained_like, batch, jax.random.key(4)))
     # split(rng, 3) -> t ~ U(0, 1), eps ~ N(0, 1), drop_text ~ Bernoulli(0.5).
     t_key, eps_key, drop_key = jax.random.split(jax.random.key(3), 3)
     t = jax.random.uniform(t_key, (B,))
     eps = jax.random.normal(eps_key, batch["image"].shape)
     drop = jax.random.bernoulli(drop_key, 0.5, (B,))
-    np.testing.assert_allclose(np.asarray(a),
-                               np.asarray(loss_at(trained_like, batch, t, eps, drop)), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(a), np.asarray(loss_at(trained_like, batch, t, eps, drop)), rtol=1e-5
+    )
 
 
 def test_cross_attention_makes_output_depend_on_tokens_and_drop_text_does_not(
-        proxy, trained_like, apply, variant):
+    proxy, trained_like, apply, variant
+):
     _, _, _, batch = proxy
     other = dict(batch, tokens=make_batch(seed=9)["tokens"])
     drop = jnp.array([True, False, True, False])
@@ -234,7 +278,9 @@ def test_cross_attention_makes_output_depend_on_tokens_and_drop_text_does_not(
     assert max_abs(base - moved) > 1e-4
     np.testing.assert_allclose(
         np.asarray(forward(variant_params, dict(variant_batch, text_embedding=padded_only))),
-        np.asarray(base), atol=1e-6)
+        np.asarray(base),
+        atol=1e-6,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,8 +291,9 @@ def test_cross_attention_makes_output_depend_on_tokens_and_drop_text_does_not(
 @pytest.fixture(scope="module")
 def encode():
     """Jitted (features, pooled) of a 2-block text encoder."""
-    graphdef, state = nnx.split(TextEncoder(width=32, depth=2, heads=2, max_length=L,
-                                            rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(
+        TextEncoder(width=32, depth=2, heads=2, max_length=L, rngs=nnx.Rngs(0))
+    )
     return jit(lambda tokens, mask: nnx.merge(graphdef, state)(tokens, mask))
 
 
@@ -256,13 +303,11 @@ def test_text_encoder_is_causal(encode):
     changed = batch["tokens"].copy()
     changed[:, 5] = (changed[:, 5] + 1000) % 49000
     features2, _ = encode(changed, batch["token_mask"])
-    np.testing.assert_allclose(np.asarray(features2[:, :5]), np.asarray(features[:, :5]),
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(features2[:, :5]), np.asarray(features[:, :5]), atol=1e-6)
     assert np.abs(np.asarray(features2[:, 5:] - features[:, 5:])).max(axis=-1).min() > 1e-4
 
 
-def test_padding_after_end_token_changes_neither_pooled_nor_dit(encode, proxy, trained_like,
-                                                                 apply):
+def test_padding_after_end_token_changes_neither_pooled_nor_dit(encode, proxy, trained_like, apply):
     batch = proxy[3]
     garbage = batch["tokens"].copy()
     pad = ~batch["token_mask"]
@@ -281,12 +326,13 @@ def test_padding_after_end_token_changes_neither_pooled_nor_dit(encode, proxy, t
 
 def test_frozen_text_encoder_is_not_trained(proxy):
     batch = proxy[3]
-    graphdef, params, rest = init_proxy(ModelConfig(**{**vars(SMALL), "text_trainable": False}),
-                                        batch, jax.random.key(0), L)
+    graphdef, params, rest = init_proxy(
+        ModelConfig(**{**vars(SMALL), "text_trainable": False}), batch, jax.random.key(0), L
+    )
 
     def caption_energy(params):  # the caption path only (smaller to compile than the loss)
         context, _, pooled = nnx.merge(graphdef, params, rest).encode_caption(batch, ZERO_DROP)
-        return jnp.sum(context ** 2) + jnp.sum(pooled ** 2)
+        return jnp.sum(context**2) + jnp.sum(pooled**2)
 
     grads = jit(jax.grad(caption_energy))(params)
     assert "text_encoder" not in params and "text_encoder" in rest  # not trainable at all
@@ -312,8 +358,13 @@ def test_frozen_text_encoder_is_not_trained(proxy):
 def rater(proxy):
     """(graphdef, params, rest) of a rater with the batch head, and jitted score/weight fns."""
     graphdef, params, rest = init_rater(RATER, proxy[3], jax.random.key(0), L)
-    return (graphdef, params, rest, jit(rater_score_fn(graphdef, rest)),
-            jit(rater_weight_fn(graphdef, rest, 0.5)))
+    return (
+        graphdef,
+        params,
+        rest,
+        jit(rater_score_fn(graphdef, rest)),
+        jit(rater_weight_fn(graphdef, rest, 0.5)),
+    )
 
 
 def test_rater_scores_do_not_depend_on_the_batch(rater):
@@ -339,8 +390,9 @@ def test_rater_weights_sum_to_batch_size_and_batch_head_starts_at_one(rater):
     w, u = weights(moved, batch), scores(moved, batch)
     b = float(w.sum()) / B
     assert 0 < b < 2 and abs(b - 1) > 1e-3
-    np.testing.assert_allclose(np.asarray(w), B * b * np.asarray(jax.nn.softmax(u / 0.5)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(w), B * b * np.asarray(jax.nn.softmax(u / 0.5)), rtol=1e-5
+    )
 
     # Without the batch head: the same weights without the factor b (sum exactly B).
     g2, p2, r2 = init_rater(RaterConfig(width=32, hidden=32), batch, jax.random.key(0), L)
@@ -369,9 +421,16 @@ def test_second_order_meta_gradient_matches_finite_differences(proxy, rater):
     graphdef, params, rest, batch = proxy
     r_graphdef, r_params, r_rest, _, _ = rater
     with jax.enable_x64(True):
+
         def to64(tree):
-            return jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64))
-                                if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+            return jax.tree.map(
+                lambda a: (
+                    jnp.asarray(np.asarray(a, np.float64))
+                    if jnp.issubdtype(a.dtype, jnp.floating)
+                    else a
+                ),
+                tree,
+            )
 
         theta, phi = to64(perturb(params, 1)), to64(perturb(r_params, 2))
         train, val = to64(batch), to64(make_batch(seed=5))
@@ -381,6 +440,7 @@ def test_second_order_meta_gradient_matches_finite_differences(proxy, rater):
         def meta_loss(phi):
             def inner(theta):
                 return jnp.mean(rater_fn(phi, train) * loss_fn(theta, train, jax.random.key(0)))
+
             new = jax.tree.map(lambda p, g: p - 0.5 * g, theta, jax.grad(inner)(theta))
             return jnp.mean(loss_fn(new, val, jax.random.key(1)))
 
@@ -389,8 +449,9 @@ def test_second_order_meta_gradient_matches_finite_differences(proxy, rater):
         assert value.dtype == jnp.float64
         assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grad))
         direction = perturb(jax.tree.map(lambda p: np.zeros(p.shape), phi), 7, scale=1.0)
-        analytic = sum(float(np.vdot(g, d)) for g, d in
-                       zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+        analytic = sum(
+            float(np.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction))
+        )
         h = 1e-5
         plus = value_and_grad(perturb(phi, 7, scale=h))[0]  # phi + h * direction
         minus = value_and_grad(perturb(phi, 7, scale=-h))[0]
@@ -402,13 +463,12 @@ def test_vmap_over_stacked_proxies_equals_separate_calls(proxy, loss_fn, jitted_
     graphdef, params, rest, batch = proxy
     population = [perturb(params, 1), perturb(params, 2)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *population)
-    together = jit(jax.vmap(loss_fn, in_axes=(0, None, None)))(stacked, batch,
-                                                                    jax.random.key(0))
+    together = jit(jax.vmap(loss_fn, in_axes=(0, None, None)))(stacked, batch, jax.random.key(0))
     assert together.shape == (2, B)
     for i, p in enumerate(population):
-        np.testing.assert_allclose(np.asarray(together[i]),
-                                   np.asarray(jitted_loss(p, batch, jax.random.key(0))),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(together[i]), np.asarray(jitted_loss(p, batch, jax.random.key(0))), rtol=1e-5
+        )
     assert not np.allclose(together[0], together[1])
 
 
@@ -434,7 +494,15 @@ def test_sampler_with_guidance_one_is_conditional_euler(proxy, trained_like, app
     assert max_abs(guided(trained_like, jax.random.key(0), 3.0) - x0) > 1e-4
 
     captions_only = {k: batch[k] for k in ("tokens", "token_mask")}
-    shaped = jax.eval_shape(lambda p: sample(nnx.merge(graphdef, p, rest), captions_only,
-                                             jax.random.key(0), 2, 2.0, shape=(16, 16, 1)),
-                            trained_like)
+    shaped = jax.eval_shape(
+        lambda p: sample(
+            nnx.merge(graphdef, p, rest),
+            captions_only,
+            jax.random.key(0),
+            2,
+            2.0,
+            shape=(16, 16, 1),
+        ),
+        trained_like,
+    )
     assert shaped.shape == (B, 16, 16, 1)

@@ -12,8 +12,13 @@ FIRST_ID = 500
 def make_source(n: int) -> ArraySource:
     """n examples with ids 500 + i and 4x4x1 images whose every pixel is i."""
     images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 4, 4, 1))
-    return ArraySource("test", FIRST_ID + np.arange(n), images.copy(),
-                       [f"caption {i}" for i in range(n)], labels=np.arange(n) % 3)
+    return ArraySource(
+        "test",
+        FIRST_ID + np.arange(n),
+        images.copy(),
+        [f"caption {i}" for i in range(n)],
+        labels=np.arange(n) % 3,
+    )
 
 
 def to_float(example):
@@ -57,8 +62,12 @@ def test_train_is_deterministic_in_the_seed():
 
 def test_train_epochs_cover_every_example_once_and_reshuffle():
     n, batch_size = 96, 8
-    epochs = ids_of(take(train_iterator(make_source(n), batch_size, seed=0, transform=to_float),
-                         3 * n // batch_size)).reshape(3, n)
+    epochs = ids_of(
+        take(
+            train_iterator(make_source(n), batch_size, seed=0, transform=to_float),
+            3 * n // batch_size,
+        )
+    ).reshape(3, n)
     for epoch in epochs:
         np.testing.assert_array_equal(np.sort(epoch), FIRST_ID + np.arange(n))
     assert not np.array_equal(epochs[0], epochs[1])
@@ -69,8 +78,14 @@ def test_train_epochs_cover_every_example_once_and_reshuffle():
 def test_train_shards_are_disjoint_and_cover_the_source():
     n = 100
     shards = [
-        ids_of(take(train_iterator(make_source(n), 10, seed=0, transform=to_float,
-                                   shard_index=index, shard_count=2), 5))
+        ids_of(
+            take(
+                train_iterator(
+                    make_source(n), 10, seed=0, transform=to_float, shard_index=index, shard_count=2
+                ),
+                5,
+            )
+        )
         for index in range(2)
     ]
     for index, ids in enumerate(shards):
@@ -116,8 +131,14 @@ def test_eval_covers_every_example_once_in_order_with_padding(n, batch_size):
 
 def test_eval_shards_split_the_source_in_the_same_number_of_batches():
     n, batch_size = 103, 17  # shards of 52 and 51 examples: 4 batches each
-    shards = [list(eval_iterator(make_source(n), batch_size, transform=to_float,
-                                 shard_index=index, shard_count=2)) for index in range(2)]
+    shards = [
+        list(
+            eval_iterator(
+                make_source(n), batch_size, transform=to_float, shard_index=index, shard_count=2
+            )
+        )
+        for index in range(2)
+    ]
     assert [len(batches) for batches in shards] == [4, 4]
     for index, batches in enumerate(shards):
         ids, mask = ids_of(batches), np.concatenate([b["mask"] for b in batches])

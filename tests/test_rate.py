@@ -7,25 +7,40 @@ import orbax.checkpoint as ocp
 import pytest
 
 from alchemist_jax import rating
-from alchemist_jax.runtime import checkpoints
 from alchemist_jax.config import ConfigError, load_config
+from alchemist_jax.runtime import checkpoints
 
 TINY = [
-    "data.pool.train_size=96", "data.pool.validation_size=32", "data.batch_size=8",
-    "data.max_text_length=16", "data.corrupt.fraction=0.3",
-    "model.width=32", "model.depth=1", "model.heads=2", "model.text_width=32",
-    "model.patch_size=7", "model.text_trainable=false",
-    "model.text_depth=1", "model.text_heads=2",
-    "rater.width=16", "rater.hidden=32",
-    "rate.population=2", "rate.inner_steps=2", "rate.steps=4", "rate.val_batch_size=16",
-    "rate.checkpoint_every=2", "rate.log_every=1", "rate.reset_every=2",
+    "data.pool.train_size=96",
+    "data.pool.validation_size=32",
+    "data.batch_size=8",
+    "data.max_text_length=16",
+    "data.corrupt.fraction=0.3",
+    "model.width=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.text_width=32",
+    "model.patch_size=7",
+    "model.text_trainable=false",
+    "model.text_depth=1",
+    "model.text_heads=2",
+    "rater.width=16",
+    "rater.hidden=32",
+    "rate.population=2",
+    "rate.inner_steps=2",
+    "rate.steps=4",
+    "rate.val_batch_size=16",
+    "rate.checkpoint_every=2",
+    "rate.log_every=1",
+    "rate.reset_every=2",
 ]
 
 
 def _final_rater(workdir):
     manager = checkpoints.manager(workdir / "checkpoints", read_only=True)
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+    restored = manager.restore(
+        manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
     return manager.latest_step(), restored["state"]
 
 
@@ -46,8 +61,7 @@ def test_rate_writes_outputs_and_resumes_identically(tmp_path):
     cfg = load_config("configs/demo.yaml", TINY)
     full, split = tmp_path / "full", tmp_path / "split"
     final = rating.run(cfg, full)
-    assert set(final) >= {"meta_loss", "proxy_loss", "weight_entropy", "auroc/all",
-                          "auroc/noise"}
+    assert set(final) >= {"meta_loss", "proxy_loss", "weight_entropy", "auroc/all", "auroc/noise"}
     assert np.isfinite(final["meta_loss"]) and 0 <= final["weight_entropy"] <= 1
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -76,12 +90,15 @@ def test_rerun_with_other_config_is_refused(tmp_path):
     assert rating.run(unrelated, tmp_path) == rating.run(cfg, tmp_path)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("rate.mode=lookahead", "rate.mode=lookahead needs rate.inner_steps=1"),
-    ("rate.meta_every=1", "rate.meta_every (1) must be >= rate.inner_steps (2)"),
-    ("rate.population=0", "config key 'rate.population' must be >= 1, got 0"),
-    ("rate.unroll=0", "config key 'rate.unroll' must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rate.mode=lookahead", "rate.mode=lookahead needs rate.inner_steps=1"),
+        ("rate.meta_every=1", "rate.meta_every (1) must be >= rate.inner_steps (2)"),
+        ("rate.population=0", "config key 'rate.population' must be >= 1, got 0"),
+        ("rate.unroll=0", "config key 'rate.unroll' must be >= 1, got 0"),
+    ],
+)
 def test_config_cross_checks(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config("configs/demo.yaml", TINY + [override])
@@ -107,8 +124,9 @@ def test_meta_step_on_8_device_mesh_equals_1_device(tmp_path):
     for devices in (1, 8):
         out = tmp_path / f"mesh{devices}.npz"
         env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-        subprocess.run([sys.executable, "tests/mesh_meta_step.py", str(devices), str(out)],
-                       check=True, env=env)
+        subprocess.run(
+            [sys.executable, "tests/mesh_meta_step.py", str(devices), str(out)], check=True, env=env
+        )
         results.append(np.load(out))
     one, eight = results
     assert sorted(one.files) == sorted(eight.files)
@@ -119,23 +137,33 @@ def test_meta_step_on_8_device_mesh_equals_1_device(tmp_path):
     assert global_norm > 0
     np.testing.assert_allclose(float(one["metric/rater_grad_norm"]), global_norm, rtol=1e-5)
     for name in grads:
-        np.testing.assert_allclose(eight[name], one[name], rtol=1e-3, atol=1e-4 * global_norm,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            eight[name], one[name], rtol=1e-3, atol=1e-4 * global_norm, err_msg=name
+        )
     for name in metrics:
         np.testing.assert_allclose(eight[name], one[name], rtol=1e-5, atol=1e-7, err_msg=name)
     # meta_gradient reports what meta_step applies.
     for name in metrics:
         if name.startswith("grad_metric/"):
-            np.testing.assert_allclose(one[name], one["metric/" + name.split("/", 1)[1]],
-                                       rtol=1e-6, err_msg=name)
+            np.testing.assert_allclose(
+                one[name], one["metric/" + name.split("/", 1)[1]], rtol=1e-6, err_msg=name
+            )
 
 
 def test_penalty_mode_with_warm_start_and_extra_proxy_steps(tmp_path):
     """The released scheme through the loop: λ follows 1 - 0.03 per validation epoch; warm-start
     steps and meta_every > K run the plain proxy steps (uniform, then rater-weighted)."""
-    cfg = load_config("configs/demo.yaml", TINY + [
-        "rate.mode=penalty", "rate.meta_every=3", "rate.warm_start_steps=2", "rate.steps=3",
-        "rate.checkpoint_every=3"])
+    cfg = load_config(
+        "configs/demo.yaml",
+        TINY
+        + [
+            "rate.mode=penalty",
+            "rate.meta_every=3",
+            "rate.warm_start_steps=2",
+            "rate.steps=3",
+            "rate.checkpoint_every=3",
+        ],
+    )
     final = rating.run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # 16 validation samples per meta-step over a 32-sample validation set: half an epoch each.

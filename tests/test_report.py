@@ -64,8 +64,9 @@ def _write_png(path: Path, seed: int) -> None:
 
 def _write_config(workdir: Path, overrides: list[str]) -> config_lib.Config:
     """config.yaml as the pipeline writes it (yaml of config.to_dict)."""
-    cfg = config_lib.load_config(REPO / "configs/demo.yaml",
-                                 ["data.pool.train_size=200", *overrides])
+    cfg = config_lib.load_config(
+        REPO / "configs/demo.yaml", ["data.pool.train_size=200", *overrides]
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(json.loads(json.dumps(config_lib.to_dict(cfg))), sort_keys=False)
     (workdir / "config.yaml").write_text(text)
@@ -80,8 +81,10 @@ def _write_ratings(workdir: Path, ids: np.ndarray, clean: np.ndarray) -> dict[st
         scores = (rng.normal(size=len(ids)) + separation * clean).astype(np.float32)
         order = rng.permutation(len(ids))
         (workdir / "ratings").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"id": ids[order], "score": scores[order]}),
-                       workdir / "ratings" / f"{name}.parquet")
+        pq.write_table(
+            pa.table({"id": ids[order], "score": scores[order]}),
+            workdir / "ratings" / f"{name}.parquet",
+        )
         ratings[name] = scores
     return ratings
 
@@ -89,13 +92,25 @@ def _write_ratings(workdir: Path, ids: np.ndarray, clean: np.ndarray) -> dict[st
 def _results_rows() -> list[dict]:
     rng = np.random.default_rng(2)
     rows = []
-    for arm, run, budget, steps in (("alchemist", "alchemist", "steps", 50),
-                                    ("random", "random", "steps", 50),
-                                    ("alchemist", "alchemist-epochs", "epochs", 25)):
+    for arm, run, budget, steps in (
+        ("alchemist", "alchemist", "steps", 50),
+        ("random", "random", "steps", 50),
+        ("alchemist", "alchemist-epochs", "epochs", 25),
+    ):
         for seed in (0, 1):
-            rows.append({"arm": arm, "run": run, "budget": budget, "seed": seed, "steps": steps,
-                         "train_size": 100, "test_loss": float(rng.uniform(0.3, 0.5)),
-                         "fcd": float(rng.uniform(5, 20)), "alignment": float(rng.uniform())})
+            rows.append(
+                {
+                    "arm": arm,
+                    "run": run,
+                    "budget": budget,
+                    "seed": seed,
+                    "steps": steps,
+                    "train_size": 100,
+                    "test_loss": float(rng.uniform(0.3, 0.5)),
+                    "fcd": float(rng.uniform(5, 20)),
+                    "alignment": float(rng.uniform()),
+                }
+            )
     return rows
 
 
@@ -112,16 +127,26 @@ def run_folder(tmp_path_factory):
 
     (workdir / "selections").mkdir()
     order = np.argsort(-ratings["exact"])
-    chosen = {"alchemist": np.sort(ids[order[:100]]),
-              "random": np.sort(np.random.default_rng(3).choice(ids, 100, replace=False))}
+    chosen = {
+        "alchemist": np.sort(ids[order[:100]]),
+        "random": np.sort(np.random.default_rng(3).choice(ids, 100, replace=False)),
+    }
     for arm, arm_ids in chosen.items():
         pq.write_table(pa.table({"id": arm_ids}), workdir / "selections" / f"{arm}.parquet")
-        summary = {"arm": arm, "policy": "filter" if arm == "alchemist" else "random",
-                   "keep": 0.5, "count": 100, "pool_size": 200, "group_by": "label",
-                   "params": {}}
+        summary = {
+            "arm": arm,
+            "policy": "filter" if arm == "alchemist" else "random",
+            "keep": 0.5,
+            "count": 100,
+            "pool_size": 200,
+            "group_by": "label",
+            "params": {},
+        }
         if arm == "alchemist":
-            summary["rank_histogram"] = {"edges": np.linspace(0, 1, 11).tolist(),
-                                         "counts": [20, 20, 20, 20, 20, 0, 0, 0, 0, 0]}
+            summary["rank_histogram"] = {
+                "edges": np.linspace(0, 1, 11).tolist(),
+                "counts": [20, 20, 20, 20, 20, 0, 0, 0, 0, 0],
+            }
         (workdir / "selections" / f"{arm}.json").write_text(json.dumps(summary))
 
     for run in ("alchemist", "random"):
@@ -129,8 +154,9 @@ def run_folder(tmp_path_factory):
             lines = []
             for step in range(10, 60, 10):
                 lines.append({"step": step, "train_loss": 1.0 / step})
-                lines.append({"step": step,
-                              "val_loss": 1.0 / step + 0.01 * seed + 0.02 * (run == "random")})
+                lines.append(
+                    {"step": step, "val_loss": 1.0 / step + 0.01 * seed + 0.02 * (run == "random")}
+                )
             folder = workdir / "train" / run / f"seed{seed}"
             folder.mkdir(parents=True)
             (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
@@ -159,12 +185,22 @@ def test_report_links_only_existing_local_files(run_folder, built):
         assert "://" not in link and not link.startswith("/"), link
         assert (index.parent / link).is_file(), link
     # Every section's figure was made, the copies are byte-identical to their sources.
-    for name in ("ratings.png", "rank_histograms.png", "val_loss.png", "samples_top.png",
-                 "samples_middle.png", "samples_bottom.png", "samples_pruned.png",
-                 "rate_exact_curves.png", "eval_random_seed1.png", "results.md"):
+    for name in (
+        "ratings.png",
+        "rank_histograms.png",
+        "val_loss.png",
+        "samples_top.png",
+        "samples_middle.png",
+        "samples_bottom.png",
+        "samples_pruned.png",
+        "rate_exact_curves.png",
+        "eval_random_seed1.png",
+        "results.md",
+    ):
         assert name in page.links, name
-    assert ((index.parent / "eval_random_seed1.png").read_bytes()
-            == (run_folder[0] / "eval/random/seed1/samples.png").read_bytes())
+    assert (index.parent / "eval_random_seed1.png").read_bytes() == (
+        run_folder[0] / "eval/random/seed1/samples.png"
+    ).read_bytes()
     sheet = np.asarray(Image.open(index.parent / "samples_top.png").convert("L"))
     assert sheet.std() > 20
 
@@ -188,15 +224,17 @@ def test_auroc_cells_match_defect_auroc(run_folder, built):
 def test_kept_fraction_per_defect_kind(run_folder, built):
     workdir, splits, _, _ = run_folder
     table = built[1].tables["kept"]
-    kind_of = dict(zip(splits.truth.column("id").to_pylist(),
-                       (d or "clean" for d in splits.defects)))
+    kind_of = dict(
+        zip(splits.truth.column("id").to_pylist(), (d or "clean" for d in splits.defects))
+    )
     for row in table[1:]:
         kept = pq.read_table(workdir / "selections" / f"{row[0]}.parquet").column("id").to_pylist()
         assert row[1] == "100"
         for kind, cell in zip(table[0][2:], row[2:]):
             total = sum(k == kind for k in kind_of.values())
-            assert float(cell) == pytest.approx(sum(kind_of[i] == kind for i in kept) / total,
-                                                abs=5e-3), (row[0], kind)
+            assert float(cell) == pytest.approx(
+                sum(kind_of[i] == kind for i in kept) / total, abs=5e-3
+            ), (row[0], kind)
 
 
 def test_results_table_is_mean_and_sample_std(run_folder, built):
@@ -216,19 +254,43 @@ def test_results_table_is_mean_and_sample_std(run_folder, built):
                 assert std == pytest.approx(values.std(ddof=1), abs=5e-5)
                 assert cell in markdown
     # Bold marks the best mean: lowest test loss among the equal-steps runs.
-    means = {run: np.mean([r["test_loss"] for r in rows if r["run"] == run])
-             for run in ("alchemist", "random")}
+    means = {
+        run: np.mean([r["test_loss"] for r in rows if r["run"] == run])
+        for run in ("alchemist", "random")
+    }
     best = min(means, key=means.get)
     best_line = next(line for line in markdown.splitlines() if line.startswith(f"| {best} |"))
     assert best_line.split(" | ")[4].startswith("**")
 
 
 def test_results_table_markdown_hand_computed():
-    rows = [{"arm": "a", "run": "a", "budget": "steps", "seed": s, "steps": 10,
-             "train_size": 5, "test_loss": v, "fcd": None, "alignment": 0.5}
-            for s, v in enumerate([1.0, 2.0, 4.0])]
-    rows.append({"arm": "b", "run": "b", "budget": "steps", "seed": 0, "steps": 10,
-                 "train_size": 8, "test_loss": 3.0, "fcd": 7.0, "alignment": 0.25})
+    rows = [
+        {
+            "arm": "a",
+            "run": "a",
+            "budget": "steps",
+            "seed": s,
+            "steps": 10,
+            "train_size": 5,
+            "test_loss": v,
+            "fcd": None,
+            "alignment": 0.5,
+        }
+        for s, v in enumerate([1.0, 2.0, 4.0])
+    ]
+    rows.append(
+        {
+            "arm": "b",
+            "run": "b",
+            "budget": "steps",
+            "seed": 0,
+            "steps": 10,
+            "train_size": 8,
+            "test_loss": 3.0,
+            "fcd": 7.0,
+            "alignment": 0.25,
+        }
+    )
     text = report.results_table_markdown(rows)
     # mean 7/3, sample std sqrt(((4/3)^2 + (1/3)^2 + (5/3)^2) / 2) = sqrt(7/3) = 1.5275.
     assert "| a | 3 | 10 | 5 | **2.3333 ± 1.5275** | n/a | **0.5000 ± 0.0000** |" in text
@@ -250,9 +312,16 @@ def test_partial_folder_builds_and_says_what_is_missing(tmp_path):
         assert (tmp_path / "report" / link).is_file(), link
     assert "auroc" not in page.tables and not any(t.startswith("results") for t in page.tables)
     assert "samples_top.png" in page.links and "ratings.png" in page.links
-    missing = page_text[page_text.index('id="missing"'):]
-    for what in ("defects.parquet", "results.json", "selections/", "train/*/seed*/metrics.jsonl",
-                 "selections/alchemist.parquet", "rate/*/curves.png", "eval/*/seed*/samples.png"):
+    missing = page_text[page_text.index('id="missing"') :]
+    for what in (
+        "defects.parquet",
+        "results.json",
+        "selections/",
+        "train/*/seed*/metrics.jsonl",
+        "selections/alchemist.parquet",
+        "rate/*/curves.png",
+        "eval/*/seed*/samples.png",
+    ):
         assert what in missing, what
     assert not (tmp_path / "report" / "results.md").exists()
 
@@ -260,21 +329,26 @@ def test_partial_folder_builds_and_says_what_is_missing(tmp_path):
 def test_malformed_ratings_name_the_file(tmp_path):
     _write_config(tmp_path, [])
     (tmp_path / "ratings").mkdir()
-    pq.write_table(pa.table({"id": [1, 2], "value": [0.1, 0.2]}),
-                   tmp_path / "ratings" / "exact.parquet")
+    pq.write_table(
+        pa.table({"id": [1, 2], "value": [0.1, 0.2]}), tmp_path / "ratings" / "exact.parquet"
+    )
     with pytest.raises(ValueError, match=r"exact.parquet has no column 'score'"):
         report.build(tmp_path)
     (tmp_path / "config.yaml").unlink()  # no pool to open: the checks below are quick
-    pq.write_table(pa.table({"id": [1, 2], "score": [0.1, 0.2]}),
-                   tmp_path / "ratings" / "exact.parquet")
-    pq.write_table(pa.table({"id": [1, 2, 2], "defect": [None, "blur", "blur"]}),
-                   tmp_path / "defects.parquet")
+    pq.write_table(
+        pa.table({"id": [1, 2], "score": [0.1, 0.2]}), tmp_path / "ratings" / "exact.parquet"
+    )
+    pq.write_table(
+        pa.table({"id": [1, 2, 2], "defect": [None, "blur", "blur"]}), tmp_path / "defects.parquet"
+    )
     with pytest.raises(ValueError, match=r"defects.parquet: id 2 appears 2 times"):
         report.build(tmp_path)
-    pq.write_table(pa.table({"id": [1, 3], "defect": [None, "blur"]}),
-                   tmp_path / "defects.parquet")
-    with pytest.raises(ValueError, match=r"ratings/exact.parquet: 1 of 2 ids are not in "
-                                         r"defects.parquet \(first: 2\)"):
+    pq.write_table(pa.table({"id": [1, 3], "defect": [None, "blur"]}), tmp_path / "defects.parquet")
+    with pytest.raises(
+        ValueError,
+        match=r"ratings/exact.parquet: 1 of 2 ids are not in "
+        r"defects.parquet \(first: 2\)",
+    ):
         report.build(tmp_path)
     with pytest.raises(ValueError, match="is not a folder"):
         report.build(tmp_path / "absent")
@@ -282,8 +356,12 @@ def test_malformed_ratings_name_the_file(tmp_path):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
 def test_screenshot_is_not_blank(run_folder, built):
-    result = subprocess.run(["bash", str(REPO / "tools" / "screenshot_report.sh"),
-                             str(run_folder[0])], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["bash", str(REPO / "tools" / "screenshot_report.sh"), str(run_folder[0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     shot = Path(result.stdout.strip().splitlines()[-1])
     pixels = np.asarray(Image.open(shot).convert("L"), np.float64)
@@ -303,45 +381,67 @@ def test_component_contributions_table(tmp_path):
     rng = np.random.default_rng(4)
     # The meta rater sees image defects, the alignment scorer caption swaps; a copy scores like
     # its source (both raters), so only the dedup file tells them apart.
-    meta = rng.normal(size=len(ids)) + 2.0 * np.isin(kinds, ["clean", "caption_swap",
-                                                             "duplicate"])
+    meta = rng.normal(size=len(ids)) + 2.0 * np.isin(kinds, ["clean", "caption_swap", "duplicate"])
     alignment = rng.normal(size=len(ids)) + 2.0 * (kinds != "caption_swap")
     index_of = {int(i): n for n, i in enumerate(ids)}
     duplicate_groups = ids.copy()
-    for n, (kind, source) in enumerate(zip(splits.defects,
-                                           splits.truth.column("source_id").to_pylist())):
+    for n, (kind, source) in enumerate(
+        zip(splits.defects, splits.truth.column("source_id").to_pylist())
+    ):
         if kind == "duplicate":
             meta[n], alignment[n] = meta[index_of[source]], alignment[index_of[source]]
             duplicate_groups[n] = source
     (tmp_path / "ratings").mkdir()
     for name, scores in (("exact", meta), ("alignment", alignment)):
-        pq.write_table(pa.table({"id": ids, "score": scores.astype(np.float32)}),
-                       tmp_path / "ratings" / f"{name}.parquet")
+        pq.write_table(
+            pa.table({"id": ids, "score": scores.astype(np.float32)}),
+            tmp_path / "ratings" / f"{name}.parquet",
+        )
     _, inverse, sizes = np.unique(duplicate_groups, return_inverse=True, return_counts=True)
-    pq.write_table(pa.table({"id": ids, "group": duplicate_groups,
-                             "group_size": sizes[inverse].astype(np.int32)}),
-                   tmp_path / "dedup.parquet")
+    pq.write_table(
+        pa.table(
+            {"id": ids, "group": duplicate_groups, "group_size": sizes[inverse].astype(np.int32)}
+        ),
+        tmp_path / "dedup.parquet",
+    )
     rows = []
-    for arm, names, collapse in (("meta_only", ["exact"], False),
-                                 ("meta_alignment", ["exact", "alignment"], False),
-                                 ("alchemist", ["exact", "alignment"], True)):
-        ratings = {f"ratings/{n}.parquet": selection.read_ratings(
-            tmp_path / "ratings" / f"{n}.parquet") for n in names}
-        duplicates = (("dedup.parquet", (ids, duplicate_groups)) if collapse else None)
-        chosen, summary = selection.select_for_source(cfg.select, ratings, splits.train,
-                                                      duplicates=duplicates)
-        selection.write_selection(tmp_path / "selections" / f"{arm}.parquet", chosen,
-                                  {"arm": arm, **summary})
+    for arm, names, collapse in (
+        ("meta_only", ["exact"], False),
+        ("meta_alignment", ["exact", "alignment"], False),
+        ("alchemist", ["exact", "alignment"], True),
+    ):
+        ratings = {
+            f"ratings/{n}.parquet": selection.read_ratings(tmp_path / "ratings" / f"{n}.parquet")
+            for n in names
+        }
+        duplicates = ("dedup.parquet", (ids, duplicate_groups)) if collapse else None
+        chosen, summary = selection.select_for_source(
+            cfg.select, ratings, splits.train, duplicates=duplicates
+        )
+        selection.write_selection(
+            tmp_path / "selections" / f"{arm}.parquet", chosen, {"arm": arm, **summary}
+        )
         for seed, loss in enumerate((0.5, 0.7)):
-            rows.append({"arm": arm, "run": arm, "budget": "steps", "seed": seed,
-                         "test_loss": loss + len(names) / 10, "fcd": 10.0 * len(names)})
+            rows.append(
+                {
+                    "arm": arm,
+                    "run": arm,
+                    "budget": "steps",
+                    "seed": seed,
+                    "test_loss": loss + len(names) / 10,
+                    "fcd": 10.0 * len(names),
+                }
+            )
     (tmp_path / "results.json").write_text(json.dumps(rows))
 
     table = _Page(report.build(tmp_path).read_text()).tables["components"]
     body = {row[0]: dict(zip(table[0], row)) for row in table[1:]}
     assert list(body) == ["meta_only", "meta_alignment", "alchemist"]
-    assert [body[a]["ranks by"] for a in body] == ["exact", "exact + alignment",
-                                                  "exact + alignment + dedup"]
+    assert [body[a]["ranks by"] for a in body] == [
+        "exact",
+        "exact + alignment",
+        "exact + alignment + dedup",
+    ]
     # mean of (0.5, 0.7) + 0.1 per file; sample std sqrt(0.02) = 0.1414.
     assert body["meta_only"]["test loss ↓"] == "0.7000 ± 0.1414"
     assert body["alchemist"]["test loss ↓"] == "0.8000 ± 0.1414"
@@ -350,23 +450,33 @@ def test_component_contributions_table(tmp_path):
     meta32, alignment32 = meta.astype(np.float32), alignment.astype(np.float32)
     fused = selection.fuse([meta32, alignment32], groups=labels)
     eligible = selection.best_of_duplicates(fused, ids, duplicate_groups)
-    expected = {"meta_only": meta32, "meta_alignment": fused,
-                "alchemist": np.where(eligible, fused,  # collapsed: just below the lowest
-                                      fused.min() - 1e-6 * (fused.max() - fused.min()))}
+    expected = {
+        "meta_only": meta32,
+        "meta_alignment": fused,
+        "alchemist": np.where(
+            eligible,
+            fused,  # collapsed: just below the lowest
+            fused.min() - 1e-6 * (fused.max() - fused.min()),
+        ),
+    }
     # A kept exact copy whose source was collapsed trades labels with it.
     credited = list(splits.defects)
-    for n, (kind, source) in enumerate(zip(splits.defects,
-                                           splits.truth.column("source_id").to_pylist())):
+    for n, (kind, source) in enumerate(
+        zip(splits.defects, splits.truth.column("source_id").to_pylist())
+    ):
         if kind == "duplicate" and eligible[n] and not eligible[index_of[source]]:
             credited[n], credited[index_of[source]] = None, "duplicate"
     for arm, scores in expected.items():
         defects = credited if arm == "alchemist" else splits.defects
         for kind, value in defect_auroc(scores, defects, splits.caption_classes).items():
-            assert float(body[arm][f"AUROC {kind}" if kind == "all" else kind]) == \
-                pytest.approx(value, abs=5e-4), (arm, kind)
+            assert float(body[arm][f"AUROC {kind}" if kind == "all" else kind]) == pytest.approx(
+                value, abs=5e-4
+            ), (arm, kind)
     # Alignment lifts caption swaps; dedup puts every redundant member of a duplicate group
     # (a copy, or the source a kept copy replaced) below the rest.
-    assert float(body["meta_alignment"]["caption_swap"]) > float(
-        body["meta_only"]["caption_swap"]) + 0.3
+    assert (
+        float(body["meta_alignment"]["caption_swap"])
+        > float(body["meta_only"]["caption_swap"]) + 0.3
+    )
     assert float(body["alchemist"]["duplicate"]) > 0.95
     assert float(body["meta_alignment"]["duplicate"]) < 0.65

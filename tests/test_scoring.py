@@ -22,8 +22,13 @@ from alchemist_jax.runtime import checkpoints, parallel
 def _source(n: int) -> ArraySource:
     rng = np.random.default_rng(0)
     ids = rng.permutation(10 * n)[:n] + 1000  # not sorted: the output follows the pool's order
-    return ArraySource("synthetic", ids, None, None,
-                       extra={"image": rng.uniform(-1, 1, (n, 4, 4, 1)).astype(np.float32)})
+    return ArraySource(
+        "synthetic",
+        ids,
+        None,
+        None,
+        extra={"image": rng.uniform(-1, 1, (n, 4, 4, 1)).astype(np.float32)},
+    )
 
 
 def _mean_pixel(batch):
@@ -46,8 +51,9 @@ META = {"scorer": "test", "config_sha256": "abc", "source": "synthetic", "count"
 def test_score_pool_covers_every_id_once_in_pool_order(tmp_path, n, chunk, batch):
     source = _source(n)
     out = tmp_path / "ratings.parquet"
-    scores = scoring.score_pool(_mean_pixel, source, out, batch_size=batch, chunk_size=chunk,
-                                metadata=META)
+    scores = scoring.score_pool(
+        _mean_pixel, source, out, batch_size=batch, chunk_size=chunk, metadata=META
+    )
     table = pq.read_table(out)
     assert table.schema.field("id").type == "int64" and table.schema.field("score").type == "float"
     np.testing.assert_array_equal(table.column("id").to_numpy(), source.ids)
@@ -60,9 +66,14 @@ def test_score_pool_covers_every_id_once_in_pool_order(tmp_path, n, chunk, batch
 
 
 def test_batches_are_laid_out_like_eval_iterator_batches():
-    source = ArraySource("labelled", np.arange(11) + 5, np.zeros((11, 2, 2, 1), np.uint8),
-                         [f"c{i}" for i in range(11)], labels=np.arange(11) % 3,
-                         extra={"latent": np.random.default_rng(0).normal(size=(11, 3))})
+    source = ArraySource(
+        "labelled",
+        np.arange(11) + 5,
+        np.zeros((11, 2, 2, 1), np.uint8),
+        [f"c{i}" for i in range(11)],
+        labels=np.arange(11) % 3,
+        extra={"latent": np.random.default_rng(0).normal(size=(11, 3))},
+    )
     ours = list(pipeline.padded_batches(scoring.pool_columns(source, 0, 11), 4))
     theirs = list(pipeline.eval_iterator(source, 4, shard_index=0, shard_count=1))
     assert len(ours) == len(theirs) == 3
@@ -135,15 +146,28 @@ def test_scorer_dispatch_covers_exactly_the_configs_scorers():
 
 
 def _laplacian_ref(gray):
-    return (gray[:-2, 1:-1] + gray[2:, 1:-1] + gray[1:-1, :-2] + gray[1:-1, 2:]
-            - 4 * gray[1:-1, 1:-1])
+    return (
+        gray[:-2, 1:-1] + gray[2:, 1:-1] + gray[1:-1, :-2] + gray[1:-1, 2:] - 4 * gray[1:-1, 1:-1]
+    )
 
 
 def _sobel_ref(gray):
-    gx = (gray[:-2, 2:] + 2 * gray[1:-1, 2:] + gray[2:, 2:]
-          - gray[:-2, :-2] - 2 * gray[1:-1, :-2] - gray[2:, :-2])
-    gy = (gray[2:, :-2] + 2 * gray[2:, 1:-1] + gray[2:, 2:]
-          - gray[:-2, :-2] - 2 * gray[:-2, 1:-1] - gray[:-2, 2:])
+    gx = (
+        gray[:-2, 2:]
+        + 2 * gray[1:-1, 2:]
+        + gray[2:, 2:]
+        - gray[:-2, :-2]
+        - 2 * gray[1:-1, :-2]
+        - gray[2:, :-2]
+    )
+    gy = (
+        gray[2:, :-2]
+        + 2 * gray[2:, 1:-1]
+        + gray[2:, 2:]
+        - gray[:-2, :-2]
+        - 2 * gray[:-2, 1:-1]
+        - gray[:-2, 2:]
+    )
     return np.hypot(gx, gy)
 
 
@@ -161,12 +185,16 @@ def test_heuristics_match_numpy_references():
     images = np.random.default_rng(0).uniform(-1, 1, (4, 20, 24, 3)).astype(np.float32)
     images[1] *= 0.2  # low contrast: no gradient above the threshold
     grays = images.astype(np.float64).mean(axis=-1)
-    np.testing.assert_allclose(scoring.clarity(images),
-                               [_laplacian_ref(g).var() for g in grays], rtol=1e-5)
-    np.testing.assert_allclose(scoring.edge_density(images),
-                               [(_sobel_ref(g) > scoring.EDGE_THRESHOLD).mean() for g in grays])
-    np.testing.assert_allclose(scoring.low_frequency_energy(images),
-                               [_low_frequency_ref(g) for g in grays], rtol=1e-4)
+    np.testing.assert_allclose(
+        scoring.clarity(images), [_laplacian_ref(g).var() for g in grays], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        scoring.edge_density(images),
+        [(_sobel_ref(g) > scoring.EDGE_THRESHOLD).mean() for g in grays],
+    )
+    np.testing.assert_allclose(
+        scoring.low_frequency_energy(images), [_low_frequency_ref(g) for g in grays], rtol=1e-4
+    )
     edges = np.asarray(scoring.edge_density(images))
     assert edges[1] == 0 and 0.1 < edges.min(initial=1, where=edges > 0) < edges.max() < 0.5
 
@@ -179,8 +207,10 @@ def test_heuristics_on_known_images():
     ramp = np.broadcast_to(np.linspace(-1, 1, size, dtype=np.float32), (size, size))[..., None]
     noise = np.random.default_rng(1).uniform(-1, 1, (size, size, 1)).astype(np.float32)
     images = np.stack([constant, checker, ramp, noise])
-    clarity, edges, low = (np.asarray(f(images)) for f in (
-        scoring.clarity, scoring.edge_density, scoring.low_frequency_energy))
+    clarity, edges, low = (
+        np.asarray(f(images))
+        for f in (scoring.clarity, scoring.edge_density, scoring.low_frequency_energy)
+    )
     assert clarity[0] == 0 and edges[0] == 0 and low[0] == pytest.approx(1.0)
     # A pixel beside a square border is an edge pixel (gradient 8 > 2): 12 of the 26 valid
     # rows lie beside a horizontal border, 12 of the 26 columns beside a vertical one.
@@ -201,8 +231,9 @@ def _perturbed(params, scale: float):
     """`params` plus independent N(0, scale^2) noise on every entry."""
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape)
-                                        for x, k in zip(leaves, keys)])
+    return jax.tree.unflatten(
+        treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +241,11 @@ def dit():
     """A tiny DiT with perturbed parameters (at initialisation it outputs exactly zero)."""
     cfg = load_config("configs/demo.yaml", TINY)
     rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(-1, 1, (3, 28, 28, 1)).astype(np.float32),
-             "tokens": rng.integers(0, 49406, (3, 16)).astype(np.int32),
-             "token_mask": np.arange(16)[None].repeat(3, 0) < np.array([[5], [9], [16]])}
+    batch = {
+        "image": rng.uniform(-1, 1, (3, 28, 28, 1)).astype(np.float32),
+        "tokens": rng.integers(0, 49406, (3, 16)).astype(np.int32),
+        "token_mask": np.arange(16)[None].repeat(3, 0) < np.array([[5], [9], [16]]),
+    }
     graphdef, params, rest = models.init_proxy(cfg.model, batch, jax.random.key(0), 16)
     return graphdef, _perturbed(params, 0.05), rest, batch
 
@@ -232,16 +265,22 @@ def _direct_statistics(dit, seed, draws):
         x_t = (1 - t) * row["image"] + t * eps
         error = nnx.merge(graphdef, params, rest)(x_t, t, row, None) - (eps - row["image"])
         grads = jax.grad(loss)(params)
-        return jnp.stack([loss(params), jnp.sqrt(jnp.sum(jnp.square(error))),
-                          jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))])
+        return jnp.stack(
+            [
+                loss(params),
+                jnp.sqrt(jnp.sum(jnp.square(error))),
+                jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
+            ]
+        )
 
     low, high = models.split_ids(IDS)
     out = np.zeros((3, draws, 3))
     for d in range(draws):
         t, eps = models.fixed_draws(seed, d, low, high, (28, 28, 1))
         for i in range(3):
-            out[:, d, i] = one_sample({k: v[i:i + 1] for k, v in batch.items()},
-                                      t[i:i + 1], eps[i:i + 1])
+            out[:, d, i] = one_sample(
+                {k: v[i : i + 1] for k, v in batch.items()}, t[i : i + 1], eps[i : i + 1]
+            )
     return out
 
 
@@ -251,8 +290,12 @@ def test_proxy_scores_match_direct_computation(dit):
     assert direct[0].std(axis=0).min() > 0  # the draws differ
     for kind, statistic in zip(("loss", "el2n", "grand"), direct):
         score = scoring.proxy_score_fn(kind, graphdef, rest, draws=2, seed=3)
-        np.testing.assert_allclose(score(params, batch, *models.split_ids(IDS)),
-                                   -statistic.mean(axis=0), rtol=2e-5, err_msg=kind)
+        np.testing.assert_allclose(
+            score(params, batch, *models.split_ids(IDS)),
+            -statistic.mean(axis=0),
+            rtol=2e-5,
+            err_msg=kind,
+        )
 
 
 def test_fixed_draws_depend_on_the_id_only():
@@ -269,21 +312,40 @@ def test_proxy_scores_do_not_depend_on_batch_size(dit, tmp_path):
     graphdef, params, rest, _ = dit
     rng = np.random.default_rng(2)
     n = 70
-    source = ArraySource("synthetic", np.arange(n) * 3, None, None, extra={
-        "image": rng.uniform(-1, 1, (n, 28, 28, 1)).astype(np.float32),
-        "tokens": rng.integers(0, 49406, (n, 16)).astype(np.int32),
-        "token_mask": np.ones((n, 16), bool)})
+    source = ArraySource(
+        "synthetic",
+        np.arange(n) * 3,
+        None,
+        None,
+        extra={
+            "image": rng.uniform(-1, 1, (n, 28, 28, 1)).astype(np.float32),
+            "tokens": rng.integers(0, 49406, (n, 16)).astype(np.int32),
+            "token_mask": np.ones((n, 16), bool),
+        },
+    )
     score = scoring.proxy_score_fn("loss", graphdef, rest, draws=2, seed=0)
-    score_batch = lambda b: score(params, parallel.model_inputs(b),  # noqa: E731
-                                  *models.split_ids(b["id"]))
-    small, large = (scoring.score_pool(score_batch, source, tmp_path / f"{b}.parquet",
-                                       batch_size=b, chunk_size=32, metadata=META)
-                    for b in (7, 64))
+    score_batch = lambda b: score(
+        params,
+        parallel.model_inputs(b),  # noqa: E731
+        *models.split_ids(b["id"]),
+    )
+    small, large = (
+        scoring.score_pool(
+            score_batch,
+            source,
+            tmp_path / f"{b}.parquet",
+            batch_size=b,
+            chunk_size=32,
+            metadata=META,
+        )
+        for b in (7, 64)
+    )
     np.testing.assert_allclose(small, large, rtol=1e-6, atol=1e-6)
     # Same draws as the validation loss of training: its mean over the set is -mean(score).
     trained = training.Trained(graphdef, params, rest)
     assert training.validation_loss(trained, source, 16, seed=0, draws=2) == pytest.approx(
-        -float(np.mean(large)), rel=1e-5)
+        -float(np.mean(large)), rel=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,12 +375,21 @@ def rating_run(tmp_path_factory):
 def test_rater_scores_equal_the_rating_runs_own_scores(rating_run, tmp_path):
     workdir, program, state, data = rating_run
     outs = {batch: tmp_path / f"ratings{batch}.parquet" for batch in (7, 64)}
-    summaries = {batch: scoring.run(load_config("configs/demo.yaml", TINY + [
-        "score.scorer=rater", "score.chunk_size=40", f"score.batch_size={batch}"]),
-        out, rater_dir=workdir) for batch, out in outs.items()}
+    summaries = {
+        batch: scoring.run(
+            load_config(
+                "configs/demo.yaml",
+                TINY + ["score.scorer=rater", "score.chunk_size=40", f"score.batch_size={batch}"],
+            ),
+            out,
+            rater_dir=workdir,
+        )
+        for batch, out in outs.items()
+    }
     small, large = (pq.read_table(outs[b]) for b in (7, 64))
-    np.testing.assert_allclose(small.column("score").to_numpy(),
-                               large.column("score").to_numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        small.column("score").to_numpy(), large.column("score").to_numpy(), rtol=1e-6, atol=1e-6
+    )
     expected = rating.score_source(program, state["rater_ema"], data.pool, 16)
     np.testing.assert_array_equal(large.column("id").to_numpy(), data.pool.ids)
     np.testing.assert_allclose(large.column("score").to_numpy(), expected, rtol=1e-6, atol=1e-6)
@@ -335,8 +406,10 @@ def test_rater_scores_equal_the_rating_runs_own_scores(rating_run, tmp_path):
 
 
 def test_heuristic_run_writes_and_then_skips(tmp_path):
-    cfg = load_config("configs/demo.yaml", TINY + ["score.scorer=clarity", "score.batch_size=16",
-                                                   "score.chunk_size=40"])
+    cfg = load_config(
+        "configs/demo.yaml",
+        TINY + ["score.scorer=clarity", "score.batch_size=16", "score.chunk_size=40"],
+    )
     out = tmp_path / "ratings" / "clarity.parquet"
     first = scoring.run(cfg, out)
     assert first["count"] == 96 and first["samples_per_s"] > 0
@@ -346,7 +419,8 @@ def test_heuristic_run_writes_and_then_skips(tmp_path):
     assert again["seconds"] == 0 and out.stat().st_mtime_ns == stamp
     assert again["score_mean"] == pytest.approx(first["score_mean"])
     fingerprint = lambda *extra: scoring.config_fingerprint(  # noqa: E731
-        load_config("configs/demo.yaml", TINY + ["score.scorer=clarity", *extra]))
+        load_config("configs/demo.yaml", TINY + ["score.scorer=clarity", *extra])
+    )
     assert fingerprint() == scoring.read_metadata(out)["config_sha256"]
     assert fingerprint("score.batch_size=5", "score.draws=9") == fingerprint()  # no effect
     assert fingerprint("data.seed=1") != fingerprint()
@@ -358,8 +432,9 @@ def test_rater_errors_name_what_is_missing(rating_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "pass --rater DIR" in err and len(err.splitlines()) == 1
     with pytest.raises(ValueError, match="--rater is read by score.scorer=rater only"):
-        scoring.run(load_config(None, ["score.scorer=clarity"]), tmp_path / "c.parquet",
-                    rater_dir=workdir)
+        scoring.run(
+            load_config(None, ["score.scorer=clarity"]), tmp_path / "c.parquet", rater_dir=workdir
+        )
     data_cfg = load_config("configs/demo.yaml", TINY).data
     with pytest.raises(ValueError, match=f"{tmp_path} is not a rating run: it has no config"):
         scoring.open_rating_run(tmp_path, data_cfg)
@@ -372,9 +447,17 @@ def test_rater_errors_name_what_is_missing(rating_run, tmp_path, capsys):
 
 
 def test_loss_scorer_trains_its_proxy_on_the_validation_set(tmp_path):
-    cfg = load_config("configs/demo.yaml", TINY + [
-        "score.scorer=loss", "score.proxy_steps=3", "score.draws=1", "score.batch_size=32",
-        "train.batch_size=8"])
+    cfg = load_config(
+        "configs/demo.yaml",
+        TINY
+        + [
+            "score.scorer=loss",
+            "score.proxy_steps=3",
+            "score.draws=1",
+            "score.batch_size=32",
+            "train.batch_size=8",
+        ],
+    )
     out = tmp_path / "loss.parquet"
     summary = scoring.run(cfg, out)
     table = pq.read_table(out)
@@ -385,5 +468,6 @@ def test_loss_scorer_trains_its_proxy_on_the_validation_set(tmp_path):
     assert scoring.read_metadata(out)["config_sha256"] == scoring.config_fingerprint(cfg)
     # The fingerprint follows the proxy's training config, not the other scorers' settings.
     changed = lambda *extra: scoring.config_fingerprint(  # noqa: E731
-        load_config("configs/demo.yaml", TINY + ["score.scorer=loss", *extra]))
+        load_config("configs/demo.yaml", TINY + ["score.scorer=loss", *extra])
+    )
     assert changed("train.learning_rate=0.5") != changed() == changed("score.early_steps=7")

@@ -15,8 +15,9 @@ def test_kmeans_recovers_planted_clusters_from_text_embeddings():
     centers = rng.normal(size=(5, 16))
     planted = rng.integers(0, 5, size=300)
     tokens = centers[planted][:, None, :] + 0.1 * rng.normal(size=(300, 3, 16))
-    source = ArraySource("embedded", np.arange(300), None, None,
-                         extra={"text_embedding": tokens.astype(np.float32)})
+    source = ArraySource(
+        "embedded", np.arange(300), None, None, extra={"text_embedding": tokens.astype(np.float32)}
+    )
     groups, names = selection.cluster_groups(source, "auto", clusters=5, seed=0)
     assert names == [f"cluster {j}" for j in range(5)]
     table = np.zeros((5, 5), int)
@@ -48,8 +49,9 @@ def test_auto_grouping_and_its_errors():
     repeated = ArraySource("r", np.arange(20), None, captions)
     groups, names = selection.cluster_groups(repeated, "auto", 4, 0)
     assert names == ["a cat", "a dog"] and groups.tolist()[:3] == [0, 1, 0]
-    distinct = ArraySource("d", np.arange(6), None, [f"a photo of {w}" for w in
-                                                     "one two three four five six".split()])
+    distinct = ArraySource(
+        "d", np.arange(6), None, [f"a photo of {w}" for w in "one two three four five six".split()]
+    )
     groups, names = selection.cluster_groups(distinct, "auto", 2, 0)
     assert len(names) == 2 and names[0].startswith("cluster 0: a photo of")
     assert selection.cluster_groups(distinct, "none", 2, 0)[1] == ["all"]
@@ -64,11 +66,18 @@ def test_auto_grouping_and_its_errors():
 
 def test_grouping_dispatch_covers_exactly_the_configured_groupings():
     assert sorted(clusters.GROUPERS) == sorted(GROUPINGS)
-    source = ArraySource("l", np.arange(20), None, ["a cat", "a dog"] * 10,
-                         labels=np.arange(20) % 3)
-    used = {group_by: clusters.resolve_grouping(source, group_by, 2, 0)[0]
-            for group_by in GROUPINGS}
-    assert used == {"auto": "label", "label": "label", "caption": "caption",
-                    "kmeans": "kmeans", "none": "none"}
+    source = ArraySource(
+        "l", np.arange(20), None, ["a cat", "a dog"] * 10, labels=np.arange(20) % 3
+    )
+    used = {
+        group_by: clusters.resolve_grouping(source, group_by, 2, 0)[0] for group_by in GROUPINGS
+    }
+    assert used == {
+        "auto": "label",
+        "label": "label",
+        "caption": "caption",
+        "kmeans": "kmeans",
+        "none": "none",
+    }
     with pytest.raises(ValueError, match="unknown select.group_by 'words'; valid: auto, label"):
         selection.cluster_groups(source, "words", 2, 0)

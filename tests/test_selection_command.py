@@ -20,8 +20,10 @@ def test_collapse_before_the_budget_on_a_pool():
     # and a pair (ids 2, 3). Only the best copy competes, and the budget is 5 of all 10.
     source = ArraySource("p", np.arange(10), None, None, labels=np.array([0] * 5 + [1] * 5))
     first = np.array([9.0, 1.0, 8.0, 7.0, 2.0, 8.5, 3.0, 8.8, 4.0, 5.0])
-    ratings = {"a.parquet": (np.arange(10), first),
-               "b.parquet": (np.arange(10)[::-1], first[::-1] * 100)}
+    ratings = {
+        "a.parquet": (np.arange(10), first),
+        "b.parquet": (np.arange(10)[::-1], first[::-1] * 100),
+    }
     duplicates = ("dedup.parquet", (np.arange(10), np.array([0, 1, 2, 2, 4, 0, 6, 0, 8, 9])))
     config = SelectConfig(policy="topk", keep=0.5)
     chosen, summary = selection.select_for_source(config, ratings, source, duplicates=duplicates)
@@ -41,28 +43,39 @@ def test_mismatched_ids_and_weights_name_the_file():
     source = ArraySource("p", np.arange(10, 20), None, None, labels=np.zeros(10, np.int64))
     good = (np.arange(10, 20), np.arange(10.0))
     config = SelectConfig(keep=0.5)
-    for ids, message in [(np.arange(11, 20), "b.parquet: 1 pool ids are missing (e.g. id 10)"),
-                         (np.arange(11, 21), "b.parquet: 1 of its ids are not in the pool "
-                                             "(e.g. id 20)")]:
+    for ids, message in [
+        (np.arange(11, 20), "b.parquet: 1 pool ids are missing (e.g. id 10)"),
+        (np.arange(11, 21), "b.parquet: 1 of its ids are not in the pool (e.g. id 20)"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(f"ratings file {message}")):
-            selection.select_for_source(config, {"a.parquet": good,
-                                                 "b.parquet": (ids, np.zeros(len(ids)))}, source)
+            selection.select_for_source(
+                config, {"a.parquet": good, "b.parquet": (ids, np.zeros(len(ids)))}, source
+            )
         with pytest.raises(ValueError, match=re.escape(f"dedup file {message}")):
-            selection.select_for_source(config, {"a.parquet": good}, source,
-                                        duplicates=("b.parquet", (ids, ids)))
-    with pytest.raises(ValueError, match=re.escape(
-            "select.weights has 3 values for 2 ratings files (a.parquet, b.parquet)")):
-        selection.select_for_source(SelectConfig(weights=(1.0, 2.0, 3.0)),
-                                    {"a.parquet": good, "b.parquet": good}, source)
+            selection.select_for_source(
+                config, {"a.parquet": good}, source, duplicates=("b.parquet", (ids, ids))
+            )
+    with pytest.raises(
+        ValueError,
+        match=re.escape("select.weights has 3 values for 2 ratings files (a.parquet, b.parquet)"),
+    ):
+        selection.select_for_source(
+            SelectConfig(weights=(1.0, 2.0, 3.0)), {"a.parquet": good, "b.parquet": good}, source
+        )
 
 
-TINY = ["data.pool.train_size=200", "data.pool.validation_size=20", "data.pool.test_size=20",
-        "select.keep=0.3"]
+TINY = [
+    "data.pool.train_size=200",
+    "data.pool.validation_size=20",
+    "data.pool.test_size=20",
+    "select.keep=0.3",
+]
 
 
 def _write_ratings(path, ids, scores):
-    pq.write_table(pa.table({"id": pa.array(ids, pa.int64()),
-                             "score": pa.array(scores, pa.float32())}), path)
+    pq.write_table(
+        pa.table({"id": pa.array(ids, pa.int64()), "score": pa.array(scores, pa.float32())}), path
+    )
 
 
 def test_run_end_to_end_and_bad_ratings(tmp_path, capsys):
@@ -79,9 +92,15 @@ def test_run_end_to_end_and_bad_ratings(tmp_path, capsys):
     assert table.schema.field("id").type == pa.int64()
     assert len(chosen) == 60 and np.isin(chosen, pool_ids).all()
     recipe = json.loads(table.schema.metadata[selection.PARQUET_METADATA_KEY])
-    assert recipe == {"policy": "filter", "keep": 0.3, "group_by": "label",
-                      "params": {"drop": 0.25, "seed": 0}, "ratings": [str(ratings)],
-                      "weights": [1.0], "dedup": None}
+    assert recipe == {
+        "policy": "filter",
+        "keep": 0.3,
+        "group_by": "label",
+        "params": {"drop": 0.25, "seed": 0},
+        "ratings": [str(ratings)],
+        "weights": [1.0],
+        "dedup": None,
+    }
     written = json.loads(out.with_suffix(".json").read_text())
     assert written == summary and written["count"] == 60 and written["pool_size"] == 200
     assert len(written["cluster_keep_rates"]) == 20
@@ -89,21 +108,42 @@ def test_run_end_to_end_and_bad_ratings(tmp_path, capsys):
     sizes = np.bincount(pool.labels)
     shares = selection.allocate(60, sizes)
     assert written["cluster_keep_rates"] == pytest.approx(
-        {f"label {label}": shares[label] / sizes[label] for label in range(20)})
-    assert ("selected 60 of 200 samples (filter, keep 0.3, 1 ratings file) in 20 clusters by "
-            "label") in capsys.readouterr().out
+        {f"label {label}": shares[label] / sizes[label] for label in range(20)}
+    )
+    assert (
+        "selected 60 of 200 samples (filter, keep 0.3, 1 ratings file) in 20 clusters by label"
+    ) in capsys.readouterr().out
 
     # The command line runs the same function (--policy / --keep are config shortcuts).
-    assert cli.main(["select", "--config", "configs/demo.yaml", *TINY, "--ratings",
-                     str(ratings), "--out", str(tmp_path / "top.parquet"), "--policy", "topk",
-                     "--keep", "0.25"]) == 0
+    assert (
+        cli.main(
+            [
+                "select",
+                "--config",
+                "configs/demo.yaml",
+                *TINY,
+                "--ratings",
+                str(ratings),
+                "--out",
+                str(tmp_path / "top.parquet"),
+                "--policy",
+                "topk",
+                "--keep",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     assert pq.read_table(tmp_path / "top.parquet").num_rows == 50
 
     bad = tmp_path / "bad.parquet"
     for ids, scores, message in [
         (pool_ids[1:], np.zeros(199), f"1 pool ids are missing (e.g. id {pool_ids[0]})"),
-        (np.r_[pool_ids, 10**9], np.zeros(201), "1 of its ids are not in the pool (e.g. id "
-                                                "1000000000)"),
+        (
+            np.r_[pool_ids, 10**9],
+            np.zeros(201),
+            "1 of its ids are not in the pool (e.g. id 1000000000)",
+        ),
         (np.r_[pool_ids, pool_ids[0]], np.zeros(201), f"id {pool_ids[0]} appears 2 times"),
         (pool_ids, np.r_[np.nan, np.zeros(199)], "1 scores are NaN"),
     ]:
@@ -120,12 +160,22 @@ def test_select_for_source_matches_select():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=60)
     ids = rng.permutation(600)[:60].astype(np.int64)
-    source = ArraySource("s", np.sort(ids), None, ["a cat", "a dog", "a car"] * 20,
-                         labels=np.sort(ids) % 4)
+    source = ArraySource(
+        "s", np.sort(ids), None, ["a cat", "a dog", "a car"] * 20, labels=np.sort(ids) % 4
+    )
     config = SelectConfig(policy="shift_gsample", keep=0.4, seed=5)
     chosen, summary = selection.select_for_source(config, {"r.parquet": (ids, scores)}, source)
-    expected = selection.select(scores, ids, policy="shift_gsample", keep=0.4, seed=5,
-                                groups=ids % 4, head=0.25, mu=0.54, sigma=0.25)
+    expected = selection.select(
+        scores,
+        ids,
+        policy="shift_gsample",
+        keep=0.4,
+        seed=5,
+        groups=ids % 4,
+        head=0.25,
+        mu=0.54,
+        sigma=0.25,
+    )
     np.testing.assert_array_equal(chosen, expected)
     assert summary["params"] == {"head": 0.25, "mu": 0.54, "sigma": 0.25, "seed": 5}
     assert summary["group_by"] == "label" and summary["policy"] == "shift_gsample"
@@ -143,21 +193,55 @@ def test_command_fuses_files_collapses_duplicates_and_records_its_inputs(tmp_pat
     _write_ratings(paths[1], pool_ids[order], second[order])  # rows in another order
     duplicate_groups = np.r_[np.arange(40) // 2, 20 + np.arange(160)]  # 20 pairs
     dedup = tmp_path / "dedup.parquet"
-    pq.write_table(pa.table({
-        "id": pa.array(pool_ids, pa.int64()), "group": pa.array(duplicate_groups, pa.int64()),
-        "group_size": pa.array(np.bincount(duplicate_groups)[duplicate_groups], pa.int32())}),
-        dedup)
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array(pool_ids, pa.int64()),
+                "group": pa.array(duplicate_groups, pa.int64()),
+                "group_size": pa.array(np.bincount(duplicate_groups)[duplicate_groups], pa.int32()),
+            }
+        ),
+        dedup,
+    )
     out = tmp_path / "fused.parquet"
     # Overrides may follow the ratings files.
-    assert cli.main(["select", "--config", "configs/demo.yaml", *TINY, "--ratings",
-                     *map(str, paths), "select.weights=[2.0,1.0]", "--dedup", str(dedup),
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "select",
+                "--config",
+                "configs/demo.yaml",
+                *TINY,
+                "--ratings",
+                *map(str, paths),
+                "select.weights=[2.0,1.0]",
+                "--dedup",
+                str(dedup),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     chosen = pq.read_table(out).column("id").to_numpy()
-    fused = np.exp((2 * np.log(selection.rank_normalize(first.astype(np.float32), labels))
-                    + np.log(selection.rank_normalize(second.astype(np.float32), labels))) / 3)
+    fused = np.exp(
+        (
+            2 * np.log(selection.rank_normalize(first.astype(np.float32), labels))
+            + np.log(selection.rank_normalize(second.astype(np.float32), labels))
+        )
+        / 3
+    )
     eligible = selection.best_of_duplicates(fused, pool_ids, duplicate_groups)
-    expected = selection.select(fused, pool_ids, policy="filter", keep=0.3, seed=0,
-                                groups=labels, eligible=eligible, drop=0.25)
+    expected = selection.select(
+        fused,
+        pool_ids,
+        policy="filter",
+        keep=0.3,
+        seed=0,
+        groups=labels,
+        eligible=eligible,
+        drop=0.25,
+    )
     np.testing.assert_array_equal(chosen, expected)
     assert len(chosen) == 60 and eligible.sum() == 180
     assert np.bincount(duplicate_groups[np.isin(pool_ids, chosen)]).max() == 1

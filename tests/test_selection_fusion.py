@@ -18,8 +18,11 @@ def test_rank_normalize_within_clusters_by_hand():
     expected = [3 / 4, 1 / 8, 3 / 4, 3 / 8, 1.5 / 3, 0.5 / 3, 2.5 / 3, 0.5]
     np.testing.assert_allclose(selection.rank_normalize(scores, groups), expected, atol=1e-15)
     # One group: ascending ranks -1 -> 1, 0.5 -> 2, 1 -> 3, 2 -> 4, the 3s 5.5, 4 -> 7, 7 -> 8.
-    np.testing.assert_allclose(selection.rank_normalize(scores), np.array([
-        5.0, 2.5, 5.0, 3.5, 1.5, 0.5, 7.5, 6.5]) / 8, atol=1e-15)
+    np.testing.assert_allclose(
+        selection.rank_normalize(scores),
+        np.array([5.0, 2.5, 5.0, 3.5, 1.5, 0.5, 7.5, 6.5]) / 8,
+        atol=1e-15,
+    )
 
 
 def test_fusion_ignores_scales_and_per_cluster_offsets():
@@ -29,12 +32,13 @@ def test_fusion_ignores_scales_and_per_cluster_offsets():
     fused = selection.fuse([first, second], groups=groups)
     # A scorer on another scale with a different offset in every cluster fuses identically.
     rescaled = 1000 * second + 50 * groups
-    np.testing.assert_allclose(selection.fuse([first, rescaled], groups=groups), fused,
-                               atol=1e-15)
+    np.testing.assert_allclose(selection.fuse([first, rescaled], groups=groups), fused, atol=1e-15)
     assert fused.min() > 0 and fused.max() < 1
     np.testing.assert_allclose(
-        fused, np.sqrt(selection.rank_normalize(first, groups)
-                       * selection.rank_normalize(second, groups)), atol=1e-15)
+        fused,
+        np.sqrt(selection.rank_normalize(first, groups) * selection.rank_normalize(second, groups)),
+        atol=1e-15,
+    )
 
 
 def test_weights_change_the_order_as_computed_by_hand():
@@ -44,15 +48,18 @@ def test_weights_change_the_order_as_computed_by_hand():
     # Geometric means: (7·1, 5·3, 3·7, 1·5)^(1/2) / 8 = 0.331, 0.484, 0.573, 0.280.
     np.testing.assert_allclose(selection.fuse([a, b]), np.sqrt([7, 15, 21, 5]) / 8, atol=1e-15)
     # (a^3 b)^(1/4): (343, 375, 189, 5)^(1/4) / 8 = 0.538, 0.550, 0.464, 0.187.
-    np.testing.assert_allclose(selection.fuse([a, b], [3, 1]),
-                               np.array([343, 375, 189, 5]) ** 0.25 / 8, atol=1e-15)
+    np.testing.assert_allclose(
+        selection.fuse([a, b], [3, 1]), np.array([343, 375, 189, 5]) ** 0.25 / 8, atol=1e-15
+    )
     # (a b^3)^(1/4): (7, 135, 1029, 125)^(1/4) / 8 = 0.203, 0.426, 0.708, 0.418.
-    np.testing.assert_allclose(selection.fuse([a, b], [1, 3]),
-                               np.array([7, 135, 1029, 125]) ** 0.25 / 8, atol=1e-15)
+    np.testing.assert_allclose(
+        selection.fuse([a, b], [1, 3]), np.array([7, 135, 1029, 125]) ** 0.25 / 8, atol=1e-15
+    )
 
     def top_half(weights):
-        return selection.select(selection.fuse([a, b], weights), ids, policy="topk", keep=0.5,
-                                seed=0).tolist()
+        return selection.select(
+            selection.fuse([a, b], weights), ids, policy="topk", keep=0.5, seed=0
+        ).tolist()
 
     assert top_half(None) == [1, 2]
     assert top_half([3, 1]) == [0, 1]
@@ -78,8 +85,9 @@ def test_a_duplicate_group_keeps_exactly_its_best_member():
 
 def test_summary_by_hand():
     groups = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
-    summary = selection.summarize(HAND_SCORES, HAND_IDS, np.array([10, 15, 19]), groups,
-                                  ["a", "b", "c"], {"drop": 0.25})
+    summary = selection.summarize(
+        HAND_SCORES, HAND_IDS, np.array([10, 15, 19]), groups, ["a", "b", "c"], {"drop": 0.25}
+    )
     assert summary["count"] == 3 and summary["pool_size"] == 10
     assert summary["cluster_keep_rates"] == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 4})
     # global percentiles: 10 -> 0.0, 15 -> 0.1, 19 -> 0.9 (bins of width 0.05)

@@ -37,8 +37,9 @@ def test_exact_count_and_cluster_shares(policy):
     scores, ids, groups = _pool()
     for keep in (0.1, 0.37, 0.5, 0.7):
         for group_of in (None, groups):
-            chosen = selection.select(scores, ids, policy=policy, keep=keep, seed=3,
-                                      groups=group_of)
+            chosen = selection.select(
+                scores, ids, policy=policy, keep=keep, seed=3, groups=group_of
+            )
             assert chosen.dtype == np.int64 and np.all(np.diff(chosen) > 0)
             assert len(chosen) == round(keep * len(ids)) and np.isin(chosen, ids).all()
             if group_of is not None:
@@ -54,8 +55,7 @@ def test_largest_remainder_allocation_by_hand():
     assert selection.allocate(10, np.array([5, 3, 2])).tolist() == [5, 3, 2]
     # The shares decide the per-cluster counts of a real selection: 5 of 10, clusters 3/3/4.
     groups = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
-    chosen = selection.select(HAND_SCORES, HAND_IDS, policy="topk", keep=0.5, seed=0,
-                              groups=groups)
+    chosen = selection.select(HAND_SCORES, HAND_IDS, policy="topk", keep=0.5, seed=0, groups=groups)
     # cluster 0 = ids 10-12 -> best two 10, 12; 1 = 13-15 -> best one 15; 2 = 16-19 -> 17, 18
     assert chosen.tolist() == [10, 12, 15, 17, 18]
 
@@ -66,8 +66,9 @@ def test_deterministic_from_seed_and_row_order(policy):
     first = selection.select(scores, ids, policy=policy, keep=0.4, seed=7, groups=groups)
     again = selection.select(scores, ids, policy=policy, keep=0.4, seed=7, groups=groups)
     shuffle = np.random.default_rng(1).permutation(len(ids))
-    shuffled = selection.select(scores[shuffle], ids[shuffle], policy=policy, keep=0.4, seed=7,
-                                groups=groups[shuffle])
+    shuffled = selection.select(
+        scores[shuffle], ids[shuffle], policy=policy, keep=0.4, seed=7, groups=groups[shuffle]
+    )
     other = selection.select(scores, ids, policy=policy, keep=0.4, seed=8, groups=groups)
     np.testing.assert_array_equal(first, again)
     np.testing.assert_array_equal(first, shuffled)
@@ -81,8 +82,9 @@ def test_deterministic_from_seed_and_row_order(policy):
 
 def test_deterministic_policies_by_hand():
     def pick(policy, keep=0.3, **params):
-        return selection.select(HAND_SCORES, HAND_IDS, policy=policy, keep=keep, seed=0,
-                                **params).tolist()
+        return selection.select(
+            HAND_SCORES, HAND_IDS, policy=policy, keep=keep, seed=0, **params
+        ).tolist()
 
     assert pick("topk") == [10, 13, 15]
     assert pick("bottomk") == [11, 16, 19]
@@ -90,8 +92,9 @@ def test_deterministic_policies_by_hand():
     assert pick("block", keep=0.5, start=0.5) == [11, 14, 16, 18, 19]
     assert pick("threshold") == [10, 13, 15]  # None: the keep quantile
     assert pick("threshold", threshold=0.55) == [10, 13, 15, 17]  # every score >= 0.55
-    ties = selection.select(np.array([1.0, 1.0, 1.0, 0.0]), np.array([4, 3, 2, 1]),
-                            policy="topk", keep=0.5, seed=0)
+    ties = selection.select(
+        np.array([1.0, 1.0, 1.0, 0.0]), np.array([4, 3, 2, 1]), policy="topk", keep=0.5, seed=0
+    )
     assert ties.tolist() == [2, 3]  # ties ranked by id
 
 
@@ -102,12 +105,13 @@ def test_filter_never_picks_the_bottom_and_fills_uniformly():
     scores = rng.normal(size=16)
     ids = np.arange(16)
     groups = np.repeat([0, 1], 8)
-    worst = np.concatenate([g * 8 + np.argsort(scores[g * 8:(g + 1) * 8])[:2] for g in (0, 1)])
+    worst = np.concatenate([g * 8 + np.argsort(scores[g * 8 : (g + 1) * 8])[:2] for g in (0, 1)])
     seeds = 2000
     frequency = np.zeros(16)
     for seed in range(seeds):
-        chosen = selection.select(scores, ids, policy="filter", keep=0.5, seed=seed,
-                                  groups=groups, drop=0.25)
+        chosen = selection.select(
+            scores, ids, policy="filter", keep=0.5, seed=seed, groups=groups, drop=0.25
+        )
         frequency[chosen] += 1 / seeds
     assert frequency[worst].max() == 0.0
     survivors = np.setdiff1d(ids, worst)
@@ -122,8 +126,11 @@ def test_gaussian_first_pick_follows_its_weights():
     weights = np.exp(-((np.arange(5) / 5 - 0.3) ** 2) / (2 * 0.2**2))
     counts = np.zeros(5)
     for seed in range(3000):
-        counts[selection.select(scores, np.arange(5), policy="gsample", keep=0.2, seed=seed,
-                                mu=0.3, sigma=0.2)] += 1
+        counts[
+            selection.select(
+                scores, np.arange(5), policy="gsample", keep=0.2, seed=seed, mu=0.3, sigma=0.2
+            )
+        ] += 1
     np.testing.assert_allclose(counts / 3000, weights / weights.sum(), atol=0.03)
 
 
@@ -133,8 +140,11 @@ def test_weighted_first_pick_follows_softmax_of_z_scores():
     expected = np.exp(z / 0.5) / np.exp(z / 0.5).sum()
     counts = np.zeros(4)
     for seed in range(3000):
-        counts[selection.select(scores, np.arange(4), policy="weighted", keep=0.25, seed=seed,
-                                temperature=0.5)] += 1
+        counts[
+            selection.select(
+                scores, np.arange(4), policy="weighted", keep=0.25, seed=seed, temperature=0.5
+            )
+        ] += 1
     np.testing.assert_allclose(counts / 3000, expected, atol=0.03)
 
 
@@ -142,18 +152,29 @@ def test_shift_gsample_skips_the_head_and_centres_on_mu():
     scores = np.random.default_rng(0).normal(size=1000)
     ids = np.arange(1000)
     percentile = selection.rank_percentiles(scores, ids)
-    chosen = np.concatenate([
-        percentile[selection.select(scores, ids, policy="shift_gsample", keep=0.2, seed=seed,
-                                    mu=0.54, sigma=0.1)] for seed in range(5)])
+    chosen = np.concatenate(
+        [
+            percentile[
+                selection.select(
+                    scores, ids, policy="shift_gsample", keep=0.2, seed=seed, mu=0.54, sigma=0.1
+                )
+            ]
+            for seed in range(5)
+        ]
+    )
     assert chosen.min() >= 0.25  # head None at keep 0.2: min(0.25, 0.95 - 0.2)
     assert abs(chosen.mean() - 0.54) < 0.01 and abs(np.median(chosen) - 0.54) < 0.01
     assert chosen.std() < 0.15  # concentrated (uniform on [0.25, 1): 0.217)
     # gsample has no head; an explicit head drops exactly that top fraction.
-    near_top = percentile[selection.select(scores, ids, policy="gsample", keep=0.2, seed=0,
-                                           mu=0.1, sigma=0.1)]
+    near_top = percentile[
+        selection.select(scores, ids, policy="gsample", keep=0.2, seed=0, mu=0.1, sigma=0.1)
+    ]
     assert near_top.min() < 0.05
-    headless = percentile[selection.select(scores, ids, policy="shift_gsample", keep=0.2,
-                                           seed=0, head=0.1, mu=0.1, sigma=0.1)]
+    headless = percentile[
+        selection.select(
+            scores, ids, policy="shift_gsample", keep=0.2, seed=0, head=0.1, mu=0.1, sigma=0.1
+        )
+    ]
     assert headless.min() == 0.1
     assert selection.resolve_params("shift_gsample", 0.9)["head"] == pytest.approx(0.05)
     assert selection.resolve_params("shift_gsample", 0.5)["head"] == 0.25
@@ -162,8 +183,9 @@ def test_shift_gsample_skips_the_head_and_centres_on_mu():
 def test_threshold_and_cdf_accept_counts():
     scores, ids, groups = _pool(size=400)
     for group_of in (None, groups):
-        chosen = selection.select(scores, ids, policy="threshold", keep=0.5, seed=0,
-                                  groups=group_of, threshold=0.3)
+        chosen = selection.select(
+            scores, ids, policy="threshold", keep=0.5, seed=0, groups=group_of, threshold=0.3
+        )
         assert len(chosen) == int((scores >= 0.3).sum())
     # cdf_accept: the probabilities of every cluster sum exactly to its share ...
     members = groups == 0
@@ -173,14 +195,22 @@ def test_threshold_and_cdf_accept_counts():
         assert np.all(np.diff(p[np.argsort(scores[members])]) >= 0)  # better, likelier
     assert selection.cdf_acceptance(np.arange(4.0), 4, 1.0).tolist() == [1, 1, 1, 1]
     # ... so the count averages round(keep * N) = 120; sd <= sqrt(120 * 0.7) / sqrt(300) = 0.53.
-    counts = [len(selection.select(scores, ids, policy="cdf_accept", keep=0.3, seed=seed,
-                                   groups=groups)) for seed in range(300)]
+    counts = [
+        len(selection.select(scores, ids, policy="cdf_accept", keep=0.3, seed=seed, groups=groups))
+        for seed in range(300)
+    ]
     assert abs(np.mean(counts) - 120) < 2.0
     # A low temperature concentrates acceptance on the best scores.
     percentile = selection.rank_percentiles(scores, ids)
-    sharp, flat = (percentile[np.isin(ids, selection.select(
-        scores, ids, policy="cdf_accept", keep=0.3, seed=0, temperature=t))].mean()
-        for t in (0.1, 10.0))
+    sharp, flat = (
+        percentile[
+            np.isin(
+                ids,
+                selection.select(scores, ids, policy="cdf_accept", keep=0.3, seed=0, temperature=t),
+            )
+        ].mean()
+        for t in (0.1, 10.0)
+    )
     assert sharp < 0.2 < 0.4 < flat
 
 
@@ -189,15 +219,19 @@ def test_errors_name_the_problem():
 
     def call(**kwargs):
         arguments = {"policy": "filter", "keep": 0.5, "seed": 0, **kwargs}
-        return selection.select(arguments.pop("scores", scores), arguments.pop("ids", ids),
-                                **arguments)
+        return selection.select(
+            arguments.pop("scores", scores), arguments.pop("ids", ids), **arguments
+        )
 
     with pytest.raises(ValueError, match=r"select.keep must be in \(0, 1\], got 0"):
         call(keep=0.0)
     with pytest.raises(ValueError, match="select.keep must be in"):
         call(keep=1.5)
-    with pytest.raises(ValueError, match="unknown selection policy 'best'; valid policies: "
-                                         "filter, shift_gsample, gsample, topk"):
+    with pytest.raises(
+        ValueError,
+        match="unknown selection policy 'best'; valid policies: "
+        "filter, shift_gsample, gsample, topk",
+    ):
         call(policy="best")
     with pytest.raises(ValueError, match=r"scores \(19,\) and ids \(20,\)"):
         call(scores=scores[:19])
@@ -229,18 +263,25 @@ def test_keep_count_exact_after_collapsing_and_never_two_duplicates(policy):
     eligible = selection.best_of_duplicates(scores, ids, duplicates)
     assert eligible.sum() == len(np.unique(duplicates))
     for keep in (0.2, 0.5, 0.55):
-        chosen = selection.select(scores, ids, policy=policy, keep=keep, seed=3, groups=groups,
-                                  eligible=eligible)
+        chosen = selection.select(
+            scores, ids, policy=policy, keep=keep, seed=3, groups=groups, eligible=eligible
+        )
         assert len(chosen) == round(keep * 203)  # the budget counts the whole pool
         picked = np.isin(ids, chosen)
         assert not picked[~eligible].any()
         assert np.bincount(duplicates[picked]).max() == 1
         # Shares follow the eligible members of each cluster.
         kept = np.bincount(groups[picked], minlength=groups.max() + 1)
-        np.testing.assert_array_equal(kept, selection.allocate(
-            len(chosen), np.bincount(groups[eligible], minlength=groups.max() + 1)))
-    with pytest.raises(ValueError, match=f"select.keep=0.7 asks for 142 samples but only "
-                                         f"{eligible.sum()} of 203 are eligible"):
+        np.testing.assert_array_equal(
+            kept,
+            selection.allocate(
+                len(chosen), np.bincount(groups[eligible], minlength=groups.max() + 1)
+            ),
+        )
+    with pytest.raises(
+        ValueError,
+        match=f"select.keep=0.7 asks for 142 samples but only {eligible.sum()} of 203 are eligible",
+    ):
         selection.select(scores, ids, policy=policy, keep=0.7, seed=3, eligible=eligible)
 
 

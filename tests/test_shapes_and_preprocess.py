@@ -10,8 +10,10 @@ from alchemist_jax.data import preprocess, shapes
 
 def test_shapes_deterministic_and_captions_match_pixels():
     config = DataConfig(shapes=ShapesConfig(size=50, resolution=32, seed=3))
-    first, again = data.load("shapes", "train", config=config), shapes.ShapesSource(
-        "train", config.shapes)
+    first, again = (
+        data.load("shapes", "train", config=config),
+        shapes.ShapesSource("train", config.shapes),
+    )
     assert len(first) == 50
     for i in (0, 17, 49):
         a, b = first[i], again[i]
@@ -43,7 +45,8 @@ def test_shapes_ids_per_split_and_seed():
     assert train.ids.tolist() == [0, 1, 2, 3, 4]
     assert test.ids.tolist() == [2_000_000_000 + i for i in range(5)]
     assert train[0]["caption"] != test[0]["caption"] or not np.array_equal(
-        train[0]["image"], test[0]["image"])
+        train[0]["image"], test[0]["image"]
+    )
     other_seed = shapes.ShapesSource("train", ShapesConfig(size=5, seed=1))
     assert [train[i]["caption"] for i in range(5)] != [other_seed[i]["caption"] for i in range(5)]
     assert train.labels.tolist() == [train[i]["label"] for i in range(5)]
@@ -66,9 +69,14 @@ def test_resize_center_crop():
 
 def test_preprocessor_output():
     transform = preprocess.Preprocessor(resolution=16, channels=1, max_text_length=12)
-    example = {"id": np.int64(7), "image": np.array([[[0], [255]], [[255], [0]]], np.uint8),
-               "caption": "a photo of a cat", "label": np.int64(2), "source": "x",
-               "latent": np.ones((2, 2, 4), np.float64)}
+    example = {
+        "id": np.int64(7),
+        "image": np.array([[[0], [255]], [[255], [0]]], np.uint8),
+        "caption": "a photo of a cat",
+        "label": np.int64(2),
+        "source": "x",
+        "latent": np.ones((2, 2, 4), np.float64),
+    }
     out = transform(example)
     assert set(out) == {"id", "image", "tokens", "token_mask", "label", "latent"}
     assert out["image"].shape == (16, 16, 1) and out["image"].dtype == np.float32

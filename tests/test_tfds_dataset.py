@@ -8,8 +8,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import registered
 
 from alchemist_jax.data.sources import ArraySource, Source
-from alchemist_jax.data.tfds_dataset import (TfdsSource, find_tfds_dir, is_tfds_dir,
-                                             prepare_tfds)
+from alchemist_jax.data.tfds_dataset import TfdsSource, find_tfds_dir, is_tfds_dir, prepare_tfds
 
 
 def _array_source(name, n, first_id, seed):
@@ -40,8 +39,10 @@ def _assert_same(expected: Source, got: Source):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    splits = {"train": _array_source("toy/train", 12, 1000, 0),
-              "validation": _array_source("toy/validation", 5, 5000, 1)}
+    splits = {
+        "train": _array_source("toy/train", 12, 1000, 0),
+        "validation": _array_source("toy/validation", 5, 5000, 1),
+    }
     out = tmp_path_factory.mktemp("tfds")
     return splits, out, prepare_tfds(splits, out, name="toy")
 
@@ -125,9 +126,15 @@ def test_precomputed_round_trip(tmp_path):
     n = 7
     rng = np.random.default_rng(2)
     source = ArraySource(
-        "pre", ids=10 + np.arange(n), images=None, captions=[f"c{i}" for i in range(n)],
-        extra={"latent": rng.normal(size=(n, 4, 4, 2)).astype(np.float32),
-               "text_embedding": rng.normal(size=(n, 6)).astype(np.float32)})
+        "pre",
+        ids=10 + np.arange(n),
+        images=None,
+        captions=[f"c{i}" for i in range(n)],
+        extra={
+            "latent": rng.normal(size=(n, 4, 4, 2)).astype(np.float32),
+            "text_embedding": rng.normal(size=(n, 6)).astype(np.float32),
+        },
+    )
     path = prepare_tfds({"train": source}, tmp_path, name="pre")
     loaded = TfdsSource(path, "train")
     _assert_same(source, loaded)
@@ -178,17 +185,23 @@ def test_foreign_dataset(tmp_path):
     images = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
 
     with registered.skip_registration():
+
         class Foreign(tfds.core.GeneratorBasedBuilder):
             VERSION = tfds.core.Version("0.1.0")
             code_path = None
 
             def _info(self):
-                return tfds.core.DatasetInfo(builder=self, disable_shuffling=True,
-                                             features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Tensor(shape=(4, 5), dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(num_classes=3),
-                    "file_name": tfds.features.Text(),
-                }))
+                return tfds.core.DatasetInfo(
+                    builder=self,
+                    disable_shuffling=True,
+                    features=tfds.features.FeaturesDict(
+                        {
+                            "image": tfds.features.Tensor(shape=(4, 5), dtype=np.uint8),
+                            "label": tfds.features.ClassLabel(num_classes=3),
+                            "file_name": tfds.features.Text(),
+                        }
+                    ),
+                )
 
             def _split_generators(self, dl_manager):
                 return {"train": self._generate_examples()}

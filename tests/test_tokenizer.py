@@ -13,14 +13,17 @@ def tok():
     return tokenizer.Tokenizer(max_length=77)
 
 
-@pytest.mark.parametrize("text, ids", [
-    ("a photo of a cat", [49406, 320, 1125, 539, 320, 2368, 49407]),
-    ("a photo of a dog", [49406, 320, 1125, 539, 320, 1929, 49407]),
-    ("hello world", [49406, 3306, 1002, 49407]),
-    ("A Photo  of a CAT", [49406, 320, 1125, 539, 320, 2368, 49407]),  # lower-cased, spaces
-    ("123", [49406, 272, 273, 274, 49407]),  # digits are split one by one
-    ("", [49406, 49407]),
-])
+@pytest.mark.parametrize(
+    "text, ids",
+    [
+        ("a photo of a cat", [49406, 320, 1125, 539, 320, 2368, 49407]),
+        ("a photo of a dog", [49406, 320, 1125, 539, 320, 1929, 49407]),
+        ("hello world", [49406, 3306, 1002, 49407]),
+        ("A Photo  of a CAT", [49406, 320, 1125, 539, 320, 2368, 49407]),  # lower-cased, spaces
+        ("123", [49406, 272, 273, 274, 49407]),  # digits are split one by one
+        ("", [49406, 49407]),
+    ],
+)
 def test_reference_ids(tok, text, ids):
     assert tok.ids(text) == ids
 

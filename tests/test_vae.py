@@ -47,13 +47,17 @@ def outputs():
             family = "_".join(name.split("_")[:2])
             checkpoint = vae.load_vae(FIXTURES / name)
             if family not in functions:
-                functions[family] = (vae.encode_fn(checkpoint),
-                                     vae.decode_fn(checkpoint, scaled=False))
+                functions[family] = (
+                    vae.encode_fn(checkpoint),
+                    vae.decode_fn(checkpoint, scaled=False),
+                )
             encode, decode = functions[family]
             mean, std = encode(checkpoint.params, REFERENCE[f"{family}/images"])
             decoded = decode(checkpoint.params, REFERENCE[f"{family}/latents"])
-            results[name] = checkpoint, {"mean": np.asarray(mean), "std": np.asarray(std),
-                                         "decoded": np.asarray(decoded)}
+            results[name] = (
+                checkpoint,
+                {"mean": np.asarray(mean), "std": np.asarray(std), "decoded": np.asarray(decoded)},
+            )
         return results[name]
 
     return run
@@ -89,10 +93,13 @@ def test_shapes_follow_the_architecture(outputs):
     assert "quant_conv" not in flux.params and "quant_conv" in sd.params
 
 
-@pytest.mark.parametrize("name, family, rounding", [("vae_sd_fp16", "vae_sd", "fp16"),
-                                                    ("vae_flux_bf16", "vae_flux", "bf16")])
-def test_rounded_weights_give_the_float32_outputs_within_their_rounding(outputs, name, family,
-                                                                        rounding):
+@pytest.mark.parametrize(
+    "name, family, rounding",
+    [("vae_sd_fp16", "vae_sd", "fp16"), ("vae_flux_bf16", "vae_flux", "bf16")],
+)
+def test_rounded_weights_give_the_float32_outputs_within_their_rounding(
+    outputs, name, family, rounding
+):
     _, rounded = outputs(name)
     _, full = outputs(family)
     for key in ("mean", "std", "decoded"):
@@ -119,9 +126,14 @@ def test_old_attention_names_and_conv_weights_load(tmp_path):
     shutil.copy(FIXTURES / "vae_sd" / "config.json", tmp_path)
     old = {}
     for key, value in safetensors.numpy.load_file(
-            FIXTURES / "vae_sd" / "diffusion_pytorch_model.safetensors").items():
-        for new, former in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"),
-                            ("to_out.0", "proj_attn")):
+        FIXTURES / "vae_sd" / "diffusion_pytorch_model.safetensors"
+    ).items():
+        for new, former in (
+            ("to_q", "query"),
+            ("to_k", "key"),
+            ("to_v", "value"),
+            ("to_out.0", "proj_attn"),
+        ):
             if f".attentions.0.{new}." in key:
                 key = key.replace(f".{new}.", f".{former}.")
                 if key.endswith("weight") and "encoder." in key:
@@ -129,8 +141,11 @@ def test_old_attention_names_and_conv_weights_load(tmp_path):
         old[key] = value
     assert "encoder.mid_block.attentions.0.proj_attn.weight" in old
     safetensors.numpy.save_file(old, tmp_path / "diffusion_pytorch_model.safetensors")
-    jax.tree.map(np.testing.assert_array_equal, vae.load_vae(tmp_path).params,
-                 vae.load_vae(FIXTURES / "vae_sd").params)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        vae.load_vae(tmp_path).params,
+        vae.load_vae(FIXTURES / "vae_sd").params,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,8 +160,9 @@ def test_scaling_round_trip_and_the_scaled_decoder(outputs):
     np.testing.assert_allclose(stored, (z - 0.1159) * 0.3611, rtol=1e-6)
     np.testing.assert_allclose(vae.unscale_latents(stored, flux.config), z, rtol=0, atol=1e-6)
     # decode_fn's default takes stored latents: the same images as diffusers' decode(z).
-    decoded = vae.decode_fn(flux)(flux.params,
-                                  vae.scale_latents(REFERENCE["vae_flux/latents"], flux.config))
+    decoded = vae.decode_fn(flux)(
+        flux.params, vae.scale_latents(REFERENCE["vae_flux/latents"], flux.config)
+    )
     assert _max_rel_error(decoded, REFERENCE["vae_flux/decoded"]) < FLOAT32_RTOL
 
 
@@ -165,24 +181,36 @@ def _folder_with(tmp_path, **changes):
     return folder
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(_class_name="AutoencoderKLWan"),
-     "_class_name 'AutoencoderKLWan' is not supported (only 'AutoencoderKL'"),
-    (dict(_class_name="AsymmetricAutoencoderKL"),
-     "_class_name 'AsymmetricAutoencoderKL' is not supported"),
-    (dict(down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]),
-     "down_block_types has 'AttnDownEncoderBlock2D', which is not supported (only "
-     "'DownEncoderBlock2D')"),
-    (dict(up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"]),
-     "up_block_types has 'AttnUpDecoderBlock2D', which is not supported"),
-    (dict(act_fn="gelu"), "act_fn 'gelu' is not supported"),
-    (dict(latents_mean=[0.0] * 4, latents_std=[1.0] * 4), "latents_mean [0.0, 0.0, 0.0, 0.0]"),
-    (dict(use_quant_conv=False), "has the unexpected key quant_conv.bias (2 unexpected)"),
-    (dict(latent_channels=8), "decoder.conv_in.weight has shape (16, 4, 3, 3), but config.json "
-                              "implies (16, 8, 3, 3)"),
-])
-def test_unsupported_folders_fail_with_one_line_naming_folder_and_value(tmp_path, changes,
-                                                                        message):
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(_class_name="AutoencoderKLWan"),
+            "_class_name 'AutoencoderKLWan' is not supported (only 'AutoencoderKL'",
+        ),
+        (
+            dict(_class_name="AsymmetricAutoencoderKL"),
+            "_class_name 'AsymmetricAutoencoderKL' is not supported",
+        ),
+        (
+            dict(down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]),
+            "down_block_types has 'AttnDownEncoderBlock2D', which is not supported (only "
+            "'DownEncoderBlock2D')",
+        ),
+        (
+            dict(up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"]),
+            "up_block_types has 'AttnUpDecoderBlock2D', which is not supported",
+        ),
+        (dict(act_fn="gelu"), "act_fn 'gelu' is not supported"),
+        (dict(latents_mean=[0.0] * 4, latents_std=[1.0] * 4), "latents_mean [0.0, 0.0, 0.0, 0.0]"),
+        (dict(use_quant_conv=False), "has the unexpected key quant_conv.bias (2 unexpected)"),
+        (
+            dict(latent_channels=8),
+            "decoder.conv_in.weight has shape (16, 4, 3, 3), but config.json implies (16, 8, 3, 3)",
+        ),
+    ],
+)
+def test_unsupported_folders_fail_with_one_line_naming_folder_and_value(tmp_path, changes, message):
     folder = _folder_with(tmp_path, **changes)
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         vae.load_vae(folder)
@@ -196,15 +224,19 @@ def test_directory_errors_name_what_is_missing(tmp_path):
         vae.load_vae(tmp_path)
     folder = _folder_with(tmp_path)
     (folder / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(ValueError, match="has no diffusion_pytorch_model.safetensors nor "
-                                         "diffusion_pytorch_model.safetensors.index.json"):
+    with pytest.raises(
+        ValueError,
+        match="has no diffusion_pytorch_model.safetensors nor "
+        "diffusion_pytorch_model.safetensors.index.json",
+    ):
         vae.load_vae(folder)
 
 
 def test_image_sizes_must_fit_the_downsampling(outputs):
     flux, _ = outputs("vae_flux")
-    with pytest.raises(ValueError, match="30x32 are not divisible by the VAE's downsampling "
-                                         "factor 4"):
+    with pytest.raises(
+        ValueError, match="30x32 are not divisible by the VAE's downsampling factor 4"
+    ):
         vae.encode_fn(flux)(flux.params, np.zeros((1, 30, 32, 3), np.float32))
     with pytest.raises(ValueError, match=re.escape("latents must be (B, H, W, 16)")):
         vae.decode_fn(flux)(flux.params, np.zeros((1, 8, 8, 4), np.float32))

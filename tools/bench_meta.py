@@ -33,18 +33,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from markdown_sections import write_section
 from tqdm import tqdm
 
 from alchemist_jax import meta, models
 from alchemist_jax.config import load_config
-from markdown_sections import write_section
 
 SECTION = "## Meta-gradient engine (`tools/bench_meta.py`)"
 # name -> (remat, mixed_mode, unroll)
-VARIANTS = {"none": ("none", False, 1), "dots": ("dots", False, 1), "full": ("full", False, 1),
-            "nested": ("nested", False, 1), "mixed": ("full", True, 1),
-            "mixed + nested": ("nested", True, 1), "full + unroll": ("full", False, True),
-            "mixed + unroll": ("full", True, True)}
+VARIANTS = {
+    "none": ("none", False, 1),
+    "dots": ("dots", False, 1),
+    "full": ("full", False, 1),
+    "nested": ("nested", False, 1),
+    "mixed": ("full", True, 1),
+    "mixed + nested": ("nested", True, 1),
+    "full + unroll": ("full", False, True),
+    "mixed + unroll": ("full", True, True),
+}
 TIME_KS = (1, 2, 4, 8)
 MEMORY_KS = (1, 2, 4, 8, 16)
 BATCH_GROWTH_VARIANTS = ("full", "nested", "mixed + nested")
@@ -53,9 +59,11 @@ TARGET_RATIO, TARGET_GROWTH = 3.5, 2.0
 
 def _batch(batch_size: int, text_length: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"image": rng.uniform(-1, 1, (batch_size, 28, 28, 1)).astype(np.float32),
-            "tokens": rng.integers(0, 49406, (batch_size, text_length)).astype(np.int32),
-            "token_mask": np.ones((batch_size, text_length), bool)}
+    return {
+        "image": rng.uniform(-1, 1, (batch_size, 28, 28, 1)).astype(np.float32),
+        "tokens": rng.integers(0, 49406, (batch_size, text_length)).astype(np.int32),
+        "token_mask": np.ones((batch_size, text_length), bool),
+    }
 
 
 def _stack(batch: dict, k: int) -> dict:
@@ -80,8 +88,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--memory-batches", type=int, nargs="*", default=[64, 256],
-                        help="larger batches at which to measure memory growth K=16 / K=1")
+    parser.add_argument(
+        "--memory-batches",
+        type=int,
+        nargs="*",
+        default=[64, 256],
+        help="larger batches at which to measure memory growth K=16 / K=1",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
     args = parser.parse_args()
     cfg = load_config(args.config)
@@ -98,25 +111,38 @@ def main() -> None:
 
     def train_steps(params, opt_state, batches, rng, unroll):
         """K plain weighted train steps (the rater's weights, no meta-gradient)."""
+
         def step(carry, inputs):
             params, opt_state = carry
             batch, index = inputs
             weights = jax.lax.stop_gradient(rater_fn(rater, batch))
-            grads = jax.grad(lambda p: jnp.mean(
-                weights * loss_fn(p, batch, jax.random.fold_in(rng, index))))(params)
+            grads = jax.grad(
+                lambda p: jnp.mean(weights * loss_fn(p, batch, jax.random.fold_in(rng, index)))
+            )(params)
             updates, opt_state = inner_opt.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), None
 
         k = jax.tree.leaves(batches)[0].shape[0]
-        return jax.lax.scan(step, (params, opt_state), (batches, jnp.arange(k)),
-                            unroll=unroll)[0]
+        return jax.lax.scan(step, (params, opt_state), (batches, jnp.arange(k)), unroll=unroll)[0]
 
     def compile_meta_step(name, k, meta_batch):
         remat, mixed_mode, unroll = VARIANTS[name]
         meta_args = (rater, proxy, opt_state, _stack(meta_batch, k), meta_batch, key)
-        compiled = jax.jit(lambda *a: meta.meta_gradient(
-            *a, rater_fn=rater_fn, loss_fn=loss_fn, inner_opt=inner_opt, remat=remat,
-            mixed_mode=mixed_mode, unroll=unroll)).lower(*meta_args).compile()
+        compiled = (
+            jax.jit(
+                lambda *a: meta.meta_gradient(
+                    *a,
+                    rater_fn=rater_fn,
+                    loss_fn=loss_fn,
+                    inner_opt=inner_opt,
+                    remat=remat,
+                    mixed_mode=mixed_mode,
+                    unroll=unroll,
+                )
+            )
+            .lower(*meta_args)
+            .compile()
+        )
         return compiled, meta_args
 
     def measured(name, k):  # the unrolled-scan variants up to max(TIME_KS) only
@@ -140,17 +166,21 @@ def main() -> None:
             if k not in TIME_KS:
                 continue
             train_args = (proxy, opt_state, _stack(batch, k), key)
-            trains = {f"train{suffix}": (jax.jit(functools.partial(train_steps, unroll=unroll))
-                                         .lower(*train_args).compile(), train_args)
-                      for suffix, unroll in (("", 1), (" unrolled", True))}
+            trains = {
+                f"train{suffix}": (
+                    jax.jit(functools.partial(train_steps, unroll=unroll))
+                    .lower(*train_args)
+                    .compile(),
+                    train_args,
+                )
+                for suffix, unroll in (("", 1), (" unrolled", True))
+            }
             times = _interleaved_times({**trains, **programs}, args.repeats)
             fastest_train = [min(pair) for pair in zip(times["train"], times["train unrolled"])]
             for name, seconds in times.items():
                 millis[k, name] = statistics.median(seconds) * 1e3
-                ratios[k, name] = statistics.median(
-                    s / t for s, t in zip(seconds, fastest_train))
-            tqdm.write(f"K={k}: " + ", ".join(f"{name} {ratios[k, name]:.2f}"
-                                              for name in VARIANTS))
+                ratios[k, name] = statistics.median(s / t for s, t in zip(seconds, fastest_train))
+            tqdm.write(f"K={k}: " + ", ".join(f"{name} {ratios[k, name]:.2f}" for name in VARIANTS))
         for name in BATCH_GROWTH_VARIANTS:
             for k in (MEMORY_KS[0], MEMORY_KS[-1]):
                 batch_growth[args.batch, name, k] = memory[k, name]
@@ -160,15 +190,25 @@ def main() -> None:
                 for k in (MEMORY_KS[0], MEMORY_KS[-1]):
                     compiled, _ = compile_meta_step(name, k, large_batch)
                     batch_growth[batch_size, name, k] = (
-                        compiled.memory_analysis().temp_size_in_bytes / 2**20)
+                        compiled.memory_analysis().temp_size_in_bytes / 2**20
+                    )
                     bar.update()
 
-    write_report(args, ratios, millis, memory, compile_s, batch_growth,
-                 models.count_params(proxy), models.count_params(rater))
+    write_report(
+        args,
+        ratios,
+        millis,
+        memory,
+        compile_s,
+        batch_growth,
+        models.count_params(proxy),
+        models.count_params(rater),
+    )
 
 
-def write_report(args, ratios, millis, memory, compile_s, batch_growth, proxy_params: int,
-                 rater_params: int) -> None:
+def write_report(
+    args, ratios, millis, memory, compile_s, batch_growth, proxy_params: int, rater_params: int
+) -> None:
     """Rewrites this benchmark's section of `args.out` with the four tables."""
     names = list(VARIANTS)
     header = "| K | " + " | ".join(names) + " |"
@@ -187,37 +227,55 @@ def write_report(args, ratios, millis, memory, compile_s, batch_growth, proxy_pa
 
     groups = ", ".join(f"K={k}: G={meta.nested_group_count(k)}" for k in MEMORY_KS)
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), jax {jax.__version__}; "
         f"the DiT and rater of `{args.config}` ({proxy_params:,} trainable proxy parameters, "
         f"28x28x1, {args.text_length} tokens; rater {rater_params:,} parameters), batch "
         f"{args.batch}, validation batch = batch, inner Adam (eps 1e-3, eps_root 1e-12), "
-        f"{args.repeats} interleaved repeats. Columns: `remat` policy; \"mixed\" is "
-        f"`mixed_mode=True` (its custom VJP keeps each step's inputs, as \"full\"); \"nested\" "
-        f"checkpoints G groups of K/G steps ({groups}); \"+ unroll\" is `unroll=True` (the K "
+        f'{args.repeats} interleaved repeats. Columns: `remat` policy; "mixed" is '
+        f'`mixed_mode=True` (its custom VJP keeps each step\'s inputs, as "full"); "nested" '
+        f'checkpoints G groups of K/G steps ({groups}); "+ unroll" is `unroll=True` (the K '
         f"inner steps as one straight-line program instead of a `lax.scan` loop). The ratio's "
         f"denominator is the faster of K train steps in a scan or unrolled. Command: "
-        f"`python tools/bench_meta.py --config {args.config}`.", "",
+        f"`python tools/bench_meta.py --config {args.config}`.",
+        "",
         f"Time of one `unrolled` meta-step / time of K plain weighted train steps (median of the "
         f"repeats' ratios; median meta-step time in brackets; bold: target <= {TARGET_RATIO} "
-        f"met):", "",
+        f"met):",
+        "",
         "| K | K train steps (scan / unrolled) | " + " | ".join(names) + " |",
         "|---" * (len(names) + 2) + "|",
-        *[f"| {k} | {millis[k, 'train']:.0f} / {millis[k, 'train unrolled']:.0f} ms | "
-          + " | ".join(ratio_cell(k, name) for name in names) + " |" for k in TIME_KS],
+        *[
+            f"| {k} | {millis[k, 'train']:.0f} / {millis[k, 'train unrolled']:.0f} ms | "
+            + " | ".join(ratio_cell(k, name) for name in names)
+            + " |"
+            for k in TIME_KS
+        ],
         "",
         f"XLA temporary memory of the meta-step, MiB (growth relative to K=1; bold: target "
-        f"<= {TARGET_GROWTH}x met with remat):", "",
-        header, rule,
-        *[f"| {k} | " + " | ".join(memory_cell(k, name) for name in names) + " |"
-          for k in MEMORY_KS],
+        f"<= {TARGET_GROWTH}x met with remat):",
         "",
-        "Compile time of the meta-step (s):", "",
-        header, rule,
-        *[f"| {k} | " + " | ".join(f"{compile_s[k, name]:.0f}" if (k, name) in compile_s
-                                   else "—" for name in names) + " |"
-          for k in MEMORY_KS],
+        header,
+        rule,
+        *[
+            f"| {k} | " + " | ".join(memory_cell(k, name) for name in names) + " |"
+            for k in MEMORY_KS
+        ],
+        "",
+        "Compile time of the meta-step (s):",
+        "",
+        header,
+        rule,
+        *[
+            f"| {k} | "
+            + " | ".join(
+                f"{compile_s[k, name]:.0f}" if (k, name) in compile_s else "—" for name in names
+            )
+            + " |"
+            for k in MEMORY_KS
+        ],
         "",
     ]
     if args.memory_batches:
@@ -230,12 +288,16 @@ def write_report(args, ratios, millis, memory, compile_s, batch_growth, proxy_pa
 
         lines += [
             f"XLA temporary memory at larger batches (training and validation batch), MiB, "
-            f"K={k_low} → K={k_high} (growth; bold: target <= {TARGET_GROWTH}x met):", "",
+            f"K={k_low} → K={k_high} (growth; bold: target <= {TARGET_GROWTH}x met):",
+            "",
             "| batch | " + " | ".join(BATCH_GROWTH_VARIANTS) + " |",
             "|---" * (len(BATCH_GROWTH_VARIANTS) + 1) + "|",
-            *[f"| {batch_size} | " + " | ".join(growth_cell(batch_size, name)
-                                                for name in BATCH_GROWTH_VARIANTS) + " |"
-              for batch_size in sorted({size for size, _, _ in batch_growth})],
+            *[
+                f"| {batch_size} | "
+                + " | ".join(growth_cell(batch_size, name) for name in BATCH_GROWTH_VARIANTS)
+                + " |"
+                for batch_size in sorted({size for size, _, _ in batch_growth})
+            ],
             "",
         ]
     write_section(args.out, SECTION, "\n".join(lines), "Benchmarks")

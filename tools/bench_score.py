@@ -27,13 +27,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from markdown_sections import write_section
 
 from alchemist_jax import models, scoring
 from alchemist_jax.config import load_config
 from alchemist_jax.data import pipeline
 from alchemist_jax.data.sources import ArraySource
 from alchemist_jax.runtime.parallel import model_inputs
-from markdown_sections import write_section
 
 SECTION = "## Scoring throughput"
 
@@ -41,10 +41,19 @@ SECTION = "## Scoring throughput"
 def synthetic_pool(size: int, resolution: int, channels: int, text_length: int) -> ArraySource:
     """A preprocessed-looking pool: float32 images in [-1, 1], token ids, full token masks."""
     rng = np.random.default_rng(0)
-    return ArraySource("synthetic", np.arange(size), None, None, extra={
-        "image": rng.uniform(-1, 1, (size, resolution, resolution, channels)).astype(np.float32),
-        "tokens": rng.integers(0, 49406, (size, text_length)).astype(np.int32),
-        "token_mask": np.ones((size, text_length), bool)})
+    return ArraySource(
+        "synthetic",
+        np.arange(size),
+        None,
+        None,
+        extra={
+            "image": rng.uniform(-1, 1, (size, resolution, resolution, channels)).astype(
+                np.float32
+            ),
+            "tokens": rng.integers(0, 49406, (size, text_length)).astype(np.int32),
+            "token_mask": np.ones((size, text_length), bool),
+        },
+    )
 
 
 def main() -> None:
@@ -56,20 +65,27 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config)
     data, batch_size = cfg.data, cfg.score.batch_size
-    pools = {n: synthetic_pool(n, data.resolution, data.channels, data.max_text_length)
-             for n in (args.size, 4 * args.size)}
+    pools = {
+        n: synthetic_pool(n, data.resolution, data.channels, data.max_text_length)
+        for n in (args.size, 4 * args.size)
+    }
     example = model_inputs(pools[args.size][0])
     example = {k: np.stack([v] * batch_size) for k, v in example.items()}
-    graphdef, params, rest = models.init_rater(cfg.rater, example, jax.random.key(0),
-                                               data.max_text_length)
+    graphdef, params, rest = models.init_rater(
+        cfg.rater, example, jax.random.key(0), data.max_text_length
+    )
     score = jax.jit(models.rater_score_fn(graphdef, rest))
 
     def score_batch(batch):
         return score(params, model_inputs(batch))
 
     # The forward pass alone: the same N samples in the same batches, already on the device.
-    on_device = [jax.device_put(model_inputs(batch)) for batch in pipeline.eval_iterator(
-        pools[args.size], batch_size, shard_index=0, shard_count=1)]
+    on_device = [
+        jax.device_put(model_inputs(batch))
+        for batch in pipeline.eval_iterator(
+            pools[args.size], batch_size, shard_index=0, shard_count=1
+        )
+    ]
 
     def forward() -> float:
         start = time.perf_counter()
@@ -79,9 +95,15 @@ def main() -> None:
     def end_to_end(n: int, folder: Path) -> float:
         out = folder / f"ratings{n}.parquet"
         start = time.perf_counter()
-        scoring.score_pool(score_batch, pools[n], out, batch_size=batch_size,
-                           chunk_size=cfg.score.chunk_size, metadata={"scorer": "rater"},
-                           desc=f"score {n}")
+        scoring.score_pool(
+            score_batch,
+            pools[n],
+            out,
+            batch_size=batch_size,
+            chunk_size=cfg.score.chunk_size,
+            metadata={"scorer": "rater"},
+            desc=f"score {n}",
+        )
         seconds = time.perf_counter() - start
         out.unlink()
         return seconds
@@ -100,23 +122,27 @@ def main() -> None:
 def write_report(args, cfg, times: dict[str, list[float]], rater_params: int) -> None:
     n, batch_size = args.size, cfg.score.batch_size
     median = {k: statistics.median(v) for k, v in times.items()}
-    forward, pool, pool4 = (n / median["forward"], n / median["pool"],
-                            4 * n / median["pool4"])
+    forward, pool, pool4 = (n / median["forward"], n / median["pool"], 4 * n / median["pool4"])
     ratio = statistics.median(f / p for f, p in zip(times["forward"], times["pool"]))
     linear = statistics.median(b / a for a, b in zip(times["pool"], times["pool4"]))
-    print(f"forward {forward:,.0f}/s, end-to-end {pool:,.0f}/s (ratio {ratio:.2f}), "
-          f"4N/N time {linear:.2f}")
+    print(
+        f"forward {forward:,.0f}/s, end-to-end {pool:,.0f}/s (ratio {ratio:.2f}), "
+        f"4N/N time {linear:.2f}"
+    )
     data = cfg.data
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), jax {jax.__version__}; "
         f"the rater of `{args.config}` ({rater_params:,} parameters) on a synthetic in-memory "
         f"pool of {data.resolution}x{data.resolution}x{data.channels} images and "
         f"{data.max_text_length} tokens, batch {batch_size}, chunks of {cfg.score.chunk_size} "
         f"samples (rounded up to whole batches), median of {args.repeats} interleaved repeats. "
-        f"Command: `python tools/bench_score.py --config {args.config} --size {n}`.", "",
-        "| measure | samples/s | seconds |", "|---|---|---|",
+        f"Command: `python tools/bench_score.py --config {args.config} --size {n}`.",
+        "",
+        "| measure | samples/s | seconds |",
+        "|---|---|---|",
         f"| rater forward, batches already on the device (N={n:,}) | {forward:,.0f} | "
         f"{median['forward']:.3f} |",
         f"| `score_pool` end to end (N={n:,}) | {pool:,.0f} | {median['pool']:.3f} |",
@@ -125,7 +151,8 @@ def write_report(args, cfg, times: dict[str, list[float]], rater_params: int) ->
         f"- End-to-end / forward-only throughput: **{ratio:.2f}** (median of the repeats' "
         f"ratios; target >= 0.9: {'met' if ratio >= 0.9 else 'missed'}).",
         f"- Time for 4N / time for N: **{linear:.2f}** (median of the repeats' ratios; 4.00 = "
-        "linear).", "",
+        "linear).",
+        "",
     ]
     write_section(args.out, SECTION, "\n".join(lines), "Benchmarks")
 

@@ -45,15 +45,33 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 ROOT = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
-SD = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-          up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16],
-          layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
-          scaling_factor=0.13025)
-FLUX = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-            up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[4, 8, 8],
-            layers_per_block=1, latent_channels=16, norm_num_groups=2, sample_size=32,
-            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-            use_post_quant_conv=False)
+SD = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    block_out_channels=[8, 16],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=32,
+    scaling_factor=0.13025,
+)
+FLUX = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[4, 8, 8],
+    layers_per_block=1,
+    latent_channels=16,
+    norm_num_groups=2,
+    sample_size=32,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
 IMAGE_SHAPE = (2, 32, 32, 3)
 
 
@@ -85,22 +103,35 @@ def vae_outputs(model: AutoencoderKL, images: np.ndarray, latents: np.ndarray) -
     with torch.no_grad():
         posterior = model.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist
         decoded = model.decode(torch.from_numpy(latents).permute(0, 3, 1, 2)).sample
-    return {"images": images, "mean": nhwc(posterior.mean), "std": nhwc(posterior.std),
-            "latents": latents, "decoded": nhwc(decoded)}
+    return {
+        "images": images,
+        "mean": nhwc(posterior.mean),
+        "std": nhwc(posterior.std),
+        "latents": latents,
+        "decoded": nhwc(decoded),
+    }
 
 
 def write_vaes(reference: dict) -> None:
     rng = np.random.default_rng(0)
-    for name, config, seed, low in (("vae_sd", SD, 1, ("fp16", torch.float16)),
-                                    ("vae_flux", FLUX, 2, ("bf16", torch.bfloat16))):
+    for name, config, seed, low in (
+        ("vae_sd", SD, 1, ("fp16", torch.float16)),
+        ("vae_flux", FLUX, 2, ("bf16", torch.bfloat16)),
+    ):
         torch.manual_seed(seed)
         model = AutoencoderKL(**config).eval()
         perturb(model, seed)
         model.save_pretrained(ROOT / name)
         images = rng.uniform(-1, 1, IMAGE_SHAPE).astype(np.float32)
         factor = 2 ** (len(config["block_out_channels"]) - 1)
-        latents = rng.normal(size=(IMAGE_SHAPE[0], IMAGE_SHAPE[1] // factor,
-                                   IMAGE_SHAPE[2] // factor, config["latent_channels"]))
+        latents = rng.normal(
+            size=(
+                IMAGE_SHAPE[0],
+                IMAGE_SHAPE[1] // factor,
+                IMAGE_SHAPE[2] // factor,
+                config["latent_channels"],
+            )
+        )
         latents = latents.astype(np.float32)
         for key, value in vae_outputs(model, images, latents).items():
             reference[f"{name}/{key}"] = value
@@ -110,8 +141,9 @@ def write_vaes(reference: dict) -> None:
         rounded.save_pretrained(ROOT / f"{name}_{suffix}")
         if dtype == torch.float16:
             rounded.save_pretrained(ROOT / f"{name}_{suffix}_sharded", max_shard_size="30KB")
-        with safe_open(ROOT / f"{name}_{suffix}" / "diffusion_pytorch_model.safetensors",
-                       "pt") as f:
+        with safe_open(
+            ROOT / f"{name}_{suffix}" / "diffusion_pytorch_model.safetensors", "pt"
+        ) as f:
             assert all(f.get_tensor(key).dtype == dtype for key in f.keys())
         # Loaded back as float32 (diffusers' default): the rounded weights, computed in float32.
         reloaded = AutoencoderKL.from_pretrained(ROOT / f"{name}_{suffix}")
@@ -126,8 +158,11 @@ def write_vaes(reference: dict) -> None:
 
 def bytes_to_unicode() -> dict[int, str]:
     """OpenAI CLIP's reversible byte -> printable character table."""
-    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-            + list(range(ord("®"), ord("ÿ") + 1)))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -151,13 +186,28 @@ def write_clip(reference: dict) -> None:
     assert len(tokenizer) == 514, len(tokenizer)
 
     config = CLIPConfig(
-        text_config=dict(vocab_size=514, hidden_size=16, intermediate_size=24,
-                         num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=20,
-                         hidden_act="quick_gelu", bos_token_id=512, eos_token_id=513,
-                         pad_token_id=513),
-        vision_config=dict(hidden_size=8, intermediate_size=12, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=8, patch_size=4),
-        projection_dim=8)
+        text_config=dict(
+            vocab_size=514,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            max_position_embeddings=20,
+            hidden_act="quick_gelu",
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        ),
+        vision_config=dict(
+            hidden_size=8,
+            intermediate_size=12,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=4,
+        ),
+        projection_dim=8,
+    )
     torch.manual_seed(3)
     model = CLIPModel(config).eval()
     perturb(model, 3)
@@ -165,8 +215,9 @@ def write_clip(reference: dict) -> None:
     tokenizer.save_pretrained(directory)
 
     captions = ["a cat", "two dogs on a red mat", "x"]
-    ids = tokenizer(captions, max_length=20, truncation=True, padding="max_length",
-                    return_tensors="pt")["input_ids"]
+    ids = tokenizer(
+        captions, max_length=20, truncation=True, padding="max_length", return_tensors="pt"
+    )["input_ids"]
     text = CLIPTextModel.from_pretrained(directory).eval()
     with torch.no_grad():
         out = text(input_ids=ids, output_hidden_states=True)

@@ -18,6 +18,19 @@ from alchemist_jax.data.preprocess import Preprocessor
 from alchemist_jax.data.sources import ArraySource, Source
 from alchemist_jax.data.splits import PreparedSplits, Splits, load_splits, load_test, prepare_splits
 
-__all__ = ["ArraySource", "BUILTIN_SOURCES", "MANIFEST_SUFFIXES", "PreparedSplits", "Preprocessor",
-           "Source", "Splits", "corrupt", "eval_iterator", "load", "load_splits", "load_test",
-           "prepare_splits", "train_iterator"]
+__all__ = [
+    "ArraySource",
+    "BUILTIN_SOURCES",
+    "MANIFEST_SUFFIXES",
+    "PreparedSplits",
+    "Preprocessor",
+    "Source",
+    "Splits",
+    "corrupt",
+    "eval_iterator",
+    "load",
+    "load_splits",
+    "load_test",
+    "prepare_splits",
+    "train_iterator",
+]

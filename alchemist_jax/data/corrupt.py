@@ -46,23 +46,25 @@ from __future__ import annotations
 import functools
 import io
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from alchemist_jax.config import ALL_DEFECT_KINDS, DEFECT_FAMILIES, DEFECT_KINDS
-from alchemist_jax.runtime.io import atomic_write_parquet
 from alchemist_jax.data.sources import Source
+from alchemist_jax.runtime.io import atomic_write_parquet
 
 NOISE_STD = 100.0  # on the 0..255 scale
 LOWRES_FACTOR = 4
 COPYING_KINDS = ("caption_swap", "duplicate", "near_duplicate")  # the defects with a `source_id`
 IMAGE_COPYING_KINDS = ("duplicate", "near_duplicate")  # take the image and label of their donor
-NEAR_DUPLICATE_SHIFTS = tuple((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
-                              if (dy, dx) != (0, 0))
+NEAR_DUPLICATE_SHIFTS = tuple(
+    (dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (0, 0)
+)
 NEAR_DUPLICATE_GAIN = (0.9, 1.1)  # brightness factor range
 WATERMARK_WORDS = ("STOCK", "SAMPLE", "PREVIEW", "PROOF", "DEMO", "(C) 2019")
 WATERMARK_OPACITY = (0.4, 0.6)
@@ -71,15 +73,47 @@ JPEG_QUALITY = (5, 15)  # inclusive range of the re-encoding quality
 CROP_SIDE = (0.4, 0.6)  # fraction of each side a bad crop keeps
 LETTERBOX_SCALE = (0.55, 0.8)  # fraction of each side the shrunk picture keeps
 BOILERPLATE_CAPTIONS = (
-    "IMG_{number:04d}.jpg", "DSC{number:05d}.JPG", "click here to download img_{number:04d}.jpg",
-    "stock photo id {number}", "untitled-{number}", "thumbnail", "click to enlarge",
-    "photo by user{number} on flickr", "image not available", "view larger image",
+    "IMG_{number:04d}.jpg",
+    "DSC{number:05d}.JPG",
+    "click here to download img_{number:04d}.jpg",
+    "stock photo id {number}",
+    "untitled-{number}",
+    "thumbnail",
+    "click to enlarge",
+    "photo by user{number} on flickr",
+    "image not available",
+    "view larger image",
 )
 TRUNCATED_KEEP = (0.1, 0.35)  # fraction of a caption's characters a truncation keeps
 SEO_KEYWORDS = (
-    "free", "download", "hd", "wallpaper", "4k", "best", "cute", "image", "photo", "picture",
-    "stock", "background", "vector", "clipart", "png", "royalty free", "high quality", "new",
-    "top", "amazing", "cheap", "sale", "2019", "popular", "trending", "art", "design", "ideas",
+    "free",
+    "download",
+    "hd",
+    "wallpaper",
+    "4k",
+    "best",
+    "cute",
+    "image",
+    "photo",
+    "picture",
+    "stock",
+    "background",
+    "vector",
+    "clipart",
+    "png",
+    "royalty free",
+    "high quality",
+    "new",
+    "top",
+    "amazing",
+    "cheap",
+    "sale",
+    "2019",
+    "popular",
+    "trending",
+    "art",
+    "design",
+    "ideas",
 )
 KEYWORD_COUNT = (8, 14)  # inclusive range of keywords stuffed into a caption
 STOP_WORDS = frozenset({"a", "an", "the", "of", "on", "in", "at", "with", "and", "to"})
@@ -91,7 +125,7 @@ def corrupt(
     kinds: Sequence[str] = DEFECT_KINDS,
     seed: int = 0,
     truth_path: str | Path | None = None,
-) -> tuple["CorruptedSource", pa.Table]:
+) -> tuple[CorruptedSource, pa.Table]:
     """Damages `round(fraction * len(source))` examples of `source`, lazily.
 
     Args:
@@ -197,11 +231,13 @@ class CorruptedSource(Source):
         """Columns `id` int64, `defect` string, `source_id` int64; one row per index, in order."""
         ids = self.ids
         source_ids = [int(ids[donor]) if donor >= 0 else None for donor in self.donors]
-        return pa.table({
-            "id": pa.array(ids, pa.int64()),
-            "defect": pa.array(list(self.defects), pa.string()),
-            "source_id": pa.array(source_ids, pa.int64()),
-        })
+        return pa.table(
+            {
+                "id": pa.array(ids, pa.int64()),
+                "defect": pa.array(list(self.defects), pa.string()),
+                "source_id": pa.array(source_ids, pa.int64()),
+            }
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,8 +262,12 @@ def blank(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def lower_resolution(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     height, width = image.shape[:2]
     small = (max(1, width // LOWRES_FACTOR), max(1, height // LOWRES_FACTOR))
-    return _per_channel(image, lambda channel: channel.resize(small, Image.Resampling.BILINEAR)
-                        .resize((width, height), Image.Resampling.NEAREST))
+    return _per_channel(
+        image,
+        lambda channel: channel.resize(small, Image.Resampling.BILINEAR).resize(
+            (width, height), Image.Resampling.NEAREST
+        ),
+    )
 
 
 def near_duplicate(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -303,7 +343,8 @@ def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
     """uint8 (H, W, C), C = 1 or 3, encoded as JPEG at `quality` (1..95) by Pillow and decoded."""
     encoded = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
-        encoded, format="JPEG", quality=quality)
+        encoded, format="JPEG", quality=quality
+    )
     return np.asarray(Image.open(encoded)).reshape(image.shape)
 
 
@@ -318,8 +359,9 @@ def bad_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     top = 0 if corner < 2 else height - crop_height
     left = 0 if corner % 2 == 0 else width - crop_width
     box = (left, top, left + crop_width, top + crop_height)
-    return _per_channel(image, lambda channel: channel.crop(box).resize(
-        (width, height), Image.Resampling.BILINEAR))
+    return _per_channel(
+        image, lambda channel: channel.crop(box).resize((width, height), Image.Resampling.BILINEAR)
+    )
 
 
 def letterbox(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -330,25 +372,35 @@ def letterbox(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     scale = rng.uniform(*LETTERBOX_SCALE)
     level = 255 * int(rng.integers(2))
     inner_height, inner_width = max(1, round(scale * height)), max(1, round(scale * width))
-    shrunk = _per_channel(image, lambda channel: channel.resize(
-        (inner_width, inner_height), Image.Resampling.BILINEAR))
+    shrunk = _per_channel(
+        image,
+        lambda channel: channel.resize((inner_width, inner_height), Image.Resampling.BILINEAR),
+    )
     framed = np.full_like(image, level)
     top, left = (height - inner_height) // 2, (width - inner_width) // 2
-    framed[top:top + inner_height, left:left + inner_width] = shrunk
+    framed[top : top + inner_height, left : left + inner_width] = shrunk
     return framed
 
 
 IMAGE_DEFECTS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
-    "noise": add_noise, "blur": blur, "blank": blank, "lowres": lower_resolution,
-    "near_duplicate": near_duplicate, "watermark": watermark, "jpeg": jpeg,
-    "bad_crop": bad_crop, "letterbox": letterbox,
+    "noise": add_noise,
+    "blur": blur,
+    "blank": blank,
+    "lowres": lower_resolution,
+    "near_duplicate": near_duplicate,
+    "watermark": watermark,
+    "jpeg": jpeg,
+    "bad_crop": bad_crop,
+    "letterbox": letterbox,
 }
 
 
 def _per_channel(image: np.ndarray, edit: Callable[[Image.Image], Image.Image]) -> np.ndarray:
     """Applies a PIL edit to each channel of uint8 (H, W, C) as a grayscale image."""
-    channels = [np.asarray(edit(Image.fromarray(np.ascontiguousarray(image[..., c]))))
-                for c in range(image.shape[-1])]
+    channels = [
+        np.asarray(edit(Image.fromarray(np.ascontiguousarray(image[..., c]))))
+        for c in range(image.shape[-1])
+    ]
     return np.stack(channels, axis=-1)
 
 
@@ -367,22 +419,26 @@ def boilerplate_caption(caption: str, rng: np.random.Generator) -> str:
 def truncated_caption(caption: str, rng: np.random.Generator) -> str:
     """A caption cut at a length limit (crawlers' and HTML attributes' character limits): its first
     max(1, floor(U(`TRUNCATED_KEEP`) x length)) characters, mid-word as it falls."""
-    return caption[:max(1, int(rng.uniform(*TRUNCATED_KEEP) * len(caption)))]
+    return caption[: max(1, int(rng.uniform(*TRUNCATED_KEEP) * len(caption)))]
 
 
 def keyword_stuffing(caption: str, rng: np.random.Generator) -> str:
     """Search-engine-optimised alt text: the caption's distinct lower-cased words (stop words
     dropped) shuffled together with 8-14 distinct `SEO_KEYWORDS`, joined by ", ", so the
     description drowns among tags (and often falls beyond the text encoder's token limit)."""
-    words = [word for word in dict.fromkeys(re.findall(r"[\w']+", caption.lower()))
-             if word not in STOP_WORDS]
+    words = [
+        word
+        for word in dict.fromkeys(re.findall(r"[\w']+", caption.lower()))
+        if word not in STOP_WORDS
+    ]
     count = int(rng.integers(KEYWORD_COUNT[0], KEYWORD_COUNT[1] + 1))
     tags = words + [str(keyword) for keyword in rng.choice(SEO_KEYWORDS, count, replace=False)]
     return ", ".join(tags[i] for i in rng.permutation(len(tags)))
 
 
 CAPTION_DEFECTS: dict[str, Callable[[str, np.random.Generator], str]] = {
-    "boilerplate_caption": boilerplate_caption, "truncated_caption": truncated_caption,
+    "boilerplate_caption": boilerplate_caption,
+    "truncated_caption": truncated_caption,
     "keyword_stuffing": keyword_stuffing,
 }
 
@@ -400,8 +456,10 @@ def expand_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     """
     unknown = [kind for kind in kinds if kind not in ALL_DEFECT_KINDS + tuple(DEFECT_FAMILIES)]
     if unknown:
-        raise ValueError(f"unknown defect kind {', '.join(map(repr, unknown))}; valid kinds: "
-                         f"{', '.join(ALL_DEFECT_KINDS)}; families: {', '.join(DEFECT_FAMILIES)}")
+        raise ValueError(
+            f"unknown defect kind {', '.join(map(repr, unknown))}; valid kinds: "
+            f"{', '.join(ALL_DEFECT_KINDS)}; families: {', '.join(DEFECT_FAMILIES)}"
+        )
     return tuple(kind for name in kinds for kind in DEFECT_FAMILIES.get(name, (name,)))
 
 
@@ -411,12 +469,15 @@ def _check_pixels_and_captions(source: Source) -> None:
         return
     fields = source[0].keys()
     if not {"image", "caption"} <= fields or {"latent", "text_embedding"} & fields:
-        raise ValueError(f"corrupt needs examples with `image` and `caption` and no precomputed "
-                         f"`latent` / `text_embedding`; {source!r} has {', '.join(fields)}")
+        raise ValueError(
+            f"corrupt needs examples with `image` and `caption` and no precomputed "
+            f"`latent` / `text_embedding`; {source!r} has {', '.join(fields)}"
+        )
 
 
-def _draw_clean_donors(defects: np.ndarray, donors: np.ndarray, kind: str,
-                       rng: np.random.Generator) -> None:
+def _draw_clean_donors(
+    defects: np.ndarray, donors: np.ndarray, kind: str, rng: np.random.Generator
+) -> None:
     """Sets `donors` of the `kind` examples to random clean indices (with replacement)."""
     copies = np.flatnonzero(defects == kind)
     if not len(copies):
@@ -427,8 +488,9 @@ def _draw_clean_donors(defects: np.ndarray, donors: np.ndarray, kind: str,
     donors[copies] = rng.choice(clean, size=len(copies))
 
 
-def _caption_donor(source: Source, labels: np.ndarray | None, index: int,
-                   rng: np.random.Generator) -> int:
+def _caption_donor(
+    source: Source, labels: np.ndarray | None, index: int, rng: np.random.Generator
+) -> int:
     """A random other index whose caption text differs, with a different label if labeled."""
     if labels is None:
         others = np.delete(np.arange(len(source)), index)
@@ -438,5 +500,7 @@ def _caption_donor(source: Source, labels: np.ndarray | None, index: int,
     for other in rng.permutation(others):
         if source[int(other)]["caption"] != caption:
             return int(other)
-    raise ValueError(f"`caption_swap` found no example with a different caption"
-                     f"{' and label' if labels is not None else ''} for index {index}")
+    raise ValueError(
+        f"`caption_swap` found no example with a different caption"
+        f"{' and label' if labels is not None else ''} for index {index}"
+    )

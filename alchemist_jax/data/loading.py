@@ -12,8 +12,14 @@ from alchemist_jax.data.sources import Source
 BUILTIN_SOURCES = ("mnist", "animals", "shapes", "pool")
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 
-def load(name_or_path: str | Path, split: str = "train", *, config: DataConfig = DataConfig(),
-         report_dir: str | Path | None = None) -> Source:
+
+def load(
+    name_or_path: str | Path,
+    split: str = "train",
+    *,
+    config: DataConfig = DataConfig(),
+    report_dir: str | Path | None = None,
+) -> Source:
     """Opens a source of examples by built-in name or by path.
 
     Args:
@@ -35,8 +41,10 @@ def load(name_or_path: str | Path, split: str = "train", *, config: DataConfig =
         return ShapesSource(split, config.shapes)
     path = Path(name).expanduser()
     if not path.exists():
-        raise ValueError(f"data source {name!r} is neither a built-in "
-                         f"({', '.join(BUILTIN_SOURCES)}) nor an existing path")
+        raise ValueError(
+            f"data source {name!r} is neither a built-in "
+            f"({', '.join(BUILTIN_SOURCES)}) nor an existing path"
+        )
     if path.is_file():
         from alchemist_jax.data.manifest import ManifestSource
 

@@ -42,9 +42,9 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile, ImageOps
 
 from alchemist_jax.config import ManifestConfig
-from alchemist_jax.runtime.io import atomic_write_parquet
 from alchemist_jax.data.sources import Source
 from alchemist_jax.runtime import progress
+from alchemist_jax.runtime.io import atomic_write_parquet
 
 logger = logging.getLogger("alchemist_jax.data")
 
@@ -52,12 +52,14 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".
 PRECOMPUTED_COLUMNS = ("latent", "text_embedding")
 SHAPES_METADATA_KEY = b"alchemist_jax.shapes"
 BAD_SAMPLES_FILE = "bad_samples.parquet"
-BAD_SAMPLES_SCHEMA = pa.schema([
-    ("file", pa.string()),  # the manifest, or the image folder
-    ("row", pa.int64()),  # 0-based row in the manifest / index in the folder listing
-    ("path", pa.string()),  # the image path as written (relative to the manifest or folder)
-    ("reason", pa.string()),
-])
+BAD_SAMPLES_SCHEMA = pa.schema(
+    [
+        ("file", pa.string()),  # the manifest, or the image folder
+        ("row", pa.int64()),  # 0-based row in the manifest / index in the folder listing
+        ("path", pa.string()),  # the image path as written (relative to the manifest or folder)
+        ("reason", pa.string()),
+    ]
+)
 
 # Reasons a sample is bad (plus "null <column>" and "<column> size does not match its shape"
 # for the precomputed columns).
@@ -238,12 +240,15 @@ class _CheckedSource(Source):
                 except _Rejected as rejected:
                     bad.append(self._reject(row, rejected.reason))
         self._ids = np.array([kept.id for kept in self._kept], dtype=np.int64)
-        self._bad_samples = pa.table({
-            "file": [self.name] * len(bad),
-            "row": [row for row, _, _ in bad],
-            "path": [path for _, path, _ in bad],
-            "reason": [reason for _, _, reason in bad],
-        }, schema=BAD_SAMPLES_SCHEMA)
+        self._bad_samples = pa.table(
+            {
+                "file": [self.name] * len(bad),
+                "row": [row for row, _, _ in bad],
+                "path": [path for _, path, _ in bad],
+                "reason": [reason for _, _, reason in bad],
+            },
+            schema=BAD_SAMPLES_SCHEMA,
+        )
         self._summarize(num_rows, report_dir)
 
     def _where(self, row: int, path: str | None) -> str:
@@ -265,9 +270,12 @@ class _CheckedSource(Source):
             message += f"; see {report}"
         logger.log(logging.WARNING if num_bad else logging.INFO, message)
         if not self._kept:
-            detail = (f"all {num_rows} rows are bad" + (f" (listed in {report})"
-                                                         if report_dir is not None else "")
-                      if num_rows else "it has no rows")
+            detail = (
+                f"all {num_rows} rows are bad"
+                + (f" (listed in {report})" if report_dir is not None else "")
+                if num_rows
+                else "it has no rows"
+            )
             raise ValueError(f"{self.name}: no usable samples: {detail}")
 
     def __len__(self) -> int:
@@ -345,8 +353,12 @@ class ManifestSource(_CheckedSource):
       BadSampleError: a row is bad and `config.on_bad_sample` is "error".
     """
 
-    def __init__(self, path: str | os.PathLike, config: ManifestConfig = ManifestConfig(),
-                 report_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: ManifestConfig = ManifestConfig(),
+        report_dir: str | os.PathLike | None = None,
+    ):
         self.path = Path(path)
         self.name = str(path)
         self._config = config
@@ -354,23 +366,43 @@ class ManifestSource(_CheckedSource):
         shapes = self._shapes(table.schema)
         self._precomputed_columns = [
             _PrecomputedColumn(name, self._list_column(table, name), shapes.get(name))
-            for name in PRECOMPUTED_COLUMNS if name in table.column_names
+            for name in PRECOMPUTED_COLUMNS
+            if name in table.column_names
         ]
         keys = {column.name for column in self._precomputed_columns}
-        self._paths = self._column(table, config.image_column, "image_column",
-                                   _is_string, "strings (image paths)",
-                                   optional="latent" in keys)
-        self._captions = self._column(table, config.caption_column, "caption_column",
-                                      _is_text, "strings or bytes",
-                                      optional="text_embedding" in keys)
-        self._row_ids = (list(range(table.num_rows)) if config.id_column is None else
-                         self._column(table, config.id_column, "id_column",
-                                      pa.types.is_integer, "integers"))
+        self._paths = self._column(
+            table,
+            config.image_column,
+            "image_column",
+            _is_string,
+            "strings (image paths)",
+            optional="latent" in keys,
+        )
+        self._captions = self._column(
+            table,
+            config.caption_column,
+            "caption_column",
+            _is_text,
+            "strings or bytes",
+            optional="text_embedding" in keys,
+        )
+        self._row_ids = (
+            list(range(table.num_rows))
+            if config.id_column is None
+            else self._column(table, config.id_column, "id_column", pa.types.is_integer, "integers")
+        )
         self._duplicate_rows = _later_duplicates(self._row_ids)
         self._check_rows(table.num_rows, report_dir)
 
-    def _column(self, table: pa.Table, name: str, config_key: str, has_type, expected: str,
-                optional: bool = False) -> list | None:
+    def _column(
+        self,
+        table: pa.Table,
+        name: str,
+        config_key: str,
+        has_type,
+        expected: str,
+        optional: bool = False,
+    ) -> list | None:
         """The values of a configured column, or None when it is optional and absent."""
         if name not in table.column_names:
             if optional:
@@ -382,7 +414,8 @@ class ManifestSource(_CheckedSource):
         column = table.column(name)
         if not has_type(column.type):
             raise ManifestError(
-                f"{self.name}: column {name!r} must hold {expected}, got {column.type}")
+                f"{self.name}: column {name!r} must hold {expected}, got {column.type}"
+            )
         return column.to_pylist()
 
     def _list_column(self, table: pa.Table, name: str) -> pa.ChunkedArray:
@@ -438,7 +471,8 @@ def _read_manifest(path: Path, config: ManifestConfig) -> pa.Table:
     kind = {".parquet": "Parquet", ".csv": "CSV"}.get(path.suffix.lower())
     if kind is None:
         raise ManifestError(
-            f"{path}: unsupported manifest type {path.suffix!r}; expected .parquet or .csv")
+            f"{path}: unsupported manifest type {path.suffix!r}; expected .parquet or .csv"
+        )
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file not found")
     try:
@@ -475,8 +509,9 @@ def _is_text(kind: pa.DataType) -> bool:
 
 
 def _is_list(kind: pa.DataType) -> bool:
-    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)
-            or pa.types.is_fixed_size_list(kind))
+    return (
+        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,20 +536,26 @@ class ImageFolderSource(_CheckedSource):
       BadSampleError: a file is bad and `config.on_bad_sample` is "error".
     """
 
-    def __init__(self, path: str | os.PathLike, config: ManifestConfig = ManifestConfig(),
-                 report_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: ManifestConfig = ManifestConfig(),
+        report_dir: str | os.PathLike | None = None,
+    ):
         self.path = Path(path)
         self.name = str(path)
         self._config = config
         if not self.path.is_dir():
             raise ManifestError(f"{path}: image folder not found")
         self._files = sorted(
-            file.relative_to(self.path).as_posix() for file in self.path.rglob("*")
+            file.relative_to(self.path).as_posix()
+            for file in self.path.rglob("*")
             if file.suffix.lower() in IMAGE_EXTENSIONS and file.is_file()
         )
         if not self._files:
             raise ManifestError(
-                f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+                f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder"
+            )
         self._check_rows(len(self._files), report_dir)
 
     def _check_row(self, row: int) -> _Kept:

@@ -123,8 +123,9 @@ def _read_options(read_threads: int) -> grain.ReadOptions:
     slower than 0 on the built-in pool); raise it for transforms that decode files."""
     if read_threads < 0:
         raise ValueError(f"read_threads must be >= 0, got {read_threads}")
-    return grain.ReadOptions(num_threads=read_threads,
-                             prefetch_buffer_size=max(1, 64 * read_threads))
+    return grain.ReadOptions(
+        num_threads=read_threads, prefetch_buffer_size=max(1, 64 * read_threads)
+    )
 
 
 def _process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -159,8 +160,7 @@ def stack_examples(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarra
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
-def padded_batches(rows: dict[str, np.ndarray], batch_size: int
-                   ) -> Iterator[dict[str, np.ndarray]]:
+def padded_batches(rows: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Fixed-shape batches of in-memory columns, in order, padded as `eval_iterator` pads.
 
     Args:

@@ -66,7 +66,7 @@ class Preprocessor:
         self.tokenizer = Tokenizer(max_text_length)
 
     @classmethod
-    def for_config(cls, config: DataConfig) -> "Preprocessor":
+    def for_config(cls, config: DataConfig) -> Preprocessor:
         """The preprocessing a run's `data` section asks for (resolution, channels,
         max_text_length): every command of a run uses this one."""
         return cls(config.resolution, config.channels, config.max_text_length)
@@ -74,8 +74,9 @@ class Preprocessor:
     def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
         out = {"id": np.int64(example["id"])}
         if "image" in example:
-            pixels = resize_center_crop(np.asarray(example["image"]), self.resolution,
-                                        self.channels)
+            pixels = resize_center_crop(
+                np.asarray(example["image"]), self.resolution, self.channels
+            )
             out["image"] = to_unit_range(pixels)
         if "caption" in example:
             tokens, mask = self.tokenizer([example["caption"]])
@@ -100,8 +101,9 @@ def materialize(source: Source, preprocessor: Preprocessor, chunk: int = 4096) -
       `preprocessor(example)` (`image` float32 (R, R, C), `tokens`, `token_mask`, ...).
     """
     fields: dict[str, list[np.ndarray]] = {}
-    for start in progress.bar(range(0, len(source), chunk), desc=f"preprocessing {source.name}",
-                      unit="chunk", leave=False):
+    for start in progress.bar(
+        range(0, len(source), chunk), desc=f"preprocessing {source.name}", unit="chunk", leave=False
+    ):
         examples = [source[i] for i in range(start, min(start + chunk, len(source)))]
         captions = [example.pop("caption") for example in examples if "caption" in example]
         rows = [preprocessor(example) for example in examples]

@@ -18,13 +18,21 @@ from alchemist_jax.data.sources import Source
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.14, "large": 0.26}  # half-extent as a fraction of the image side
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
-    "yellow": (235, 215, 40), "purple": (140, 60, 190), "orange": (245, 140, 30),
-    "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128),
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 215, 40),
+    "purple": (140, 60, 190),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
 }
 POSITIONS = {  # centre as fractions of (width, height)
-    "at the top left": (0.28, 0.28), "at the top right": (0.72, 0.28),
-    "at the bottom left": (0.28, 0.72), "at the bottom right": (0.72, 0.72),
+    "at the top left": (0.28, 0.28),
+    "at the top right": (0.72, 0.28),
+    "at the bottom left": (0.28, 0.72),
+    "at the bottom right": (0.72, 0.72),
     "in the center": (0.5, 0.5),
 }
 SPLIT_ID_OFFSET = {"train": 0, "validation": 1_000_000_000, "test": 2_000_000_000}
@@ -54,8 +62,7 @@ class ShapesSource(Source):
 
     def __init__(self, split: str = "train", config: ShapesConfig = ShapesConfig()):
         if split not in SPLIT_ID_OFFSET:
-            raise ValueError(f"unknown split {split!r}; valid splits: "
-                             f"{', '.join(SPLIT_ID_OFFSET)}")
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLIT_ID_OFFSET)}")
         if config.size < 1 or config.resolution < 8:
             raise ValueError(f"shapes needs size >= 1 and resolution >= 8, got {config}")
         self.name = f"shapes/{split}"
@@ -90,9 +97,14 @@ class ShapesSource(Source):
         r = self.config.resolution
         center = tuple((c + j) * r for c, j in zip(POSITIONS[position], jitter))
         coverage = _mask(SHAPES[shape], r, center, SIZES[size] * r)[..., None]
-        image = (coverage * np.array(COLORS[color], np.float32)
-                 + (1 - coverage) * np.array(COLORS[background], np.float32))
+        image = coverage * np.array(COLORS[color], np.float32) + (1 - coverage) * np.array(
+            COLORS[background], np.float32
+        )
         caption = f"a {size} {color} {SHAPES[shape]} {position} on a {background} background"
-        return {"id": np.int64(SPLIT_ID_OFFSET[self.split] + index),
-                "image": np.round(image).astype(np.uint8), "caption": caption,
-                "label": np.int64(shape), "source": "shapes"}
+        return {
+            "id": np.int64(SPLIT_ID_OFFSET[self.split] + index),
+            "image": np.round(image).astype(np.uint8),
+            "caption": caption,
+            "label": np.int64(shape),
+            "source": "shapes",
+        }

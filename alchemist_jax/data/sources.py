@@ -15,8 +15,8 @@ access), plus `ids` (int64 (N,), the id of every index) and `labels` (int64 (N,)
 from __future__ import annotations
 
 import hashlib
-
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -86,15 +86,21 @@ class ArraySource(Source):
         if images is not None:
             images = np.asarray(images)
             if images.dtype != np.uint8 or images.ndim != 4 or len(images) != n:
-                raise ValueError(f"{name}: images must be uint8 (N, H, W, C) with N={n}, "
-                                 f"got {images.dtype} {images.shape}")
+                raise ValueError(
+                    f"{name}: images must be uint8 (N, H, W, C) with N={n}, "
+                    f"got {images.dtype} {images.shape}"
+                )
         self._images = images
         self._captions = list(captions) if captions is not None else None
         self._labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self._origins = list(origins) if origins is not None else None
         self._extra = dict(extra or {})
-        for key, column in [("captions", self._captions), ("labels", self._labels),
-                            ("origins", self._origins), *self._extra.items()]:
+        for key, column in [
+            ("captions", self._captions),
+            ("labels", self._labels),
+            ("origins", self._origins),
+            *self._extra.items(),
+        ]:
             if column is not None and len(column) != n:
                 raise ValueError(f"{name}: {key} has {len(column)} rows, ids have {n}")
 
@@ -145,8 +151,9 @@ class ArraySource(Source):
         resumed run compares it to refuse data that changed under it)."""
         digest = hashlib.sha256(str(len(self)).encode())
         digest.update(np.ascontiguousarray(self._ids).tobytes())
-        rows = np.unique(np.linspace(0, max(len(self) - 1, 0), min(sample, len(self))).astype(
-            np.int64))
+        rows = np.unique(
+            np.linspace(0, max(len(self) - 1, 0), min(sample, len(self))).astype(np.int64)
+        )
         columns = {"image": self._images, "label": self._labels, **self._extra}
         for key in sorted(k for k, v in columns.items() if v is not None):
             digest.update(key.encode())
@@ -155,7 +162,7 @@ class ArraySource(Source):
             digest.update("\n".join(self._captions[i] for i in rows).encode())
         return digest.hexdigest()
 
-    def take(self, indices: np.ndarray, name: str | None = None) -> "ArraySource":
+    def take(self, indices: np.ndarray, name: str | None = None) -> ArraySource:
         """A new ArraySource with the rows at `indices` (in that order)."""
         indices = np.asarray(indices, dtype=np.int64)
         pick = lambda seq: None if seq is None else [seq[i] for i in indices]  # noqa: E731
@@ -172,6 +179,7 @@ class ArraySource(Source):
 
 def concatenate(name: str, parts: Sequence[ArraySource]) -> ArraySource:
     """Joins ArraySources with the same image shape and fields into one (ids must stay unique)."""
+
     def column(get):
         values = [get(p) for p in parts]
         if any(v is None for v in values):

@@ -23,8 +23,8 @@ import pyarrow as pa
 
 from alchemist_jax.config import DataConfig
 from alchemist_jax.data import preprocess
-from alchemist_jax.data.loading import BUILTIN_SOURCES, load
 from alchemist_jax.data.corrupt import corrupt
+from alchemist_jax.data.loading import BUILTIN_SOURCES, load
 from alchemist_jax.data.sources import ArraySource, Source
 
 log = logging.getLogger("alchemist_jax.data")
@@ -59,24 +59,37 @@ def load_splits(config: DataConfig, report_dir: str | Path | None = None) -> Spl
     pool = load(config.source, config.split, config=config, report_dir=report_dir)
     if config.validation_source is not None:
         # Its own report folder: the pool's bad_samples.parquet must not be overwritten.
-        validation = load(config.validation_source, "validation", config=config,
-                          report_dir=None if report_dir is None else report_dir / "validation")
+        validation = load(
+            config.validation_source,
+            "validation",
+            config=config,
+            report_dir=None if report_dir is None else report_dir / "validation",
+        )
     elif has_split(config.source, "validation"):
         validation = load(config.source, "validation", config=config)
     else:
         whole = pool
         pool, validation = random_split(pool, config.validation_fraction, config.seed)
-        log.warning("%s has no validation split and data.validation_source is unset: %d of its "
-                    "%d samples (data.validation_fraction=%g, seed %d) are held out as the "
-                    "validation set and are not in the pool that is rated, scored and "
-                    "selected; set data.validation_source to use every sample",
-                    whole.name, len(validation), len(whole),
-                    config.validation_fraction, config.seed)
+        log.warning(
+            "%s has no validation split and data.validation_source is unset: %d of its "
+            "%d samples (data.validation_fraction=%g, seed %d) are held out as the "
+            "validation set and are not in the pool that is rated, scored and "
+            "selected; set data.validation_source to use every sample",
+            whole.name,
+            len(validation),
+            len(whole),
+            config.validation_fraction,
+            config.seed,
+        )
     if config.corrupt.fraction <= 0:
         return Splits(pool, validation, None, None)
-    pool, truth = corrupt(pool, config.corrupt.fraction, config.corrupt.kinds,
-                          seed=config.corrupt.seed,
-                          truth_path=None if report_dir is None else report_dir / "defects.parquet")
+    pool, truth = corrupt(
+        pool,
+        config.corrupt.fraction,
+        config.corrupt.kinds,
+        seed=config.corrupt.seed,
+        truth_path=None if report_dir is None else report_dir / "defects.parquet",
+    )
     return Splits(pool, validation, truth, _caption_classes(pool, truth))
 
 
@@ -100,9 +113,12 @@ def prepare_splits(config: DataConfig, report_dir: str | Path | None = None) -> 
     """`load_splits`, then both splits preprocessed for the models (`Preprocessor.for_config`)."""
     splits = load_splits(config, report_dir=report_dir)
     transform = preprocess.Preprocessor.for_config(config)
-    return PreparedSplits(preprocess.materialize(splits.train, transform),
-                          preprocess.materialize(splits.validation, transform), splits.defects,
-                          splits.caption_classes)
+    return PreparedSplits(
+        preprocess.materialize(splits.train, transform),
+        preprocess.materialize(splits.validation, transform),
+        splits.defects,
+        splits.caption_classes,
+    )
 
 
 def load_test(config: DataConfig, test_source: str | None = None) -> Source:
@@ -115,8 +131,10 @@ def load_test(config: DataConfig, test_source: str | None = None) -> Source:
     if test_source is not None:
         return load(test_source, "test", config=config)
     if not has_split(config.source, "test"):
-        raise ValueError(f"data source {config.source!r} has no test split: set "
-                         "evaluate.test_source to a clean held-out set")
+        raise ValueError(
+            f"data source {config.source!r} has no test split: set "
+            "evaluate.test_source to a clean held-out set"
+        )
     return load(config.source, "test", config=config)
 
 
@@ -143,8 +161,10 @@ def random_split(pool: Source, fraction: float, seed: int) -> tuple[Source, Sour
         raise ValueError(f"data.validation_fraction must be in (0, 1), got {fraction}")
     order = np.random.default_rng(seed).permutation(len(pool))
     held_out = max(1, round(fraction * len(pool)))
-    return (Subset(pool, np.sort(order[held_out:]), "pool"),
-            Subset(pool, np.sort(order[:held_out]), "validation"))
+    return (
+        Subset(pool, np.sort(order[held_out:]), "pool"),
+        Subset(pool, np.sort(order[:held_out]), "validation"),
+    )
 
 
 class Subset(Source):
@@ -178,8 +198,9 @@ def _caption_classes(pool: Source, truth: pa.Table) -> np.ndarray | None:
         return None
     index_of = {int(i): n for n, i in enumerate(pool.ids)}
     classes = labels.copy()
-    for n, (kind, donor) in enumerate(zip(truth.column("defect").to_pylist(),
-                                          truth.column("source_id").to_pylist())):
+    for n, (kind, donor) in enumerate(
+        zip(truth.column("defect").to_pylist(), truth.column("source_id").to_pylist())
+    ):
         if kind == "caption_swap":
             classes[n] = labels[index_of[donor]]
     return classes

@@ -5,15 +5,16 @@ from __future__ import annotations
 import collections
 import json
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from alchemist_jax.runtime.io import atomic_save_figure, atomic_write_bytes
 from alchemist_jax.data.sources import Source
 from alchemist_jax.data.tokenizer import Tokenizer
 from alchemist_jax.runtime import progress
+from alchemist_jax.runtime.io import atomic_save_figure, atomic_write_bytes
 
 
 def summarize(source: Source, *, max_examples: int = 20_000, seed: int = 0) -> dict[str, Any]:
@@ -46,12 +47,18 @@ def summarize(source: Source, *, max_examples: int = 20_000, seed: int = 0) -> d
     stats: dict[str, Any] = {"name": source.name, "count": len(source), "examined": len(indices)}
     if pixel_count:
         mean = pixel_sum / pixel_count
-        stats.update(image_shapes=dict(shapes), pixel_mean=round(mean, 3),
-                     pixel_std=round(float(np.sqrt(pixel_sq / pixel_count - mean**2)), 3))
+        stats.update(
+            image_shapes=dict(shapes),
+            pixel_mean=round(mean, 3),
+            pixel_std=round(float(np.sqrt(pixel_sq / pixel_count - mean**2)), 3),
+        )
     for key, values in (("caption_words", words), ("caption_tokens", tokens)):
         if values:
-            stats[key] = {"min": int(min(values)), "mean": round(float(np.mean(values)), 2),
-                          "max": int(max(values))}
+            stats[key] = {
+                "min": int(min(values)),
+                "mean": round(float(np.mean(values)), 2),
+                "max": int(max(values)),
+            }
     if labels:
         stats["labels"] = {str(k): v for k, v in sorted(labels.items())}
     if origins:
@@ -59,18 +66,31 @@ def summarize(source: Source, *, max_examples: int = 20_000, seed: int = 0) -> d
     return stats
 
 
-def contact_sheet(source: Source, path: str | Path, *, rows: int = 6, cols: int = 6,
-                  seed: int = 0) -> Path:
+def contact_sheet(
+    source: Source, path: str | Path, *, rows: int = 6, cols: int = 6, seed: int = 0
+) -> Path:
     """Writes a PNG grid of `rows * cols` random examples with their captions (and id)."""
     indices = _sample_indices(len(source), rows * cols, seed)
     return contact_sheet_of(
-        source, indices, path, rows=rows, cols=cols,
-        title=f"{source.name}: {len(source)} examples (random sample, seed {seed})")
+        source,
+        indices,
+        path,
+        rows=rows,
+        cols=cols,
+        title=f"{source.name}: {len(source)} examples (random sample, seed {seed})",
+    )
 
 
-def contact_sheet_of(source: Source, indices: Sequence[int], path: str | Path, *, title: str,
-                     notes: Sequence[str] | None = None, rows: int | None = None,
-                     cols: int = 6) -> Path:
+def contact_sheet_of(
+    source: Source,
+    indices: Sequence[int],
+    path: str | Path,
+    *,
+    title: str,
+    notes: Sequence[str] | None = None,
+    rows: int | None = None,
+    cols: int = 6,
+) -> Path:
     """Writes a PNG grid of the examples of `source` at `indices` (positions, shown in order).
 
     Each cell shows the image, `#id`, the wrapped caption and, when given, `notes[k]` (one short
@@ -88,16 +108,20 @@ def contact_sheet_of(source: Source, indices: Sequence[int], path: str | Path, *
     if len(indices) > rows * cols:
         raise ValueError(f"contact sheet: {len(indices)} examples do not fit {rows}x{cols}")
     row_height = 2.5 if notes is None else 2.9  # room for the extra title line
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.1, rows * row_height),
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.1, rows * row_height), squeeze=False)
     for ax in np.ravel(axes):
         ax.axis("off")
     for k, (ax, index) in enumerate(zip(np.ravel(axes), indices)):
         example = source[int(index)]
         if "image" in example:
             image = np.asarray(example["image"])
-            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
-                      vmin=0, vmax=255, interpolation="nearest")
+            ax.imshow(
+                image[..., 0] if image.shape[-1] == 1 else image,
+                cmap="gray",
+                vmin=0,
+                vmax=255,
+                interpolation="nearest",
+            )
         title_lines = [f"#{int(example['id'])}", textwrap.fill(example.get("caption", ""), 24)]
         if notes is not None:
             title_lines.append(notes[k])

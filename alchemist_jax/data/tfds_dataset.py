@@ -18,7 +18,8 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -49,8 +50,9 @@ def _features(splits: Mapping[str, Source]) -> tfds.features.FeaturesDict:
         raise ValueError(f"examples of split {first_name!r} have no 'id'")
     unknown = set(example) - {"id", "image", "label", *_TEXT_KEYS, *_FLOAT_KEYS}
     if unknown:
-        raise ValueError(f"examples of split {first_name!r} have unsupported keys "
-                         f"{sorted(unknown)}")
+        raise ValueError(
+            f"examples of split {first_name!r} have unsupported keys {sorted(unknown)}"
+        )
 
     features: dict[str, tfds.features.FeatureConnector] = {"id": tfds.features.Scalar(np.int64)}
     if "image" in example:
@@ -58,8 +60,9 @@ def _features(splits: Mapping[str, Source]) -> tfds.features.FeaturesDict:
         if image.ndim != 3:
             raise ValueError(f"images must be (H, W, C), got shape {image.shape}")
         # A fixed shape only where it is known without reading every example.
-        arrays = [s.images for s in splits.values()
-                  if isinstance(s, ArraySource) and s.images is not None]
+        arrays = [
+            s.images for s in splits.values() if isinstance(s, ArraySource) and s.images is not None
+        ]
         shapes = {a.shape[1:] for a in arrays}
         if len(arrays) == len(splits) and len(shapes) == 1:
             shape = shapes.pop()
@@ -81,8 +84,9 @@ def _features(splits: Mapping[str, Source]) -> tfds.features.FeaturesDict:
 
 def _encode(example: Mapping[str, Any], keys: frozenset[str], where: str) -> dict[str, Any]:
     if set(example) != keys:
-        raise ValueError(f"{where} has keys {sorted(example)}, "
-                         f"the first example had {sorted(keys)}")
+        raise ValueError(
+            f"{where} has keys {sorted(example)}, the first example had {sorted(keys)}"
+        )
     out = dict(example)
     out["id"] = int(example["id"])
     if "image" in out:
@@ -106,13 +110,19 @@ def _tfds_progress_bars_off() -> Iterator[None]:
         tfds.display_progress_bar(was_active)
 
 
-def _builder_class(name: str, version: str, features: tfds.features.FeaturesDict,
-                   splits: Mapping[str, Source], columns: dict[str, dict[str, list[int]]]):
+def _builder_class(
+    name: str,
+    version: str,
+    features: tfds.features.FeaturesDict,
+    splits: Mapping[str, Source],
+    columns: dict[str, dict[str, list[int]]],
+):
     """A GeneratorBasedBuilder named `name` that writes `splits` in order and records, per split,
     the id (and label) of every record into `columns[split]`."""
     keys = frozenset(features.keys())
 
     with registered.skip_registration():  # a fresh class per call; keep the global registry clean
+
         class _Builder(tfds.core.GeneratorBasedBuilder):
             VERSION = tfds.core.Version(version)
             # No code folder (it only locates download checksums, and there are no downloads).
@@ -124,7 +134,7 @@ def _builder_class(name: str, version: str, features: tfds.features.FeaturesDict
                 return tfds.core.DatasetInfo(
                     builder=self,
                     description="Written by alchemist_jax.data.tfds_dataset.prepare_tfds from "
-                                + ", ".join(f"{k}={s.name}" for k, s in splits.items()),
+                    + ", ".join(f"{k}={s.name}" for k, s in splits.items()),
                     features=features,
                     disable_shuffling=True,  # record i is example i of the source
                 )
@@ -146,9 +156,13 @@ def _builder_class(name: str, version: str, features: tfds.features.FeaturesDict
     return _Builder
 
 
-def prepare_tfds(splits: Mapping[str, Source], out_dir: str | pathlib.Path,
-                 name: str = "alchemist_dataset", version: str = "1.0.0",
-                 overwrite: bool = False) -> pathlib.Path:
+def prepare_tfds(
+    splits: Mapping[str, Source],
+    out_dir: str | pathlib.Path,
+    name: str = "alchemist_dataset",
+    version: str = "1.0.0",
+    overwrite: bool = False,
+) -> pathlib.Path:
     """Writes sources as one TFDS dataset (array_record) and returns its directory.
 
     The features come from the first example of the first split: `id` int64 scalar; `image` uint8
@@ -186,8 +200,9 @@ def prepare_tfds(splits: Mapping[str, Source], out_dir: str | pathlib.Path,
     out_dir = pathlib.Path(out_dir)
     target = out_dir / name / version
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (CLI: --overwrite) "
-                              f"to replace it")
+        raise FileExistsError(
+            f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
+        )
 
     features = _features(splits)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +210,8 @@ def prepare_tfds(splits: Mapping[str, Source], out_dir: str | pathlib.Path,
     try:
         columns: dict[str, dict[str, list[int]]] = {}
         builder = _builder_class(name, version, features, splits, columns)(
-            data_dir=str(tmp / "data"), file_format="array_record")
+            data_dir=str(tmp / "data"), file_format="array_record"
+        )
         with _tfds_progress_bars_off():
             builder.download_and_prepare(download_dir=str(tmp / "downloads"))
         built = pathlib.Path(builder.data_dir)
@@ -205,8 +221,10 @@ def prepare_tfds(splits: Mapping[str, Source], out_dir: str | pathlib.Path,
                 raise ValueError(f"split {split!r} has repeated ids")
             np.save(_sidecar(built, "ids", split), ids)
             if "label" in features:
-                np.save(_sidecar(built, "labels", split),
-                        np.asarray(split_columns["label"], dtype=np.int64))
+                np.save(
+                    _sidecar(built, "labels", split),
+                    np.asarray(split_columns["label"], dtype=np.int64),
+                )
 
         target.parent.mkdir(parents=True, exist_ok=True)
         old = tmp / "replaced"
@@ -256,11 +274,14 @@ def find_tfds_dir(path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(path)
     found = _candidates(path) if path.is_dir() else []
     if not found:
-        raise ValueError(f"{path} is not a TFDS dataset directory (no {_INFO_FILE} at it or in "
-                         f"<name>/<version>/ below it)")
+        raise ValueError(
+            f"{path} is not a TFDS dataset directory (no {_INFO_FILE} at it or in "
+            f"<name>/<version>/ below it)"
+        )
     if len(found) > 1:
-        raise ValueError(f"{path} holds several TFDS datasets, pass one of: "
-                         + ", ".join(str(p) for p in found))
+        raise ValueError(
+            f"{path} holds several TFDS datasets, pass one of: " + ", ".join(str(p) for p in found)
+        )
     return found[0]
 
 
@@ -286,16 +307,22 @@ class TfdsSource(Source):
         builder = tfds.builder_from_directory(str(self.dataset_dir))
         available = list(builder.info.splits.keys())
         if split not in available:
-            raise ValueError(f"split {split!r} not in TFDS dataset {self.dataset_dir}; "
-                             f"available: {', '.join(available)}")
+            raise ValueError(
+                f"split {split!r} not in TFDS dataset {self.dataset_dir}; "
+                f"available: {', '.join(available)}"
+            )
         self.name = f"{builder.info.name}/{split}"
         self.split = split
         self._data = builder.as_data_source(split)
         self._features = dict(builder.info.features.items())
-        self._text_keys = {k for k, f in self._features.items()
-                           if isinstance(f, tfds.features.Text)}
-        self._dtypes = {k: f.np_dtype for k, f in self._features.items()
-                        if isinstance(f, tfds.features.Tensor) and k not in self._text_keys}
+        self._text_keys = {
+            k for k, f in self._features.items() if isinstance(f, tfds.features.Text)
+        }
+        self._dtypes = {
+            k: f.np_dtype
+            for k, f in self._features.items()
+            if isinstance(f, tfds.features.Tensor) and k not in self._text_keys
+        }
         self._ids: np.ndarray | None = None
         self._labels: np.ndarray | None = None
 
@@ -327,22 +354,33 @@ class TfdsSource(Source):
         if sidecar.is_file():
             values = np.load(sidecar)
             if len(values) != len(self):
-                raise ValueError(f"{sidecar} has {len(values)} rows, split {self.split!r} has "
-                                 f"{len(self)}; the dataset directory was modified")
+                raise ValueError(
+                    f"{sidecar} has {len(values)} rows, split {self.split!r} has "
+                    f"{len(self)}; the dataset directory was modified"
+                )
             return values.astype(np.int64, copy=False)
         values = np.empty(len(self), dtype=np.int64)
-        for start in progress.bar(range(0, len(self), _READ_CHUNK), desc=f"{self.name}: reading {key}s",
-                          unit="chunk", leave=False):
+        for start in progress.bar(
+            range(0, len(self), _READ_CHUNK),
+            desc=f"{self.name}: reading {key}s",
+            unit="chunk",
+            leave=False,
+        ):
             indices = list(range(start, min(start + _READ_CHUNK, len(self))))
-            values[start:start + len(indices)] = [r[key] for r in self._data.__getitems__(indices)]
+            values[start : start + len(indices)] = [
+                r[key] for r in self._data.__getitems__(indices)
+            ]
         return values
 
     @property
     def ids(self) -> np.ndarray:
         """int64 (N,): the id of every record (record indices when there is no `id` feature)."""
         if self._ids is None:
-            self._ids = (self._column("id") if "id" in self._features
-                         else np.arange(len(self), dtype=np.int64))
+            self._ids = (
+                self._column("id")
+                if "id" in self._features
+                else np.arange(len(self), dtype=np.int64)
+            )
         return self._ids
 
     @property

@@ -14,8 +14,8 @@ import functools
 import gzip
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -30,8 +30,11 @@ _NUM_MERGES = 49152 - 256 - 2  # the lines of the BPE file that CLIP uses
 
 def _bytes_to_unicode() -> list[str]:
     """CLIP/GPT-2's reversible map of the 256 byte values to printable characters, in order."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes, extra = [], 0
     for byte in range(256):
         if byte in printable:
@@ -51,19 +54,20 @@ def vocabulary_dir() -> Path:
         return target
     raw = cache.read_wheel_member("open-clip-torch", "open_clip/bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
-    merges = lines[1:1 + _NUM_MERGES]
+    merges = lines[1 : 1 + _NUM_MERGES]
     characters = _bytes_to_unicode()
     tokens = characters + [c + "</w>" for c in characters]
     tokens += ["".join(merge.split()) for merge in merges] + [START_TOKEN, END_TOKEN]
     assert len(tokens) == VOCAB_SIZE, len(tokens)
     vocab = {token: index for index, token in enumerate(tokens)}
-    atomic_write_bytes(target / "merges.txt",
-                             ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"))
+    atomic_write_bytes(
+        target / "merges.txt", ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8")
+    )
     atomic_write_bytes(target / "vocab.json", json.dumps(vocab).encode("utf-8"))
     return target
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_clip_tokenizer():
     """The `CLIPTokenizer` of the built-in CLIP vocabulary (`vocabulary_dir`), loaded once."""
     # Imported lazily (transformers is slow to import); only its tokenizer is used, so its
@@ -102,14 +106,24 @@ class Tokenizer:
           tokens: int32 (B, max_length) ids, padded with 49407.
           mask: bool (B, max_length), True on real tokens (start, text and the first end token).
         """
-        encoded = self._tokenizer(list(texts), max_length=self.max_length, truncation=True,
-                                  padding="max_length", return_attention_mask=True)
-        return (np.asarray(encoded["input_ids"], np.int32),
-                np.asarray(encoded["attention_mask"], bool))
+        encoded = self._tokenizer(
+            list(texts),
+            max_length=self.max_length,
+            truncation=True,
+            padding="max_length",
+            return_attention_mask=True,
+        )
+        return (
+            np.asarray(encoded["input_ids"], np.int32),
+            np.asarray(encoded["attention_mask"], bool),
+        )
 
     def decode(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
         """The caption texts of token rows (B, L) with their masks (B, L), special tokens removed
         (the inverse of `__call__` up to whitespace and case)."""
-        return [self._tokenizer.decode(np.asarray(row)[np.asarray(row_mask, bool)].tolist(),
-                                       skip_special_tokens=True).strip()
-                for row, row_mask in zip(tokens, mask)]
+        return [
+            self._tokenizer.decode(
+                np.asarray(row)[np.asarray(row_mask, bool)].tolist(), skip_special_tokens=True
+            ).strip()
+            for row, row_mask in zip(tokens, mask)
+        ]

@@ -84,12 +84,35 @@ from alchemist_jax.runtime import io
 from alchemist_jax.scoring.rating_run import RatingRun, open_rating_run
 
 __all__ = [
-    "DCT_SIZE", "FLAT_ENERGY", "HASH_BITS", "HASH_SIDE", "aligned_cosine", "aligned_pairs",
-    "alignment_images", "canonicalize", "check_config", "close_pairs", "config_fingerprint",
-    "dedup_settings", "exact_duplicates", "find_groups", "fingerprints", "gaussian_blur",
-    "group_ids", "groups_table", "hamming", "pack_bits", "pair_metrics", "phash_bits",
-    "pixel_embeddings", "rater_image_features", "read_groups", "rotated_hash_keys", "run",
-    "simhash_keys", "sort_orders",
+    "DCT_SIZE",
+    "FLAT_ENERGY",
+    "HASH_BITS",
+    "HASH_SIDE",
+    "aligned_cosine",
+    "aligned_pairs",
+    "alignment_images",
+    "canonicalize",
+    "check_config",
+    "close_pairs",
+    "config_fingerprint",
+    "dedup_settings",
+    "exact_duplicates",
+    "find_groups",
+    "fingerprints",
+    "gaussian_blur",
+    "group_ids",
+    "groups_table",
+    "hamming",
+    "pack_bits",
+    "pair_metrics",
+    "phash_bits",
+    "pixel_embeddings",
+    "rater_image_features",
+    "read_groups",
+    "rotated_hash_keys",
+    "run",
+    "simhash_keys",
+    "sort_orders",
 ]
 
 log = logging.getLogger("alchemist_jax.dedup")
@@ -101,8 +124,9 @@ GROUPS_COLUMNS = ("id", "group", "group_size")
 # ==============================================================================================
 
 
-def pair_metrics(ids: np.ndarray, groups: np.ndarray, truth: pa.Table,
-                 exact_of: np.ndarray | None = None) -> dict[str, Any]:
+def pair_metrics(
+    ids: np.ndarray, groups: np.ndarray, truth: pa.Table, exact_of: np.ndarray | None = None
+) -> dict[str, Any]:
     """How well `groups` recovers the copies that `corrupt` injected.
 
     A pair of samples in one predicted group is true when one is a copy
@@ -130,23 +154,34 @@ def pair_metrics(ids: np.ndarray, groups: np.ndarray, truth: pa.Table,
         raise ValueError("the defect table and the groups list different ids")
     defects = np.asarray(truth.column("defect").to_pylist(), dtype=object)
     is_copy = np.isin(defects, IMAGE_COPYING_KINDS)
-    sources = np.array([-1 if s is None else s for s in truth.column("source_id").to_pylist()],
-                       np.int64)
+    sources = np.array(
+        [-1 if s is None else s for s in truth.column("source_id").to_pylist()], np.int64
+    )
     # The picture each sample shows, as a pool index: its source's for a copy, else its own.
     order = np.argsort(ids)
-    original = np.where(is_copy, order[np.searchsorted(ids, sources, sorter=order)],
-                        np.arange(len(ids)))
+    original = np.where(
+        is_copy, order[np.searchsorted(ids, sources, sorter=order)], np.arange(len(ids))
+    )
     together = groups == groups[original]
     metrics: dict[str, Any] = {
-        f"recall_{kind}": float(np.mean(together[defects == kind])) if np.any(defects == kind)
-        else None for kind in IMAGE_COPYING_KINDS}
+        f"recall_{kind}": float(np.mean(together[defects == kind]))
+        if np.any(defects == kind)
+        else None
+        for kind in IMAGE_COPYING_KINDS
+    }
     pairs, true_pairs = _pairs_within(groups), _pairs_within(groups, original)
-    metrics.update(missed_copies=int(np.sum(is_copy & ~together)), pairs=pairs,
-                   true_pairs=true_pairs, pair_precision=true_pairs / pairs if pairs else None)
+    metrics.update(
+        missed_copies=int(np.sum(is_copy & ~together)),
+        pairs=pairs,
+        true_pairs=true_pairs,
+        pair_precision=true_pairs / pairs if pairs else None,
+    )
     if exact_of is not None:
         identical = _pairs_within(groups, np.asarray(exact_of)[original]) - true_pairs
-        metrics.update(identical_pairs=identical, pair_precision_identical=(
-            (true_pairs + identical) / pairs if pairs else None))
+        metrics.update(
+            identical_pairs=identical,
+            pair_precision_identical=((true_pairs + identical) / pairs if pairs else None),
+        )
     return metrics
 
 
@@ -170,26 +205,37 @@ def read_groups(path: Path) -> tuple[np.ndarray, np.ndarray]:
     table = io.read_parquet(path, what="dedup file")
     missing = {"id", "group"} - set(table.column_names)
     if missing:
-        raise ValueError(f"{path} is not a dedup file: no column {', '.join(sorted(missing))} "
-                         "(write one with `alchemist-jax dedup`)")
-    return (table.column("id").to_numpy().astype(np.int64),
-            table.column("group").to_numpy().astype(np.int64))
+        raise ValueError(
+            f"{path} is not a dedup file: no column {', '.join(sorted(missing))} "
+            "(write one with `alchemist-jax dedup`)"
+        )
+    return (
+        table.column("id").to_numpy().astype(np.int64),
+        table.column("group").to_numpy().astype(np.int64),
+    )
 
 
 def groups_table(ids: np.ndarray, groups: np.ndarray, metadata: dict[str, str]) -> pa.Table:
     """Columns id int64, group int64, group_size int32 (samples sharing the group), with
     `metadata` in the schema."""
     _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    table = pa.table({"id": pa.array(ids, pa.int64()), "group": pa.array(groups, pa.int64()),
-                      "group_size": pa.array(counts[inverse], pa.int32())})
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "group": pa.array(groups, pa.int64()),
+            "group_size": pa.array(counts[inverse], pa.int32()),
+        }
+    )
     return table.replace_schema_metadata(metadata)
 
 
 def config_fingerprint(cfg: config_lib.Config, rating_run: RatingRun | None) -> str:
     """`io.fingerprint` of what the groups depend on: `data`, `dedup` (without the batch
     size) and, for rater embeddings, the rating run's checkpoint and step."""
-    parts: dict[str, Any] = {"data": config_lib.to_dict(cfg.data),
-                             "dedup": dedup_settings(cfg.dedup)}
+    parts: dict[str, Any] = {
+        "data": config_lib.to_dict(cfg.data),
+        "dedup": dedup_settings(cfg.dedup),
+    }
     if rating_run is not None:
         parts["rater"] = [str(rating_run.checkpoints), rating_run.step]
     return io.fingerprint(parts)
@@ -219,8 +265,10 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
     check_config(cfg.dedup)
     kind = cfg.dedup.embedding
     if kind == "rater" and rater_dir is None:
-        raise ValueError("dedup.embedding=rater needs the rating run: pass --rater-dir DIR (the "
-                         "--workdir of `alchemist-jax rate`)")
+        raise ValueError(
+            "dedup.embedding=rater needs the rating run: pass --rater-dir DIR (the "
+            "--workdir of `alchemist-jax rate`)"
+        )
     if kind != "rater" and rater_dir is not None:
         raise ValueError(f"--rater-dir is read by dedup.embedding=rater only, not by {kind}")
     rating_run = open_rating_run(rater_dir, cfg.data) if kind == "rater" else None
@@ -229,28 +277,44 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
         raise ValueError(f"{splits.train.name} is empty: there is nothing to deduplicate")
     pool = preprocess.materialize(splits.train, preprocess.Preprocessor.for_config(cfg.data))
     if "image" not in pool.extra:
-        raise ValueError(f"dedup needs pixel images; the pool {pool.name} has none "
-                         "(precomputed latents)")
-    metadata = {"config": json.dumps(dedup_settings(cfg.dedup), sort_keys=True),
-                "config_sha256": config_fingerprint(cfg, rating_run), "source": pool.name,
-                "count": str(len(pool))}
+        raise ValueError(
+            f"dedup needs pixel images; the pool {pool.name} has none (precomputed latents)"
+        )
+    metadata = {
+        "config": json.dumps(dedup_settings(cfg.dedup), sort_keys=True),
+        "config_sha256": config_fingerprint(cfg, rating_run),
+        "source": pool.name,
+        "count": str(len(pool)),
+    }
     stored = _complete(out, pool.ids, metadata)
     # Exact copies: for the search, and for the pair metrics when the defects are known.
-    exact_of = (exact_duplicates(pool.extra["image"])
-                if stored is None or splits.truth is not None else None)
+    exact_of = (
+        exact_duplicates(pool.extra["image"])
+        if stored is None or splits.truth is not None
+        else None
+    )
     seconds = 0.0
     if stored is None:
         start = time.perf_counter()
         features = None if rating_run is None else rater_image_features(rating_run, pool[0])
         hashes, embeddings = fingerprints(pool, cfg.dedup, features)
-        groups, counts = find_groups(pool.ids, hashes, embeddings, cfg.dedup, exact_of,
-                                     images=pool.extra["image"])
+        groups, counts = find_groups(
+            pool.ids, hashes, embeddings, cfg.dedup, exact_of, images=pool.extra["image"]
+        )
         seconds = time.perf_counter() - start
         sizes = np.unique(groups, return_counts=True)[1]
-        counts = {**counts, "groups": len(sizes), "grouped": int(np.sum(sizes[sizes > 1])),
-                  "largest_group": int(sizes.max(initial=0))}
-        io.atomic_write_parquet(out, groups_table(pool.ids, groups, {
-            **metadata, **{key: str(value) for key, value in counts.items()}}))
+        counts = {
+            **counts,
+            "groups": len(sizes),
+            "grouped": int(np.sum(sizes[sizes > 1])),
+            "largest_group": int(sizes.max(initial=0)),
+        }
+        io.atomic_write_parquet(
+            out,
+            groups_table(
+                pool.ids, groups, {**metadata, **{key: str(value) for key, value in counts.items()}}
+            ),
+        )
     else:
         groups, counts = stored
     summary = {"path": str(out), "count": len(pool), **counts, "seconds": round(seconds, 3)}
@@ -259,12 +323,21 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
     return summary
 
 
-_COUNTS = ("groups", "grouped", "largest_group", "exact_pairs", "compared", "hash_close",
-           "embedding_close", "near_pairs")
+_COUNTS = (
+    "groups",
+    "grouped",
+    "largest_group",
+    "exact_pairs",
+    "compared",
+    "hash_close",
+    "embedding_close",
+    "near_pairs",
+)
 
 
-def _complete(out: Path, ids: np.ndarray, metadata: dict[str, str]
-              ) -> tuple[np.ndarray, dict[str, int]] | None:
+def _complete(
+    out: Path, ids: np.ndarray, metadata: dict[str, str]
+) -> tuple[np.ndarray, dict[str, int]] | None:
     """(groups, counts) stored in `out` when it holds exactly `ids` under `metadata`
     (`io.complete_table`), else None (missing, unreadable, another pool or configuration: to be
     computed again)."""

@@ -1,12 +1,12 @@
 """Per-image fingerprints of dedup (pure, jitted) and the batched pass over a pool.
 
-  canonicalize          the grayscale image, background level subtracted, re-centred on its
-                        centre of mass (a shift of the content moves nothing)
-  phash_bits/pack_bits  the 64-bit DCT perceptual hash, packed to uint64; `hamming`
-  pixel_embeddings      the default embedding: the canonical image blurred, downsampled, unit
-                        norm; `rater_image_features` the learned one (a rating run's rater)
-  alignment_images      what the final check compares, and `aligned_cosine`, the check
-  fingerprints          hashes and embeddings of a whole pool in fixed-shape batches
+canonicalize          the grayscale image, background level subtracted, re-centred on its
+                      centre of mass (a shift of the content moves nothing)
+phash_bits/pack_bits  the 64-bit DCT perceptual hash, packed to uint64; `hamming`
+pixel_embeddings      the default embedding: the canonical image blurred, downsampled, unit
+                      norm; `rater_image_features` the learned one (a rating run's rater)
+alignment_images      what the final check compares, and `aligned_cosine`, the check
+fingerprints          hashes and embeddings of a whole pool in fixed-shape batches
 """
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ def canonicalize(images: jax.Array) -> jax.Array:
     """
     gray = jnp.mean(images, axis=-1)
     height, width = gray.shape[1:]
-    border = jnp.concatenate([gray[:, 0], gray[:, -1], gray[:, 1:-1, 0], gray[:, 1:-1, -1]],
-                             axis=1)
+    border = jnp.concatenate([gray[:, 0], gray[:, -1], gray[:, 1:-1, 0], gray[:, 1:-1, -1]], axis=1)
     content = gray - jnp.median(border, axis=1)[:, None, None]
     mass = jnp.abs(content)
     total = jnp.sum(mass, axis=(1, 2))
@@ -131,15 +130,15 @@ def pixel_embeddings(canonical: jax.Array, size: int, blur: float) -> jax.Array:
     make the cosine of two copies tolerant to sub-pixel differences in their re-centring.
     """
     canonical = gaussian_blur(canonical, blur)
-    small = jax.image.resize(canonical, (canonical.shape[0], size, size), "linear",
-                             antialias=True)
+    small = jax.image.resize(canonical, (canonical.shape[0], size, size), "linear", antialias=True)
     flat = small.reshape(small.shape[0], -1)
     has_content = jnp.any(canonical != 0, axis=(1, 2))[:, None]
     return unit_rows(jnp.where(has_content, flat - flat.mean(axis=1, keepdims=True), 0.0))
 
 
-def rater_image_features(run: RatingRun, example: dict[str, np.ndarray]
-                         ) -> Callable[[dict[str, np.ndarray]], jax.Array]:
+def rater_image_features(
+    run: RatingRun, example: dict[str, np.ndarray]
+) -> Callable[[dict[str, np.ndarray]], jax.Array]:
     """The learned embedding: `features(batch) -> (B, Dr)` unit-norm image features f of the EMA
     rater of a rating run (`Rater.features`, mean-pooled convolutions: tolerant to shifts).
     `example` is one preprocessed example of the pool (fixes the input shapes)."""
@@ -160,15 +159,17 @@ def alignment_images(images: jax.Array, size: int, blur: float) -> jax.Array:
     gray = jnp.mean(images, axis=-1)
     scale = min(1.0, size / max(gray.shape[1:]))
     if scale < 1:
-        shape = (gray.shape[0], max(1, round(gray.shape[1] * scale)),
-                 max(1, round(gray.shape[2] * scale)))
+        shape = (
+            gray.shape[0],
+            max(1, round(gray.shape[1] * scale)),
+            max(1, round(gray.shape[2] * scale)),
+        )
         gray = jax.image.resize(gray, shape, "linear", antialias=True)
     return gaussian_blur(gray, blur)
 
 
 @functools.partial(jax.jit, static_argnames=("max_shift", "border"))
-def aligned_cosine(first: jax.Array, second: jax.Array, max_shift: int, border: int
-                   ) -> jax.Array:
+def aligned_cosine(first: jax.Array, second: jax.Array, max_shift: int, border: int) -> jax.Array:
     """How well two images match at their best alignment: the final check of a pair.
 
     first, second: (M, H, W) -> (M,) in [-1, 1]: the largest, over integer shifts (dy, dx)
@@ -186,7 +187,7 @@ def aligned_cosine(first: jax.Array, second: jax.Array, max_shift: int, border: 
             if bottom - top < 2 or right - left < 2:
                 continue
             a = first[:, top:bottom, left:right]
-            b = second[:, top + dy:bottom + dy, left + dx:right + dx]
+            b = second[:, top + dy : bottom + dy, left + dx : right + dx]
             a = a - a.mean(axis=(1, 2), keepdims=True)
             b = b - b.mean(axis=(1, 2), keepdims=True)
             energy_a, energy_b = jnp.sum(a * a, axis=(1, 2)), jnp.sum(b * b, axis=(1, 2))
@@ -197,22 +198,33 @@ def aligned_cosine(first: jax.Array, second: jax.Array, max_shift: int, border: 
     return best
 
 
-def fingerprints(pool: ArraySource, cfg: config_lib.DedupConfig,
-                 features: Callable[[dict[str, np.ndarray]], jax.Array] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def fingerprints(
+    pool: ArraySource,
+    cfg: config_lib.DedupConfig,
+    features: Callable[[dict[str, np.ndarray]], jax.Array] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """pHashes (N,) uint64 and embeddings (N, D) float32 of a preprocessed pool (`image`
     (N, H, W, C) in [-1, 1]), in fixed-shape batches of `cfg.batch_size` (the last padded:
     `data.pipeline.padded_batches`). `features`: batch -> (B, D) unit-norm embeddings; None:
     `pixel_embeddings`."""
-    columns = {"image": pool.extra["image"], **{key: pool.extra[key] for key in
-                                                ("tokens", "token_mask") if key in pool.extra}}
+    columns = {
+        "image": pool.extra["image"],
+        **{key: pool.extra[key] for key in ("tokens", "token_mask") if key in pool.extra},
+    }
     hashes, embeddings = [], []
-    for batch in tqdm(padded_batches(columns, cfg.batch_size), desc="dedup fingerprints",
-                      unit="batch", total=-(-len(pool) // cfg.batch_size)):
+    for batch in tqdm(
+        padded_batches(columns, cfg.batch_size),
+        desc="dedup fingerprints",
+        unit="batch",
+        total=-(-len(pool) // cfg.batch_size),
+    ):
         real = batch.pop("mask")
         canonical = canonicalize(batch["image"])
-        embedded = (pixel_embeddings(canonical, cfg.embedding_size, cfg.blur)
-                    if features is None else features(batch))
+        embedded = (
+            pixel_embeddings(canonical, cfg.embedding_size, cfg.blur)
+            if features is None
+            else features(batch)
+        )
         hashes.append(pack_bits(np.asarray(phash_bits(canonical)))[real])
         embeddings.append(np.asarray(embedded, np.float32)[real])
     return np.concatenate(hashes), np.concatenate(embeddings)

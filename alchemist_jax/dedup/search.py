@@ -1,10 +1,10 @@
 """The search for duplicate pairs among precomputed fingerprints, and their groups (numpy).
 
-  exact         identical preprocessed pixels (`exact_duplicates`)
-  candidates    sorted neighbourhoods (`rotated_hash_keys`, `simhash_keys`, `sort_orders`)
-  filter        close hashes and embeddings (`close_pairs`)
-  verification  the pixel correlation at the best alignment (`aligned_pairs`)
-  groups        connected components (`group_ids`); `find_groups` runs the whole search
+exact         identical preprocessed pixels (`exact_duplicates`)
+candidates    sorted neighbourhoods (`rotated_hash_keys`, `simhash_keys`, `sort_orders`)
+filter        close hashes and embeddings (`close_pairs`)
+verification  the pixel correlation at the best alignment (`aligned_pairs`)
+groups        connected components (`group_ids`); `find_groups` runs the whole search
 """
 
 from __future__ import annotations
@@ -51,13 +51,13 @@ def rotated_hash_keys(hashes: np.ndarray, bands: int) -> np.ndarray:
     keys = []
     for band in range(bands):
         turn = np.uint64(band * HASH_BITS // bands)
-        keys.append(hashes if turn == 0 else
-                    (hashes << turn) | (hashes >> (np.uint64(HASH_BITS) - turn)))
+        keys.append(
+            hashes if turn == 0 else (hashes << turn) | (hashes >> (np.uint64(HASH_BITS) - turn))
+        )
     return np.stack(keys)
 
 
-def simhash_keys(embeddings: np.ndarray, tables: int, seed: int, chunk: int = 65536
-                 ) -> np.ndarray:
+def simhash_keys(embeddings: np.ndarray, tables: int, seed: int, chunk: int = 65536) -> np.ndarray:
     """Random-hyperplane signatures of the embeddings: (N, D) -> (tables, N) uint64.
 
     Bit j of key t is whether the embedding, minus the mean embedding, lies on the positive side
@@ -66,14 +66,18 @@ def simhash_keys(embeddings: np.ndarray, tables: int, seed: int, chunk: int = 65
     share long key prefixes and sort close together.
     """
     embeddings = np.asarray(embeddings, np.float32)
-    planes = np.random.default_rng(seed).standard_normal(
-        (embeddings.shape[1], tables * HASH_BITS)).astype(np.float32)
+    planes = (
+        np.random.default_rng(seed)
+        .standard_normal((embeddings.shape[1], tables * HASH_BITS))
+        .astype(np.float32)
+    )
     mean = embeddings.mean(axis=0)
     keys = np.empty((tables, len(embeddings)), np.uint64)
     for start in range(0, len(embeddings), chunk):
-        bits = (embeddings[start:start + chunk] - mean) @ planes > 0
-        keys[:, start:start + chunk] = pack_bits(
-            bits.reshape(len(bits) * tables, HASH_BITS)).reshape(-1, tables).T
+        bits = (embeddings[start : start + chunk] - mean) @ planes > 0
+        keys[:, start : start + chunk] = (
+            pack_bits(bits.reshape(len(bits) * tables, HASH_BITS)).reshape(-1, tables).T
+        )
     return keys
 
 
@@ -88,10 +92,16 @@ def sort_orders(keys: np.ndarray) -> Iterator[np.ndarray]:
         yield np.argsort(key, kind="stable")
 
 
-def close_pairs(orders: Iterator[np.ndarray], window: int, hashes: np.ndarray,
-                embeddings: np.ndarray, max_hamming: int, min_cosine: float,
-                progress: tqdm | None = None, block: int = 32768
-                ) -> tuple[np.ndarray, dict[str, int]]:
+def close_pairs(
+    orders: Iterator[np.ndarray],
+    window: int,
+    hashes: np.ndarray,
+    embeddings: np.ndarray,
+    max_hamming: int,
+    min_cosine: float,
+    progress: tqdm | None = None,
+    block: int = 32768,
+) -> tuple[np.ndarray, dict[str, int]]:
     """The candidate pairs whose fingerprints are close: Hamming(hash) <= max_hamming and
     cosine(embedding) >= min_cosine (embeddings of unit norm: the dot product).
 
@@ -110,16 +120,19 @@ def close_pairs(orders: Iterator[np.ndarray], window: int, hashes: np.ndarray,
     found, compared, hash_close = [], 0, 0
     for order in orders:
         for start in range(0, max(len(order) - 1, 0), block):
-            rows = order[start:start + block + window]
+            rows = order[start : start + block + window]
             block_hashes, block_embeddings = hashes[rows], embeddings[rows]
             for offset in range(1, min(window, len(rows) - 1) + 1):
                 count = min(block, len(rows) - offset)
                 compared += count
-                close = np.flatnonzero(hamming(block_hashes[:count],
-                                               block_hashes[offset:offset + count]) <= max_hamming)
+                close = np.flatnonzero(
+                    hamming(block_hashes[:count], block_hashes[offset : offset + count])
+                    <= max_hamming
+                )
                 hash_close += len(close)
-                cosine = np.einsum("md,md->m", block_embeddings[close],
-                                   block_embeddings[close + offset])
+                cosine = np.einsum(
+                    "md,md->m", block_embeddings[close], block_embeddings[close + offset]
+                )
                 kept = close[cosine >= min_cosine]
                 a, b = rows[kept], rows[kept + offset]
                 found.append(np.stack([np.minimum(a, b), np.maximum(a, b)], 1))
@@ -129,8 +142,13 @@ def close_pairs(orders: Iterator[np.ndarray], window: int, hashes: np.ndarray,
     return pairs_found.astype(np.int64), {"compared": compared, "hash_close": hash_close}
 
 
-def aligned_pairs(images: np.ndarray, pairs: np.ndarray, cfg: config_lib.DedupConfig,
-                  batch_size: int = 1024, progress: tqdm | None = None) -> np.ndarray:
+def aligned_pairs(
+    images: np.ndarray,
+    pairs: np.ndarray,
+    cfg: config_lib.DedupConfig,
+    batch_size: int = 1024,
+    progress: tqdm | None = None,
+) -> np.ndarray:
     """The pairs that match pixel for pixel at their best alignment: `aligned_cosine` of their
     `alignment_images` >= `cfg.min_aligned_cosine`.
 
@@ -155,18 +173,24 @@ def group_ids(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     smallest id of each sample's component (its own id when it is in no pair).
     """
     count = len(ids)
-    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])),
-                       shape=(count, count))
+    graph = coo_matrix(
+        (np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(count, count)
+    )
     _, component = connected_components(graph, directed=False)
     smallest = np.full(component.max(initial=-1) + 1, np.iinfo(np.int64).max, np.int64)
     np.minimum.at(smallest, component, np.asarray(ids, np.int64))
     return smallest[component]
 
 
-def find_groups(ids: np.ndarray, hashes: np.ndarray, embeddings: np.ndarray,
-                cfg: config_lib.DedupConfig, exact_of: np.ndarray | None = None,
-                images: np.ndarray | None = None, show_progress: bool = True
-                ) -> tuple[np.ndarray, dict[str, int]]:
+def find_groups(
+    ids: np.ndarray,
+    hashes: np.ndarray,
+    embeddings: np.ndarray,
+    cfg: config_lib.DedupConfig,
+    exact_of: np.ndarray | None = None,
+    images: np.ndarray | None = None,
+    show_progress: bool = True,
+) -> tuple[np.ndarray, dict[str, int]]:
     """Groups of duplicates from precomputed fingerprints (see the module docstring).
 
     Args:
@@ -192,35 +216,57 @@ def find_groups(ids: np.ndarray, hashes: np.ndarray, embeddings: np.ndarray,
     copies = np.flatnonzero(exact_of != np.arange(count))
     if len(copies):  # only the first of each set of exact copies is searched
         hashes, embeddings = hashes[unique], embeddings[unique]
-    keys = np.concatenate([rotated_hash_keys(hashes, cfg.bands),
-                           simhash_keys(embeddings, cfg.projection_tables, cfg.seed)])
-    progress = tqdm(total=len(keys), desc="dedup candidates", unit="key",
-                    disable=not show_progress)
-    close, stats = close_pairs(sort_orders(keys), cfg.window, hashes, embeddings,
-                               cfg.max_hamming, cfg.min_cosine, progress)
+    keys = np.concatenate(
+        [
+            rotated_hash_keys(hashes, cfg.bands),
+            simhash_keys(embeddings, cfg.projection_tables, cfg.seed),
+        ]
+    )
+    progress = tqdm(total=len(keys), desc="dedup candidates", unit="key", disable=not show_progress)
+    close, stats = close_pairs(
+        sort_orders(keys), cfg.window, hashes, embeddings, cfg.max_hamming, cfg.min_cosine, progress
+    )
     progress.close()
     near = unique[close]
     if images is not None:
-        progress = tqdm(total=len(near), desc="dedup verification", unit="pair",
-                        unit_scale=True, disable=not show_progress)
+        progress = tqdm(
+            total=len(near),
+            desc="dedup verification",
+            unit="pair",
+            unit_scale=True,
+            disable=not show_progress,
+        )
         near = aligned_pairs(images, near, cfg, progress=progress)
         progress.close()
     pairs = np.concatenate([near, np.stack([copies, exact_of[copies]], 1)])
-    return group_ids(ids, pairs), {"exact_pairs": len(copies), **stats,
-                                   "embedding_close": len(close), "near_pairs": len(near)}
+    return group_ids(ids, pairs), {
+        "exact_pairs": len(copies),
+        **stats,
+        "embedding_close": len(close),
+        "near_pairs": len(near),
+    }
 
 
 def check_config(cfg: config_lib.DedupConfig) -> None:
     """Raises ValueError naming the `dedup.*` key whose value is out of range."""
-    checks = {"max_hamming": 0 <= cfg.max_hamming <= HASH_BITS,
-              "min_cosine": 0 < cfg.min_cosine <= 1,
-              "min_aligned_cosine": 0 < cfg.min_aligned_cosine <= 1,
-              "max_shift": cfg.max_shift >= 0, "border": cfg.border >= 0,
-              "align_size": cfg.align_size >= 4, "align_blur": cfg.align_blur >= 0,
-              "bands": 1 <= cfg.bands <= HASH_BITS, "projection_tables": cfg.projection_tables >= 0,
-              "window": cfg.window >= 1, "embedding_size": cfg.embedding_size >= 1,
-              "blur": cfg.blur >= 0, "batch_size": cfg.batch_size >= 1}
+    checks = {
+        "max_hamming": 0 <= cfg.max_hamming <= HASH_BITS,
+        "min_cosine": 0 < cfg.min_cosine <= 1,
+        "min_aligned_cosine": 0 < cfg.min_aligned_cosine <= 1,
+        "max_shift": cfg.max_shift >= 0,
+        "border": cfg.border >= 0,
+        "align_size": cfg.align_size >= 4,
+        "align_blur": cfg.align_blur >= 0,
+        "bands": 1 <= cfg.bands <= HASH_BITS,
+        "projection_tables": cfg.projection_tables >= 0,
+        "window": cfg.window >= 1,
+        "embedding_size": cfg.embedding_size >= 1,
+        "blur": cfg.blur >= 0,
+        "batch_size": cfg.batch_size >= 1,
+    }
     for key, ok in checks.items():
         if not ok:
-            raise ValueError(f"dedup.{key}={getattr(cfg, key)!r} is out of range "
-                             "(see alchemist_jax/config.py DedupConfig)")
+            raise ValueError(
+                f"dedup.{key}={getattr(cfg, key)!r} is out of range "
+                "(see alchemist_jax/config.py DedupConfig)"
+            )

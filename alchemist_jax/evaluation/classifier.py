@@ -9,8 +9,9 @@ is what the classifier judges.) Its accuracy on the clean test split tells how f
 alignment can be trusted; both are reported with it.
 
 A classifier is trained once per (recipe version, validation set name, ids and labels,
-resolution, channels, `evaluate.classifier_steps`, `evaluate.seed`) and cached in `<data cache>/classifiers/<key>/`
-(`params.npz`, then `metadata.json`, each written atomically): later calls load it.
+resolution, channels, `evaluate.classifier_steps`, `evaluate.seed`) and cached in
+`<data cache>/classifiers/<key>/` (`params.npz`, then `metadata.json`, each written
+atomically): later calls load it.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from flax import nnx
 from alchemist_jax import config as config_lib
 from alchemist_jax.data import load_splits, load_test, pipeline, preprocess
 from alchemist_jax.data.cache import cache_dir
-from alchemist_jax.runtime.io import atomic_write_bytes
 from alchemist_jax.data.sources import ArraySource, Source
 from alchemist_jax.data.splits import Subset
 from alchemist_jax.runtime import progress
+from alchemist_jax.runtime.io import atomic_write_bytes
 
 log = logging.getLogger("alchemist_jax.evaluation")
 
@@ -75,10 +76,11 @@ class ConvClassifier(nnx.Module):
 
     def __init__(self, channels: int, resolution: int, classes: int, *, rngs: nnx.Rngs):
         widths = (channels, *CONV_WIDTHS)
-        self.convs = nnx.List([nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs)
-                               for a, b in zip(widths[:-1], widths[1:])])
+        self.convs = nnx.List(
+            [nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])]
+        )
         self.map_side = _map_side(resolution)
-        self.dense = nnx.Linear(self.map_side ** 2 * widths[-1], FEATURE_DIM, rngs=rngs)
+        self.dense = nnx.Linear(self.map_side**2 * widths[-1], FEATURE_DIM, rngs=rngs)
         self.head = nnx.Linear(FEATURE_DIM, classes, rngs=rngs)
 
     def features(self, images: jax.Array) -> jax.Array:
@@ -86,8 +88,9 @@ class ConvClassifier(nnx.Module):
         for conv in self.convs:
             x = jax.nn.relu(conv(x))
         if x.shape[1] != self.map_side:
-            x = jax.image.resize(x, (x.shape[0], self.map_side, self.map_side, x.shape[3]),
-                                 "linear", antialias=True)
+            x = jax.image.resize(
+                x, (x.shape[0], self.map_side, self.map_side, x.shape[3]), "linear", antialias=True
+            )
         return jax.nn.relu(self.dense(x.reshape(x.shape[0], -1)))
 
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -95,8 +98,9 @@ class ConvClassifier(nnx.Module):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _features_and_labels(graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array
-                         ) -> tuple[jax.Array, jax.Array]:
+def _features_and_labels(
+    graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     model = nnx.merge(graphdef, params)
     features = model.features(images)
     return features, jnp.argmax(model.head(features), axis=-1)
@@ -116,12 +120,12 @@ class Classifier:
         images = np.asarray(images, np.float32)
         features, labels = [], []
         for start in range(0, len(images), INFERENCE_BATCH_SIZE):
-            chunk = images[start:start + INFERENCE_BATCH_SIZE]
+            chunk = images[start : start + INFERENCE_BATCH_SIZE]
             padded = np.zeros((INFERENCE_BATCH_SIZE, *images.shape[1:]), np.float32)
-            padded[:len(chunk)] = chunk
+            padded[: len(chunk)] = chunk
             f, y = jax.device_get(_features_and_labels(self.graphdef, self.params, padded))
-            features.append(f[:len(chunk)])
-            labels.append(y[:len(chunk)])
+            features.append(f[: len(chunk)])
+            labels.append(y[: len(chunk)])
         if not features:
             return (np.zeros((0, FEATURE_DIM), np.float32), np.zeros((0,), np.int64))
         return np.concatenate(features), np.concatenate(labels).astype(np.int64)
@@ -150,15 +154,23 @@ def random_shifts(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.Arra
     if max_shift == 0:
         return images
     height, width = images.shape[1:3]
-    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)),
-                     mode="edge")
+    padded = jnp.pad(
+        images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge"
+    )
     offsets = jax.random.randint(rng, (images.shape[0], 2), 0, 2 * max_shift + 1)
-    return jax.vmap(lambda image, offset: jax.lax.dynamic_slice(
-        image, (offset[0], offset[1], 0), (height, width, images.shape[3])))(padded, offsets)
+    return jax.vmap(
+        lambda image, offset: jax.lax.dynamic_slice(
+            image, (offset[0], offset[1], 0), (height, width, images.shape[3])
+        )
+    )(padded, offsets)
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, steps: int, seed: int,
-                     ) -> tuple[nnx.GraphDef, nnx.State, float]:
+def train_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    steps: int,
+    seed: int,
+) -> tuple[nnx.GraphDef, nnx.State, float]:
     """Trains a `ConvClassifier` on images (N, H, W, C) in [-1, 1] with labels (N,) in
     [0, classes) (classes = max label + 1): `steps` Adam steps on batches of TRAIN_BATCH_SIZE
     drawn with replacement, randomly shifted (MAX_SHIFT_FRACTION of the side).
@@ -169,8 +181,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, steps: int, seed: i
     if steps < 1:
         raise config_lib.ConfigError(f"evaluate.classifier_steps must be >= 1, got {steps}")
     init_key, loop_key = jax.random.split(jax.random.key(seed))
-    model = ConvClassifier(images.shape[-1], images.shape[1], int(labels.max()) + 1,
-                           rngs=nnx.Rngs(init_key))
+    model = ConvClassifier(
+        images.shape[-1], images.shape[1], int(labels.max()) + 1, rngs=nnx.Rngs(init_key)
+    )
     graphdef, params = nnx.split(model, nnx.Param)
     optimizer = optax.adam(optax.cosine_decay_schedule(PEAK_LEARNING_RATE, steps, alpha=0.05))
     max_shift = max(1, round(images.shape[1] * MAX_SHIFT_FRACTION))
@@ -193,8 +206,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, steps: int, seed: i
     device_images, device_labels = jnp.asarray(images, jnp.float32), jnp.asarray(labels)
     losses = []
     for step in progress.bar(range(steps), desc="feature classifier", unit="step", leave=False):
-        params, opt_state, loss = step_fn(params, opt_state, device_images, device_labels,
-                                          np.int32(step))
+        params, opt_state, loss = step_fn(
+            params, opt_state, device_images, device_labels, np.int32(step)
+        )
         losses.append(loss)
     return graphdef, params, float(np.mean(jax.device_get(losses[-50:])))
 
@@ -217,8 +231,9 @@ def load_test_data(cfg: config_lib.Config) -> ArraySource:
     test = load_test(cfg.data, cfg.evaluate.test_source)
     if cfg.evaluate.test_size is not None:
         if cfg.evaluate.test_size < 1:
-            raise config_lib.ConfigError(f"evaluate.test_size must be >= 1, got "
-                                         f"{cfg.evaluate.test_size}")
+            raise config_lib.ConfigError(
+                f"evaluate.test_size must be >= 1, got {cfg.evaluate.test_size}"
+            )
         test = Subset(test, np.arange(min(cfg.evaluate.test_size, len(test))), "evaluated")
     return preprocess.materialize(test, preprocess.Preprocessor.for_config(cfg.data))
 
@@ -231,9 +246,18 @@ def classifier_cache_root() -> Path:
 def classifier_key(training: Source, cfg: config_lib.Config) -> str:
     """The cache key of the classifier trained on `training` under `cfg`: a hash of the recipe
     version, the source name, ids and labels, resolution, channels, classifier steps and seed."""
-    digest = hashlib.sha256(json.dumps(
-        [RECIPE_VERSION, training.name, cfg.data.resolution, cfg.data.channels,
-         cfg.evaluate.classifier_steps, cfg.evaluate.seed]).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            [
+                RECIPE_VERSION,
+                training.name,
+                cfg.data.resolution,
+                cfg.data.channels,
+                cfg.evaluate.classifier_steps,
+                cfg.evaluate.seed,
+            ]
+        ).encode()
+    )
     digest.update(np.ascontiguousarray(training.ids, np.int64).tobytes())
     digest.update(np.ascontiguousarray(training.labels, np.int64).tobytes())
     return digest.hexdigest()[:20]
@@ -249,28 +273,31 @@ def save_classifier(directory: Path, classifier: Classifier) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **_flat_params(classifier.params))
     atomic_write_bytes(directory / "params.npz", buffer.getvalue())
-    atomic_write_bytes(directory / "metadata.json",
-                       (json.dumps(classifier.metadata, indent=2) + "\n").encode())
+    atomic_write_bytes(
+        directory / "metadata.json", (json.dumps(classifier.metadata, indent=2) + "\n").encode()
+    )
 
 
 def load_classifier(directory: Path) -> Classifier:
     """The classifier saved in `directory` by `save_classifier`."""
     metadata = json.loads((directory / "metadata.json").read_text())
-    model = ConvClassifier(metadata["channels"], metadata["resolution"], metadata["classes"],
-                           rngs=nnx.Rngs(0))
+    model = ConvClassifier(
+        metadata["channels"], metadata["resolution"], metadata["classes"], rngs=nnx.Rngs(0)
+    )
     graphdef, like = nnx.split(model, nnx.Param)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     with np.load(directory / "params.npz") as stored:
         names = [jax.tree_util.keystr(path) for path, _ in leaves]
         if sorted(names) != sorted(stored.files):
-            raise ValueError(f"{directory / 'params.npz'} does not match the classifier "
-                             "architecture; delete the folder to retrain")
+            raise ValueError(
+                f"{directory / 'params.npz'} does not match the classifier "
+                "architecture; delete the folder to retrain"
+            )
         params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(stored[n]) for n in names])
     return Classifier(graphdef, params, metadata)
 
 
-def feature_classifier(cfg: config_lib.Config, test_data: ArraySource | None = None
-                       ) -> Classifier:
+def feature_classifier(cfg: config_lib.Config, test_data: ArraySource | None = None) -> Classifier:
     """The feature classifier of `cfg`: loaded from the cache, else trained for
     `evaluate.classifier_steps` steps on the clean validation split and cached.
 
@@ -288,29 +315,40 @@ def feature_classifier(cfg: config_lib.Config, test_data: ArraySource | None = N
     if validation.labels is None:
         raise UnlabeledDataError(
             "evaluate needs labelled clean data for FCD/alignment; the validation set "
-            f"{validation.name} has no labels (set data.validation_source to a labelled set)")
+            f"{validation.name} has no labels (set data.validation_source to a labelled set)"
+        )
     directory = classifier_cache_root() / classifier_key(validation, cfg)
     if (directory / "metadata.json").exists():
         return load_classifier(directory)
     started = time.perf_counter()
-    train = source_arrays(preprocess.materialize(validation, preprocess.Preprocessor.for_config(cfg.data)))
-    graphdef, params, loss = train_classifier(train["image"], train["label"],
-                                              cfg.evaluate.classifier_steps, cfg.evaluate.seed)
+    train = source_arrays(
+        preprocess.materialize(validation, preprocess.Preprocessor.for_config(cfg.data))
+    )
+    graphdef, params, loss = train_classifier(
+        train["image"], train["label"], cfg.evaluate.classifier_steps, cfg.evaluate.seed
+    )
     classifier = Classifier(graphdef, params, {})
     test = source_arrays(load_test_data(cfg) if test_data is None else test_data)
-    test_accuracy = (classifier.accuracy(test["image"], test["label"])
-                     if "label" in test else None)
+    test_accuracy = classifier.accuracy(test["image"], test["label"]) if "label" in test else None
     metadata = {
-        "recipe_version": RECIPE_VERSION, "channels": int(train["image"].shape[-1]),
-        "resolution": int(train["image"].shape[1]), "classes": int(train["label"].max()) + 1,
-        "feature_dim": FEATURE_DIM, "steps": cfg.evaluate.classifier_steps,
-        "seed": cfg.evaluate.seed, "train_source": validation.name,
-        "train_size": len(validation), "final_train_loss": loss,
+        "recipe_version": RECIPE_VERSION,
+        "channels": int(train["image"].shape[-1]),
+        "resolution": int(train["image"].shape[1]),
+        "classes": int(train["label"].max()) + 1,
+        "feature_dim": FEATURE_DIM,
+        "steps": cfg.evaluate.classifier_steps,
+        "seed": cfg.evaluate.seed,
+        "train_source": validation.name,
+        "train_size": len(validation),
+        "final_train_loss": loss,
         "train_accuracy": classifier.accuracy(train["image"], train["label"]),
-        "test_size": len(test["id"]), "test_accuracy": test_accuracy,
-        "train_seconds": round(time.perf_counter() - started, 1)}
+        "test_size": len(test["id"]),
+        "test_accuracy": test_accuracy,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
     classifier = dataclasses.replace(classifier, metadata=metadata)
     save_classifier(directory, classifier)
-    log.info("feature classifier trained on %d images: test accuracy %s", len(validation),
-             test_accuracy)
+    log.info(
+        "feature classifier trained on %d images: test accuracy %s", len(validation), test_accuracy
+    )
     return classifier

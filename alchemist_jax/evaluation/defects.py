@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from alchemist_jax.runtime.stats import auroc, normalize_within_groups
 
 
-def defect_auroc(scores: np.ndarray, defects: Sequence[str | None],
-                 groups: np.ndarray | None = None) -> dict[str, float]:
+def defect_auroc(
+    scores: np.ndarray, defects: Sequence[str | None], groups: np.ndarray | None = None
+) -> dict[str, float]:
     """AUROC of clean (positive, `defect` None) against each defect kind and against all defects.
 
     Args:
@@ -29,8 +30,12 @@ def defect_auroc(scores: np.ndarray, defects: Sequence[str | None],
     return result
 
 
-def credit_kept_copies(defects: Sequence[str | None], ids: np.ndarray, eligible: np.ndarray,
-                       copied_from: dict[int, int]) -> list[str | None]:
+def credit_kept_copies(
+    defects: Sequence[str | None],
+    ids: np.ndarray,
+    eligible: np.ndarray,
+    copied_from: dict[int, int],
+) -> list[str | None]:
     """`defects` with each kept exact copy and its collapsed source swapping labels.
 
     An exact `duplicate` is the same image and caption as its source under another id, so no
@@ -49,7 +54,13 @@ def credit_kept_copies(defects: Sequence[str | None], ids: np.ndarray, eligible:
     position = {int(i): k for k, i in enumerate(ids)}
     for copy, source in copied_from.items():
         c, s = position.get(copy), position.get(source)
-        if (c is not None and s is not None and labels[c] == "duplicate" and labels[s] is None
-                and eligible[c] and not eligible[s]):
+        if (
+            c is not None
+            and s is not None
+            and labels[c] == "duplicate"
+            and labels[s] is None
+            and eligible[c]
+            and not eligible[s]
+        ):
             labels[c], labels[s] = None, "duplicate"
     return labels

@@ -33,14 +33,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 from alchemist_jax import config as config_lib
 from alchemist_jax import models, training
-from alchemist_jax.runtime import parallel
-from alchemist_jax.runtime.io import atomic_write_bytes
 from alchemist_jax.data.sources import ArraySource
 from alchemist_jax.data.tokenizer import Tokenizer
-from alchemist_jax.runtime import progress
-from alchemist_jax.evaluation.classifier import (Classifier, UnlabeledDataError,
-                                                 feature_classifier, load_test_data,
-                                                 source_arrays)
+from alchemist_jax.evaluation.classifier import (
+    Classifier,
+    UnlabeledDataError,
+    feature_classifier,
+    load_test_data,
+    source_arrays,
+)
+from alchemist_jax.runtime import parallel, progress
+from alchemist_jax.runtime.io import atomic_write_bytes
 
 log = logging.getLogger("alchemist_jax.evaluation")
 
@@ -65,8 +68,7 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray
-                     ) -> float:
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
     """Fréchet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2):
 
         |mu1 - mu2|^2 + tr(cov1) + tr(cov2) - 2 tr((cov1 cov2)^(1/2)).
@@ -84,8 +86,10 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
     dim = mu1.shape[0] if mu1.ndim == 1 else -1
     if mu2.shape != (dim,) or cov1.shape != (dim, dim) or cov2.shape != (dim, dim):
-        raise ValueError(f"frechet_distance needs means (F,) and covariances (F, F) of one F; "
-                         f"got {mu1.shape}, {cov1.shape}, {mu2.shape}, {cov2.shape}")
+        raise ValueError(
+            f"frechet_distance needs means (F,) and covariances (F, F) of one F; "
+            f"got {mu1.shape}, {cov1.shape}, {mu2.shape}, {cov2.shape}"
+        )
     root1 = _psd_sqrt((cov1 + cov1.T) / 2)
     middle = root1 @ cov2 @ root1
     cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
@@ -111,15 +115,28 @@ def fcd(real_features: np.ndarray, fake_features: np.ndarray) -> float:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _sample(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, captions: dict,
-            rng: jax.Array, steps: int, shape: tuple[int, int, int],
-            guidance_scale: jax.Array) -> jax.Array:
+def _sample(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    captions: dict,
+    rng: jax.Array,
+    steps: int,
+    shape: tuple[int, int, int],
+    guidance_scale: jax.Array,
+) -> jax.Array:
     model = nnx.merge(graphdef, params, rest)
     return jnp.clip(models.sample(model, captions, rng, steps, guidance_scale, shape), -1.0, 1.0)
 
 
-def generate(trained: training.Trained, captions: dict, rng: jax.Array, steps: int,
-             guidance_scale: float, shape: tuple[int, int, int]) -> jax.Array:
+def generate(
+    trained: training.Trained,
+    captions: dict,
+    rng: jax.Array,
+    steps: int,
+    guidance_scale: float,
+    shape: tuple[int, int, int],
+) -> jax.Array:
     """Images for a batch of captions (`models.sample`: `steps` Euler steps, classifier-free
     guidance `guidance_scale`), clipped to [-1, 1]; jitted once per (model, steps, shape,
     batch size).
@@ -134,8 +151,16 @@ def generate(trained: training.Trained, captions: dict, rng: jax.Array, steps: i
       (B, H, W, C) float32 in [-1, 1].
     """
     inputs = {k: v for k, v in captions.items() if k in parallel.CAPTION_INPUTS}
-    return _sample(trained.graphdef, trained.params, trained.rest, inputs, rng, steps,
-                   tuple(shape), jnp.float32(guidance_scale))
+    return _sample(
+        trained.graphdef,
+        trained.params,
+        trained.rest,
+        inputs,
+        rng,
+        steps,
+        tuple(shape),
+        jnp.float32(guidance_scale),
+    )
 
 
 def eval_batch_size(size: int) -> int:
@@ -150,14 +175,22 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
 
 
-def generate_images(trained: training.Trained, captions: dict[str, np.ndarray],
-                    shape: tuple[int, int, int], seed: int, steps: int, guidance_scale: float,
-                    batch_size: int, desc: str = "generating") -> np.ndarray:
+def generate_images(
+    trained: training.Trained,
+    captions: dict[str, np.ndarray],
+    shape: tuple[int, int, int],
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    batch_size: int,
+    desc: str = "generating",
+) -> np.ndarray:
     """One image per caption row, generated in batches of `batch_size` rows (the last one
     padded, so every batch runs the same program); batch b uses the key fold_in(key(seed), b).
 
     Args:
-      captions: caption fields (`parallel.CAPTION_INPUTS`) with N rows each; other fields are ignored.
+      captions: caption fields (`parallel.CAPTION_INPUTS`) with N rows each; other fields are
+        ignored.
       shape: (H, W, C) of the images.
     Returns:
       (N, H, W, C) float32 in [-1, 1].
@@ -170,11 +203,18 @@ def generate_images(trained: training.Trained, captions: dict[str, np.ndarray],
     images = []
     starts = range(0, rows, batch_size)
     for index, start in enumerate(progress.bar(starts, desc=desc, unit="batch", leave=False)):
-        batch = {k: _pad_rows(v[start:start + batch_size], batch_size)
-                 for k, v in captions.items()}
-        generated = generate(trained, jax.device_put(batch, sharding),
-                             jax.random.fold_in(key, index), steps, guidance_scale, shape)
-        images.append(np.asarray(generated)[:min(batch_size, rows - start)])
+        batch = {
+            k: _pad_rows(v[start : start + batch_size], batch_size) for k, v in captions.items()
+        }
+        generated = generate(
+            trained,
+            jax.device_put(batch, sharding),
+            jax.random.fold_in(key, index),
+            steps,
+            guidance_scale,
+            shape,
+        )
+        images.append(np.asarray(generated)[: min(batch_size, rows - start)])
     return np.concatenate(images)
 
 
@@ -190,8 +230,9 @@ def grid_rows(labels: np.ndarray | None, tokens: np.ndarray, rows: int) -> np.nd
     chosen: list[int] = []
     if labels is not None:
         classes = np.unique(labels)
-        picked = classes[np.unique(np.linspace(0, len(classes) - 1, min(rows, len(classes)))
-                                   .round().astype(int))]
+        picked = classes[
+            np.unique(np.linspace(0, len(classes) - 1, min(rows, len(classes))).round().astype(int))
+        ]
         chosen = [int(np.flatnonzero(labels == c)[0]) for c in picked]
     seen = {tokens[i].tobytes() for i in chosen}
     for index in range(len(tokens)):
@@ -218,12 +259,15 @@ def grid_size(rows: int, columns: int, resolution: int) -> tuple[int, int]:
     """(width, height) in pixels of `sample_grid` for rows x columns images of side
     `resolution`."""
     tile = _tile_side(resolution)
-    return (GRID_LABEL_WIDTH + columns * (tile + GRID_GAP) + GRID_GAP,
-            rows * (tile + GRID_GAP) + GRID_GAP)
+    return (
+        GRID_LABEL_WIDTH + columns * (tile + GRID_GAP) + GRID_GAP,
+        rows * (tile + GRID_GAP) + GRID_GAP,
+    )
 
 
-def fit_text(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int,
-             lines: int) -> str:
+def fit_text(
+    text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int, lines: int
+) -> str:
     """`text` wrapped at word boundaries into at most `lines` lines of at most `width` pixels in
     `font`; what does not fit is cut and marked with an ellipsis."""
     wrapped: list[str] = []
@@ -261,8 +305,13 @@ def sample_grid(images: np.ndarray, labels: list[str]) -> Image.Image:
     return canvas
 
 
-def write_sample_grid(path: Path, trained: training.Trained, test: dict[str, np.ndarray],
-                      eval_cfg: config_lib.EvaluateConfig, batch_size: int) -> None:
+def write_sample_grid(
+    path: Path,
+    trained: training.Trained,
+    test: dict[str, np.ndarray],
+    eval_cfg: config_lib.EvaluateConfig,
+    batch_size: int,
+) -> None:
     """Generates `eval_cfg.grid_samples` images for each of `eval_cfg.grid_captions` distinct
     test captions (`grid_rows`) and writes their grid (`sample_grid`) to `path` as PNG.
 
@@ -273,13 +322,25 @@ def write_sample_grid(path: Path, trained: training.Trained, test: dict[str, np.
     if "tokens" not in test:
         raise ValueError("the sample grid needs tokenized captions (`tokens`) in the test set")
     rows = grid_rows(test.get("label"), test["tokens"], eval_cfg.grid_captions)
-    repeated = {k: np.repeat(test[k][rows], eval_cfg.grid_samples, axis=0)
-                for k in parallel.CAPTION_INPUTS if k in test}
-    images = generate_images(trained, repeated, test["image"].shape[1:], eval_cfg.seed + 1,
-                             eval_cfg.sample_steps, eval_cfg.guidance_scale, batch_size,
-                             desc="sample grid")
-    grid = sample_grid(images.reshape(len(rows), eval_cfg.grid_samples, *images.shape[1:]),
-                       caption_texts(test["tokens"][rows], test["token_mask"][rows]))
+    repeated = {
+        k: np.repeat(test[k][rows], eval_cfg.grid_samples, axis=0)
+        for k in parallel.CAPTION_INPUTS
+        if k in test
+    }
+    images = generate_images(
+        trained,
+        repeated,
+        test["image"].shape[1:],
+        eval_cfg.seed + 1,
+        eval_cfg.sample_steps,
+        eval_cfg.guidance_scale,
+        batch_size,
+        desc="sample grid",
+    )
+    grid = sample_grid(
+        images.reshape(len(rows), eval_cfg.grid_samples, *images.shape[1:]),
+        caption_texts(test["tokens"][rows], test["token_mask"][rows]),
+    )
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
@@ -293,8 +354,9 @@ def write_sample_grid(path: Path, trained: training.Trained, test: dict[str, np.
 CLASSIFIER_METRICS = ("fcd", "alignment", "classifier_test_accuracy")
 
 
-def score_samples(classifier: Classifier, real: np.ndarray, generated: np.ndarray,
-                  labels: np.ndarray | None) -> dict[str, Any]:
+def score_samples(
+    classifier: Classifier, real: np.ndarray, generated: np.ndarray, labels: np.ndarray | None
+) -> dict[str, Any]:
     """The classifier metrics of generated images against the real test images.
 
     Args:
@@ -307,18 +369,25 @@ def score_samples(classifier: Classifier, real: np.ndarray, generated: np.ndarra
       against `labels`, "classifier_test_accuracy": its accuracy on `real`}; without labels the
       last two are None and `unavailable` gives the reason.
     """
-    scores: dict[str, Any] = {"fcd": fcd(classifier.features(real),
-                                         classifier.features(generated))}
+    scores: dict[str, Any] = {"fcd": fcd(classifier.features(real), classifier.features(generated))}
     if labels is None:
         reason = "the test set has no labels"
-        return {**scores, "alignment": None, "classifier_test_accuracy": None,
-                "unavailable": {"alignment": reason, "classifier_test_accuracy": reason}}
-    return {**scores, "alignment": classifier.accuracy(generated, labels),
-            "classifier_test_accuracy": classifier.accuracy(real, labels)}
+        return {
+            **scores,
+            "alignment": None,
+            "classifier_test_accuracy": None,
+            "unavailable": {"alignment": reason, "classifier_test_accuracy": reason},
+        }
+    return {
+        **scores,
+        "alignment": classifier.accuracy(generated, labels),
+        "classifier_test_accuracy": classifier.accuracy(real, labels),
+    }
 
 
-def try_feature_classifier(cfg: config_lib.Config, test_data: ArraySource | None = None
-                           ) -> tuple[Classifier | None, str | None]:
+def try_feature_classifier(
+    cfg: config_lib.Config, test_data: ArraySource | None = None
+) -> tuple[Classifier | None, str | None]:
     """(`feature_classifier(cfg, test_data)`, None), or (None, the reason) when the clean data
     has no labels."""
     try:
@@ -327,9 +396,15 @@ def try_feature_classifier(cfg: config_lib.Config, test_data: ArraySource | None
         return None, str(error)
 
 
-def evaluate_model(cfg: config_lib.Config, trained: training.Trained, test_data: ArraySource,
-                   classifier: Classifier | None, out_dir: str | Path, *,
-                   classifier_missing: str | None = None) -> dict[str, Any]:
+def evaluate_model(
+    cfg: config_lib.Config,
+    trained: training.Trained,
+    test_data: ArraySource,
+    classifier: Classifier | None,
+    out_dir: str | Path,
+    *,
+    classifier_missing: str | None = None,
+) -> dict[str, Any]:
     """Evaluates `trained` on `test_data`; writes `out_dir/metrics.json` and
     `out_dir/samples.png`.
 
@@ -354,22 +429,35 @@ def evaluate_model(cfg: config_lib.Config, trained: training.Trained, test_data:
         raise ValueError(f"evaluate needs at least 2 test examples, got {len(test_data)}")
     real = source_arrays(test_data)
     if "latent" in real or "image" not in real:
-        raise ValueError("evaluate needs test images in pixels (the test set holds latents or "
-                         "no images)")
+        raise ValueError(
+            "evaluate needs test images in pixels (the test set holds latents or no images)"
+        )
     out_dir = Path(out_dir)
     batch_size = eval_batch_size(len(test_data))
     metrics: dict[str, Any] = {
-        "test_loss": training.validation_loss(trained, test_data, batch_size, eval_cfg.seed,
-                                           draws=eval_cfg.loss_draws),
-        **dict.fromkeys(CLASSIFIER_METRICS), "test_size": len(test_data),
-        "sample_steps": eval_cfg.sample_steps, "guidance_scale": eval_cfg.guidance_scale,
-        "loss_draws": eval_cfg.loss_draws}
+        "test_loss": training.validation_loss(
+            trained, test_data, batch_size, eval_cfg.seed, draws=eval_cfg.loss_draws
+        ),
+        **dict.fromkeys(CLASSIFIER_METRICS),
+        "test_size": len(test_data),
+        "sample_steps": eval_cfg.sample_steps,
+        "guidance_scale": eval_cfg.guidance_scale,
+        "loss_draws": eval_cfg.loss_draws,
+    }
     if classifier is None:
         metrics["unavailable"] = dict.fromkeys(
-            CLASSIFIER_METRICS, classifier_missing or "no feature classifier was given")
+            CLASSIFIER_METRICS, classifier_missing or "no feature classifier was given"
+        )
     else:
-        generated = generate_images(trained, real, real["image"].shape[1:], eval_cfg.seed,
-                                    eval_cfg.sample_steps, eval_cfg.guidance_scale, batch_size)
+        generated = generate_images(
+            trained,
+            real,
+            real["image"].shape[1:],
+            eval_cfg.seed,
+            eval_cfg.sample_steps,
+            eval_cfg.guidance_scale,
+            batch_size,
+        )
         metrics.update(score_samples(classifier, real["image"], generated, real.get("label")))
     write_sample_grid(out_dir / "samples.png", trained, real, eval_cfg, batch_size)
     atomic_write_bytes(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
@@ -383,7 +471,6 @@ def run(cfg: config_lib.Config, model_dir: str | Path, out: str | Path) -> dict[
     trained = training.load_trained(cfg, model_dir)
     test_data = load_test_data(cfg)
     classifier, missing = try_feature_classifier(cfg, test_data)
-    metrics = evaluate_model(cfg, trained, test_data, classifier, out,
-                             classifier_missing=missing)
+    metrics = evaluate_model(cfg, trained, test_data, classifier, out, classifier_missing=missing)
     log.info("evaluation written to %s", out)
     return metrics

@@ -18,7 +18,8 @@ inside, so they compose with `jax.grad` (also of `jax.grad`), `jax.vmap`, `jax.j
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,26 +27,69 @@ from flax import nnx
 
 from alchemist_jax.config import ModelConfig, RaterConfig
 from alchemist_jax.models.dit import DiT, visual_input
-from alchemist_jax.models.flow import (fixed_draws, flow_matching_loss, flow_matching_loss_at,
-                                      sample, split_ids)
+from alchemist_jax.models.flow import (
+    fixed_draws,
+    flow_matching_loss,
+    flow_matching_loss_at,
+    sample,
+    split_ids,
+)
 from alchemist_jax.models.rater import Rater
 from alchemist_jax.models.text_encoder import TextEncoder
 
 __all__ = [
-    "DiT", "TextEncoder", "Rater", "PRESETS", "resolve_model_config", "init_proxy", "init_rater",
-    "proxy_loss_fn", "rater_weight_fn", "rater_score_fn", "count_params", "flow_matching_loss",
-    "flow_matching_loss_at", "sample", "visual_input", "fixed_draws", "split_ids",
+    "DiT",
+    "TextEncoder",
+    "Rater",
+    "PRESETS",
+    "resolve_model_config",
+    "init_proxy",
+    "init_rater",
+    "proxy_loss_fn",
+    "rater_weight_fn",
+    "rater_score_fn",
+    "count_params",
+    "flow_matching_loss",
+    "flow_matching_loss_at",
+    "sample",
+    "visual_input",
+    "fixed_draws",
+    "split_ids",
 ]
 
 # Architecture sizes. tiny: the built-in demo on 2 CPU cores (28x28x1 images, 7x7 patches of 4);
 # small: DiT-S-like; base: DiT-B with a CLIP ViT-B/32-sized text encoder.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(patch_size=4, width=64, depth=2, heads=4, mlp_ratio=2.0, text_width=64,
-                 text_depth=1, text_heads=4),
-    "small": dict(patch_size=2, width=384, depth=12, heads=6, mlp_ratio=4.0, text_width=384,
-                  text_depth=6, text_heads=6),
-    "base": dict(patch_size=2, width=768, depth=12, heads=12, mlp_ratio=4.0, text_width=512,
-                 text_depth=12, text_heads=8),
+    "tiny": dict(
+        patch_size=4,
+        width=64,
+        depth=2,
+        heads=4,
+        mlp_ratio=2.0,
+        text_width=64,
+        text_depth=1,
+        text_heads=4,
+    ),
+    "small": dict(
+        patch_size=2,
+        width=384,
+        depth=12,
+        heads=6,
+        mlp_ratio=4.0,
+        text_width=384,
+        text_depth=6,
+        text_heads=6,
+    ),
+    "base": dict(
+        patch_size=2,
+        width=768,
+        depth=12,
+        heads=12,
+        mlp_ratio=4.0,
+        text_width=512,
+        text_depth=12,
+        text_heads=8,
+    ),
 }
 
 Params = nnx.State  # the `nnx.Param` part of a split module: the pytree that is differentiated
@@ -71,13 +115,15 @@ def _text_embedding_dim(example_batch: dict) -> int | None:
     if "text_embedding" in example_batch:
         return int(np.shape(example_batch["text_embedding"])[-1])
     if "tokens" not in example_batch:
-        raise ValueError("the example batch has no caption: need `tokens` (+ `token_mask`) or "
-                         "`text_embedding`")
+        raise ValueError(
+            "the example batch has no caption: need `tokens` (+ `token_mask`) or `text_embedding`"
+        )
     return None
 
 
-def init_proxy(model_cfg: ModelConfig, example_batch: dict, rng: jax.Array,
-               max_text_length: int) -> tuple[nnx.GraphDef, Params, nnx.State]:
+def init_proxy(
+    model_cfg: ModelConfig, example_batch: dict, rng: jax.Array, max_text_length: int
+) -> tuple[nnx.GraphDef, Params, nnx.State]:
     """Builds a DiT for batches shaped like `example_batch` and splits it.
 
     Args:
@@ -93,19 +139,27 @@ def init_proxy(model_cfg: ModelConfig, example_batch: dict, rng: jax.Array,
       weights get no gradient, no optimizer state and no meta-gradient work at all.
     """
     embedding_dim = _text_embedding_dim(example_batch)
-    text_length = (max_text_length if embedding_dim is None
-                   else int(np.shape(example_batch["text_embedding"])[1]))
-    model = DiT(channels=int(np.shape(visual_input(example_batch))[-1]), text_length=text_length,
-                text_embedding_dim=embedding_dim, rngs=nnx.Rngs(rng),
-                **resolve_model_config(model_cfg))
+    text_length = (
+        max_text_length
+        if embedding_dim is None
+        else int(np.shape(example_batch["text_embedding"])[1])
+    )
+    model = DiT(
+        channels=int(np.shape(visual_input(example_batch))[-1]),
+        text_length=text_length,
+        text_embedding_dim=embedding_dim,
+        rngs=nnx.Rngs(rng),
+        **resolve_model_config(model_cfg),
+    )
     if model_cfg.text_trainable or model.text_encoder is None:
         return nnx.split(model, nnx.Param, ...)
     trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text_encoder")))
     return nnx.split(model, trainable, ...)
 
 
-def init_rater(rater_cfg: RaterConfig, example_batch: dict, rng: jax.Array,
-               max_text_length: int) -> tuple[nnx.GraphDef, Params, nnx.State]:
+def init_rater(
+    rater_cfg: RaterConfig, example_batch: dict, rng: jax.Array, max_text_length: int
+) -> tuple[nnx.GraphDef, Params, nnx.State]:
     """Builds a Rater for batches shaped like `example_batch` and splits it.
 
     `max_text_length` is accepted for symmetry with `init_proxy`: the rater pools captions with a
@@ -115,14 +169,20 @@ def init_rater(rater_cfg: RaterConfig, example_batch: dict, rng: jax.Array,
       (graphdef, params, rest) as in `init_proxy`.
     """
     del max_text_length
-    model = Rater(channels=int(np.shape(visual_input(example_batch))[-1]), width=rater_cfg.width,
-                  hidden=rater_cfg.hidden, text_embedding_dim=_text_embedding_dim(example_batch),
-                  batch_head=rater_cfg.batch_head, rngs=nnx.Rngs(rng))
+    model = Rater(
+        channels=int(np.shape(visual_input(example_batch))[-1]),
+        width=rater_cfg.width,
+        hidden=rater_cfg.hidden,
+        text_embedding_dim=_text_embedding_dim(example_batch),
+        batch_head=rater_cfg.batch_head,
+        rngs=nnx.Rngs(rng),
+    )
     return nnx.split(model, nnx.Param, ...)
 
 
-def proxy_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, caption_dropout: float
-                  ) -> Callable[[Params, dict, jax.Array], jax.Array]:
+def proxy_loss_fn(
+    graphdef: nnx.GraphDef, rest: nnx.State, caption_dropout: float
+) -> Callable[[Params, dict, jax.Array], jax.Array]:
     """`loss_fn(params, batch, rng) -> (B,)`: per-example flow-matching losses of the proxy with
     parameters `params` (`flow_matching_loss`); pure, deterministic given `rng`."""
 
@@ -132,8 +192,9 @@ def proxy_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, caption_dropout: floa
     return loss_fn
 
 
-def rater_weight_fn(graphdef: nnx.GraphDef, rest: nnx.State, temperature: float
-                    ) -> Callable[[Params, dict], jax.Array]:
+def rater_weight_fn(
+    graphdef: nnx.GraphDef, rest: nnx.State, temperature: float
+) -> Callable[[Params, dict], jax.Array]:
     """`rater_fn(params, batch) -> (B,)`: training weights B * softmax(u / temperature) * b."""
 
     def rater_fn(params: Params, batch: dict) -> jax.Array:
@@ -142,8 +203,7 @@ def rater_weight_fn(graphdef: nnx.GraphDef, rest: nnx.State, temperature: float
     return rater_fn
 
 
-def rater_score_fn(graphdef: nnx.GraphDef, rest: nnx.State
-                   ) -> Callable[[Params, dict], jax.Array]:
+def rater_score_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[[Params, dict], jax.Array]:
     """`score_fn(params, batch) -> (B,)`: instance logits u, independent of the batch's other rows
     (the stored rating of each sample)."""
 

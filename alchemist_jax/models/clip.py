@@ -29,8 +29,9 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,7 @@ class ClipConfig:
     logit_scale_init: float
 
     @classmethod
-    def from_json(cls, path: Path) -> "ClipConfig":
+    def from_json(cls, path: Path) -> ClipConfig:
         """Reads an HF CLIP `config.json` (through `transformers.CLIPConfig`, which fills its
         defaults and reads legacy layouts). Raises ValueError naming the file and key of an
         unsupported setting."""
@@ -102,8 +103,10 @@ class ClipConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read {path}: {e}") from None
         if model_type != "clip":
-            raise ValueError(f"{path}: model_type is {model_type!r}, not 'clip' (a "
-                             "transformers CLIPModel with text and vision towers is needed)")
+            raise ValueError(
+                f"{path}: model_type is {model_type!r}, not 'clip' (a "
+                "transformers CLIPModel with text and vision towers is needed)"
+            )
         # Imported lazily (slow); only its configuration classes are used, so its "PyTorch was
         # not found" notice is noise here.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -114,11 +117,18 @@ class ClipConfig:
 
         def tower(section: Any, name: str) -> TowerConfig:
             if section.hidden_act not in ACTIVATIONS:
-                raise ValueError(f"{path}: {name}.hidden_act={section.hidden_act!r} is not "
-                                 f"supported: one of {', '.join(ACTIVATIONS)}")
-            return TowerConfig(section.hidden_size, section.intermediate_size,
-                               section.num_hidden_layers, section.num_attention_heads,
-                               section.hidden_act, float(section.layer_norm_eps))
+                raise ValueError(
+                    f"{path}: {name}.hidden_act={section.hidden_act!r} is not "
+                    f"supported: one of {', '.join(ACTIVATIONS)}"
+                )
+            return TowerConfig(
+                section.hidden_size,
+                section.intermediate_size,
+                section.num_hidden_layers,
+                section.num_attention_heads,
+                section.hidden_act,
+                float(section.layer_norm_eps),
+            )
 
         def side(value: Any, key: str) -> int:
             sides = set(value) if isinstance(value, (list, tuple)) else {value}
@@ -127,17 +137,24 @@ class ClipConfig:
             return int(sides.pop())
 
         if vision.num_channels != 3:
-            raise ValueError(f"{path}: vision_config.num_channels={vision.num_channels}; only "
-                             "RGB (3) CLIP models are supported")
+            raise ValueError(
+                f"{path}: vision_config.num_channels={vision.num_channels}; only "
+                "RGB (3) CLIP models are supported"
+            )
         eos = text.eos_token_id
         if not isinstance(eos, int):
             raise ValueError(f"{path}: text_config.eos_token_id={eos!r} must be one integer")
-        return cls(text=tower(text, "text_config"), vision=tower(vision, "vision_config"),
-                   vocab_size=text.vocab_size, max_length=text.max_position_embeddings,
-                   eos_token_id=eos, image_size=side(vision.image_size, "image_size"),
-                   patch_size=side(vision.patch_size, "patch_size"),
-                   projection_dim=hf.projection_dim,
-                   logit_scale_init=float(hf.logit_scale_init_value))
+        return cls(
+            text=tower(text, "text_config"),
+            vision=tower(vision, "vision_config"),
+            vocab_size=text.vocab_size,
+            max_length=text.max_position_embeddings,
+            eos_token_id=eos,
+            image_size=side(vision.image_size, "image_size"),
+            patch_size=side(vision.patch_size, "patch_size"),
+            projection_dim=hf.projection_dim,
+            logit_scale_init=float(hf.logit_scale_init_value),
+        )
 
 
 # ==============================================================================================
@@ -175,11 +192,16 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         """x: (B, L, D); mask: bool broadcastable to (B, H, L, L), or None. Returns (B, L, D)."""
+
         def split_heads(y):
             return y.reshape(*y.shape[:-1], self.heads, y.shape[-1] // self.heads)
 
-        out = dot_product_attention(split_heads(self.q_proj(x)), split_heads(self.k_proj(x)),
-                                    split_heads(self.v_proj(x)), mask)
+        out = dot_product_attention(
+            split_heads(self.q_proj(x)),
+            split_heads(self.k_proj(x)),
+            split_heads(self.v_proj(x)),
+            mask,
+        )
         return self.out_proj(out.reshape(x.shape))
 
 
@@ -250,13 +272,16 @@ class TextTransformer(nnx.Module):
         as SDXL reads it). Attention is causal only, without a padding mask, as the diffusers
         pipelines call the text encoder."""
         if hidden_layer not in HIDDEN_LAYERS:
-            raise ValueError(f"hidden_layer={hidden_layer!r} is not one of "
-                             f"{', '.join(HIDDEN_LAYERS)}")
+            raise ValueError(
+                f"hidden_layer={hidden_layer!r} is not one of {', '.join(HIDDEN_LAYERS)}"
+            )
         length = tokens.shape[-1]
         positions = self.embeddings.position_embedding.weight
         if length > positions.shape[0]:
-            raise ValueError(f"token length {length} exceeds the text model's "
-                             f"max_position_embeddings {positions.shape[0]}")
+            raise ValueError(
+                f"token length {length} exceeds the text model's "
+                f"max_position_embeddings {positions.shape[0]}"
+            )
         x = self.embeddings.token_embedding(tokens) + positions[:length]
         causal = jnp.tril(jnp.ones((length, length), bool))
         layers = list(self.encoder.layers)
@@ -281,11 +306,18 @@ class VisionEmbeddings(nnx.Module):
     def __init__(self, config: ClipConfig, *, rngs: nnx.Rngs):
         width, patch = config.vision.width, config.patch_size
         self.class_embedding = nnx.Param(
-            nnx.initializers.normal(width ** -0.5)(rngs.params(), (width,)))
-        self.patch_embedding = nnx.Conv(3, width, (patch, patch), strides=(patch, patch),
-                                        padding="VALID", use_bias=False, rngs=rngs)
-        self.position_embedding = Embedding((config.image_size // patch) ** 2 + 1, width,
-                                            rngs=rngs)
+            nnx.initializers.normal(width**-0.5)(rngs.params(), (width,))
+        )
+        self.patch_embedding = nnx.Conv(
+            3,
+            width,
+            (patch, patch),
+            strides=(patch, patch),
+            padding="VALID",
+            use_bias=False,
+            rngs=rngs,
+        )
+        self.position_embedding = Embedding((config.image_size // patch) ** 2 + 1, width, rngs=rngs)
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """pixels: (B, S, S, 3) normalised -> (B, 1 + (S/P)^2, D): class token, then the patches
@@ -310,8 +342,10 @@ class VisionTransformer(nnx.Module):
         """pixels: (B, S, S, 3) normalised, S = image_size -> the pooled output (B, D): the
         class token after post_layernorm."""
         if pixels.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(f"images of {pixels.shape[1]}x{pixels.shape[2]} do not match the "
-                             f"vision model's image_size {self.image_size}")
+            raise ValueError(
+                f"images of {pixels.shape[1]}x{pixels.shape[2]} do not match the "
+                f"vision model's image_size {self.image_size}"
+            )
         x = self.pre_layrnorm(self.embeddings(pixels))
         return self.post_layernorm(self.encoder(x, None)[:, 0])
 
@@ -322,10 +356,12 @@ class CLIP(nnx.Module):
     def __init__(self, config: ClipConfig, *, rngs: nnx.Rngs):
         self.text_model = TextTransformer(config, rngs=rngs)
         self.vision_model = VisionTransformer(config, rngs=rngs)
-        self.text_projection = nnx.Linear(config.text.width, config.projection_dim,
-                                          use_bias=False, rngs=rngs)
-        self.visual_projection = nnx.Linear(config.vision.width, config.projection_dim,
-                                            use_bias=False, rngs=rngs)
+        self.text_projection = nnx.Linear(
+            config.text.width, config.projection_dim, use_bias=False, rngs=rngs
+        )
+        self.visual_projection = nnx.Linear(
+            config.vision.width, config.projection_dim, use_bias=False, rngs=rngs
+        )
         self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, jnp.float32))
 
     def text_embeds(self, tokens: jax.Array) -> jax.Array:
@@ -374,8 +410,15 @@ def from_hf_layout(array: np.ndarray, leaf: str) -> np.ndarray:
 # safetensors dtype names -> numpy dtypes; bfloat16 (which safetensors.numpy cannot read) through
 # ml_dtypes, which jax depends on.
 SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
     "BOOL": np.bool_,
 }
 
@@ -414,8 +457,9 @@ def read_safetensors(directory: Path, stem: str = "model") -> dict[str, np.ndarr
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a safetensors index with a weight_map: "
-                             f"{e!r}") from None
+            raise ValueError(
+                f"{index} is not a safetensors index with a weight_map: {e!r}"
+            ) from None
         files = [directory / name for name in sorted(set(weight_map.values()))]
     else:
         raise ValueError(f"{directory} has no {single.name} nor {index.name}")
@@ -427,9 +471,14 @@ def read_safetensors(directory: Path, stem: str = "model") -> dict[str, np.ndarr
     return tensors
 
 
-def params_from_tensors(module: Callable[[], nnx.Module], tensors: dict[str, np.ndarray], *,
-                        where: Path, described: str,
-                        dtype: Any = np.float32) -> tuple[nnx.GraphDef, nnx.State]:
+def params_from_tensors(
+    module: Callable[[], nnx.Module],
+    tensors: dict[str, np.ndarray],
+    *,
+    where: Path,
+    described: str,
+    dtype: Any = np.float32,
+) -> tuple[nnx.GraphDef, nnx.State]:
     """The module that `module()` builds (only its shapes are evaluated) split into (graphdef,
     params), the parameters taken from `tensors` (checkpoint key `hf_key(path)` -> torch-layout
     array), cast to `dtype` and put on the default device.
@@ -444,35 +493,44 @@ def params_from_tensors(module: Callable[[], nnx.Module], tensors: dict[str, np.
     keys = {hf_key(path): path for path in expected}
     missing, unexpected = sorted(set(keys) - set(tensors)), sorted(set(tensors) - set(keys))
     if missing:
-        raise ValueError(f"{where} has no parameter {missing[0]} ({len(missing)} missing) for "
-                         f"{described} its config.json describes")
+        raise ValueError(
+            f"{where} has no parameter {missing[0]} ({len(missing)} missing) for "
+            f"{described} its config.json describes"
+        )
     if unexpected:
-        raise ValueError(f"{where} has the unexpected key {unexpected[0]} ({len(unexpected)} "
-                         f"unexpected) for {described} its config.json describes")
+        raise ValueError(
+            f"{where} has the unexpected key {unexpected[0]} ({len(unexpected)} "
+            f"unexpected) for {described} its config.json describes"
+        )
     values = {}
     for key, path in keys.items():
         shape = hf_layout(expected[path].shape, str(path[-1]))
         if tensors[key].shape != shape:
-            raise ValueError(f"{where}: {key} has shape {tensors[key].shape}, but config.json "
-                             f"implies {shape}")
+            raise ValueError(
+                f"{where}: {key} has shape {tensors[key].shape}, but config.json implies {shape}"
+            )
         # On the device once, not with every call of a jitted function.
-        values[path] = jnp.asarray(from_hf_layout(np.asarray(tensors[key], dtype),
-                                                  str(path[-1])))
+        values[path] = jnp.asarray(from_hf_layout(np.asarray(tensors[key], dtype), str(path[-1])))
     params = traverse_util.unflatten_dict(values)
     nnx.replace_by_pure_dict(abstract, params)
     return graphdef, abstract
 
 
-def load_params(config: ClipConfig, tensors: dict[str, np.ndarray], *, where: Path,
-                dtype: Any = np.float32) -> tuple[nnx.GraphDef, nnx.State]:
+def load_params(
+    config: ClipConfig, tensors: dict[str, np.ndarray], *, where: Path, dtype: Any = np.float32
+) -> tuple[nnx.GraphDef, nnx.State]:
     """The `CLIP` module of `config` split into (graphdef, params), the parameters taken from
     `tensors` (HF key -> torch-layout array; buffers ending in `.position_ids` are ignored),
     cast to `dtype` and put on the default device. Raises ValueError as
     `params_from_tensors`."""
-    tensors = {key: value for key, value in tensors.items()
-               if not key.endswith(IGNORED_KEY_SUFFIX)}
-    return params_from_tensors(lambda: CLIP(config, rngs=nnx.Rngs(0)), tensors, where=where,
-                               described="the CLIPModel", dtype=dtype)
+    tensors = {key: value for key, value in tensors.items() if not key.endswith(IGNORED_KEY_SUFFIX)}
+    return params_from_tensors(
+        lambda: CLIP(config, rngs=nnx.Rngs(0)),
+        tensors,
+        where=where,
+        described="the CLIPModel",
+        dtype=dtype,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,8 +549,9 @@ class ClipCheckpoint:
     def tokenize(self, captions: list[str]) -> np.ndarray:
         """Captions -> int32 (B, max_length) token ids: start, text, end token (kept when the
         caption is truncated), padded with the tokenizer's pad token."""
-        encoded = self.tokenizer(list(captions), max_length=self.config.max_length,
-                                 truncation=True, padding="max_length")
+        encoded = self.tokenizer(
+            list(captions), max_length=self.config.max_length, truncation=True, padding="max_length"
+        )
         return np.asarray(encoded["input_ids"], np.int32)
 
 
@@ -527,8 +586,10 @@ def _tokenizer(directory: Path, vocab_size: int) -> Any:
     else:
         source, tokenizer = tokenizer_lib.vocabulary_dir(), tokenizer_lib.load_clip_tokenizer()
     if len(tokenizer) > vocab_size:
-        raise ValueError(f"the tokenizer of {source} has {len(tokenizer)} tokens but "
-                         f"{directory / 'config.json'} has text_config.vocab_size={vocab_size}")
+        raise ValueError(
+            f"the tokenizer of {source} has {len(tokenizer)} tokens but "
+            f"{directory / 'config.json'} has text_config.vocab_size={vocab_size}"
+        )
     return tokenizer
 
 
@@ -544,14 +605,17 @@ def load_clip(directory: str | Path, dtype: Any = np.float32) -> ClipCheckpoint:
     if not directory.is_dir():
         raise ValueError(f"CLIP checkpoint directory {directory} does not exist")
     if not (directory / "config.json").is_file():
-        raise ValueError(f"{directory} has no config.json (a transformers CLIPModel directory "
-                         "is needed)")
+        raise ValueError(
+            f"{directory} has no config.json (a transformers CLIPModel directory is needed)"
+        )
     config = ClipConfig.from_json(directory / "config.json")
-    graphdef, params = load_params(config, read_safetensors(directory), where=directory,
-                                   dtype=dtype)
+    graphdef, params = load_params(
+        config, read_safetensors(directory), where=directory, dtype=dtype
+    )
     mean, std = _image_normalisation(directory)
-    return ClipCheckpoint(directory, config, graphdef, params,
-                          _tokenizer(directory, config.vocab_size), mean, std)
+    return ClipCheckpoint(
+        directory, config, graphdef, params, _tokenizer(directory, config.vocab_size), mean, std
+    )
 
 
 # ==============================================================================================
@@ -559,8 +623,9 @@ def load_clip(directory: str | Path, dtype: Any = np.float32) -> ClipCheckpoint:
 # ==============================================================================================
 
 
-def clip_pixels(images: jax.Array, image_size: int, mean: tuple[float, ...],
-                std: tuple[float, ...]) -> jax.Array:
+def clip_pixels(
+    images: jax.Array, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> jax.Array:
     """Pool images -> CLIP inputs.
 
     images: (B, R, R, C) in [-1, 1], C in {1, 3} (gray is repeated to RGB) -> (B, S, S, 3),
@@ -593,8 +658,9 @@ def clip_score_fn(checkpoint: ClipCheckpoint) -> Callable[..., jax.Array]:
     return jax.jit(score)
 
 
-def text_hidden_states_fn(checkpoint: ClipCheckpoint,
-                          hidden_layer: str = "last") -> Callable[..., tuple[jax.Array, jax.Array]]:
+def text_hidden_states_fn(
+    checkpoint: ClipCheckpoint, hidden_layer: str = "last"
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """The jitted `embed(params, tokens) -> (states, mask)` of a loaded checkpoint, for text
     conditioning: tokens int32 (B, L) (`ClipCheckpoint.tokenize`) -> states (B, L, D) float,
     the text tower's last or penultimate hidden states (`TextTransformer.hidden_states`), and

@@ -40,18 +40,19 @@ def visual_input(batch: dict) -> jax.Array:
 def precomputed_caption(batch: dict) -> tuple[jax.Array, jax.Array]:
     """`text_embedding` (B, L, Dt) and its mask: `token_mask` (B, L) if present, else all True."""
     if "text_embedding" not in batch:
-        raise ValueError("the model was built for precomputed `text_embedding` captions; the "
-                         "batch has none")
+        raise ValueError(
+            "the model was built for precomputed `text_embedding` captions; the batch has none"
+        )
     features = batch["text_embedding"]
     mask = batch.get("token_mask", jnp.ones(features.shape[:2], bool))
     if mask.shape != features.shape[:2]:
-        raise ValueError(f"token_mask {mask.shape} does not match text_embedding "
-                         f"{features.shape}")
+        raise ValueError(f"token_mask {mask.shape} does not match text_embedding {features.shape}")
     return features, mask
 
 
-def caption_features(token_embedding: nnx.Param | None, batch: dict,
-                     owner: str) -> tuple[jax.Array, jax.Array]:
+def caption_features(
+    token_embedding: nnx.Param | None, batch: dict, owner: str
+) -> tuple[jax.Array, jax.Array]:
     """Caption features (B, L, D) and mask (B, L) of a model with its own token table: rows of
     `token_embedding` (VOCAB, D) looked up by `tokens`, masked by `token_mask`; a model built
     without a table (None) reads the precomputed `text_embedding` instead. `owner` names the model
@@ -59,8 +60,10 @@ def caption_features(token_embedding: nnx.Param | None, batch: dict,
     if token_embedding is None:
         return precomputed_caption(batch)
     if "text_embedding" in batch:
-        raise ValueError(f"the {owner} was built for token captions; the batch carries a "
-                         "precomputed `text_embedding`")
+        raise ValueError(
+            f"the {owner} was built for token captions; the batch carries a "
+            "precomputed `text_embedding`"
+        )
     return jnp.take(token_embedding[...], batch["tokens"], axis=0), batch["token_mask"]
 
 
@@ -84,8 +87,9 @@ def sincos_position_embedding(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
     rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
     col_angles = cols.reshape(-1, 1) * omega[None]
     row_angles = rows.reshape(-1, 1) * omega[None]
-    return np.concatenate([np.sin(col_angles), np.cos(col_angles),
-                           np.sin(row_angles), np.cos(row_angles)], axis=1)
+    return np.concatenate(
+        [np.sin(col_angles), np.cos(col_angles), np.sin(row_angles), np.cos(row_angles)], axis=1
+    )
 
 
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -98,8 +102,13 @@ def _plain_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def _zero_linear(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(in_features, out_features, kernel_init=nnx.initializers.zeros,
-                      bias_init=nnx.initializers.zeros, rngs=rngs)
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=nnx.initializers.zeros,
+        bias_init=nnx.initializers.zeros,
+        rngs=rngs,
+    )
 
 
 class DiTBlock(nnx.Module):
@@ -118,15 +127,18 @@ class DiTBlock(nnx.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio), rngs=rngs)
         self.modulation = _zero_linear(width, 9 * width, rngs)
 
-    def __call__(self, x: jax.Array, c: jax.Array, context: jax.Array,
-                 context_mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, c: jax.Array, context: jax.Array, context_mask: jax.Array
+    ) -> jax.Array:
         """x: (B, N, D) image tokens; c: (B, D) conditioning; context: (B, L, D) caption features;
         context_mask: bool (B, L), True on attendable caption positions. Returns (B, N, D)."""
-        (shift_s, scale_s, gate_s, shift_c, scale_c, gate_c, shift_m, scale_m,
-         gate_m) = jnp.split(self.modulation(jax.nn.silu(c))[:, None], 9, axis=-1)
+        (shift_s, scale_s, gate_s, shift_c, scale_c, gate_c, shift_m, scale_m, gate_m) = jnp.split(
+            self.modulation(jax.nn.silu(c))[:, None], 9, axis=-1
+        )
         x = x + gate_s * self.self_attn(_modulate(self.norm_self(x), shift_s, scale_s))
-        x = x + gate_c * self.cross_attn(_modulate(self.norm_cross(x), shift_c, scale_c),
-                                         context_mask[:, None, None, :], context)
+        x = x + gate_c * self.cross_attn(
+            _modulate(self.norm_cross(x), shift_c, scale_c), context_mask[:, None, None, :], context
+        )
         return x + gate_m * self.mlp(_modulate(self.norm_mlp(x), shift_m, scale_m))
 
 
@@ -165,10 +177,23 @@ class DiT(nnx.Module):
         built and a Linear projects them to D.
     """
 
-    def __init__(self, *, channels: int, patch_size: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float, text_length: int, text_width: int, text_depth: int,
-                 text_heads: int, text_trainable: bool = True,
-                 text_embedding_dim: int | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        channels: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        text_length: int,
+        text_width: int,
+        text_depth: int,
+        text_heads: int,
+        text_trainable: bool = True,
+        text_embedding_dim: int | None = None,
+        rngs: nnx.Rngs,
+    ):
         if width % 4:
             raise ValueError(f"width {width} must be divisible by 4 (2-D sin-cos embedding)")
         self.patch_size = patch_size
@@ -176,29 +201,33 @@ class DiT(nnx.Module):
         self.text_length = text_length
         self.text_trainable = text_trainable
         if text_embedding_dim is None:
-            self.text_encoder = TextEncoder(text_width, text_depth, text_heads, text_length,
-                                            rngs=rngs)
+            self.text_encoder = TextEncoder(
+                text_width, text_depth, text_heads, text_length, rngs=rngs
+            )
             caption_width = text_width
         else:
             self.text_encoder = None
             caption_width = text_embedding_dim
         self.text_proj = nnx.Linear(caption_width, width, rngs=rngs)
         self.pooled_proj = nnx.Linear(caption_width, width, rngs=rngs)
-        self.null_tokens = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(),
-                                                                  (text_length, width)))
+        self.null_tokens = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (text_length, width))
+        )
         self.null_pooled = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (width,)))
         self.patch_embed = nnx.Linear(patch_size * patch_size * channels, width, rngs=rngs)
         self.time_mlp = nnx.Sequential(
-            nnx.Linear(_TIME_FREQUENCIES, width, kernel_init=nnx.initializers.normal(0.02),
-                       rngs=rngs),
+            nnx.Linear(
+                _TIME_FREQUENCIES, width, kernel_init=nnx.initializers.normal(0.02), rngs=rngs
+            ),
             jax.nn.silu,
-            nnx.Linear(width, width, kernel_init=nnx.initializers.normal(0.02), rngs=rngs))
-        self.blocks = nnx.List([DiTBlock(width, heads, mlp_ratio, rngs=rngs)
-                                for _ in range(depth)])
+            nnx.Linear(width, width, kernel_init=nnx.initializers.normal(0.02), rngs=rngs),
+        )
+        self.blocks = nnx.List([DiTBlock(width, heads, mlp_ratio, rngs=rngs) for _ in range(depth)])
         self.final = FinalLayer(width, patch_size * patch_size * channels, rngs=rngs)
 
-    def encode_caption(self, batch: dict, drop_text: jax.Array
-                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def encode_caption(
+        self, batch: dict, drop_text: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The caption as cross-attention context and pooled vector, in model width D.
 
         Args:
@@ -214,24 +243,29 @@ class DiT(nnx.Module):
             pooled = masked_mean(features, mask)
         else:
             if "text_embedding" in batch:
-                raise ValueError("the model was built for token captions (its own text encoder); "
-                                 "the batch carries a precomputed `text_embedding`")
+                raise ValueError(
+                    "the model was built for token captions (its own text encoder); "
+                    "the batch carries a precomputed `text_embedding`"
+                )
             mask = batch["token_mask"]
             features, pooled = self.text_encoder(batch["tokens"], mask)
             if not self.text_trainable:
                 features, pooled = jax.lax.stop_gradient((features, pooled))
         length = features.shape[1]
         if length > self.text_length:
-            raise ValueError(f"caption length {length} exceeds the model's text_length "
-                             f"{self.text_length}")
-        context = jnp.where(drop_text[:, None, None], self.null_tokens[:length],
-                            self.text_proj(features))
+            raise ValueError(
+                f"caption length {length} exceeds the model's text_length {self.text_length}"
+            )
+        context = jnp.where(
+            drop_text[:, None, None], self.null_tokens[:length], self.text_proj(features)
+        )
         context_mask = mask | drop_text[:, None]
         pooled = jnp.where(drop_text[:, None], self.null_pooled[...], self.pooled_proj(pooled))
         return context, context_mask, pooled
 
-    def __call__(self, x_t: jax.Array, t: jax.Array, batch: dict,
-                 drop_text: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x_t: jax.Array, t: jax.Array, batch: dict, drop_text: jax.Array | None = None
+    ) -> jax.Array:
         """Predicts the velocity.
 
         Args:
@@ -254,8 +288,9 @@ class DiT(nnx.Module):
         patches = x_t.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = self.patch_embed(patches.reshape(b, gh * gw, p * p * c))
         x = x + jnp.asarray(sincos_position_embedding(gh, gw, self.width), x.dtype)
-        cond = self.time_mlp(timestep_embedding(jnp.asarray(t, x_t.dtype),
-                                                _TIME_FREQUENCIES)) + pooled
+        cond = (
+            self.time_mlp(timestep_embedding(jnp.asarray(t, x_t.dtype), _TIME_FREQUENCIES)) + pooled
+        )
         for block in self.blocks:
             x = block(x, cond, context, context_mask)
         out = self.final(x, cond).reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)

@@ -16,8 +16,9 @@ import numpy as np
 from alchemist_jax.models.dit import DiT, visual_input
 
 
-def flow_matching_loss_at(model: DiT, batch: dict, t: jax.Array, eps: jax.Array,
-                          drop_text: jax.Array | None = None) -> jax.Array:
+def flow_matching_loss_at(
+    model: DiT, batch: dict, t: jax.Array, eps: jax.Array, drop_text: jax.Array | None = None
+) -> jax.Array:
     """Per-example flow-matching loss at given draws (for evaluation at fixed t and noise).
 
     Args:
@@ -44,8 +45,13 @@ def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
-def fixed_draws(seed: int | jax.Array, draw: int | jax.Array, id_low: jax.Array,
-                id_high: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+def fixed_draws(
+    seed: int | jax.Array,
+    draw: int | jax.Array,
+    id_low: jax.Array,
+    id_high: jax.Array,
+    shape: tuple[int, ...],
+) -> tuple[jax.Array, jax.Array]:
     """Draw `draw` of each sample for evaluating at fixed (t, noise): t (B,) ~ U(0, 1) and
     eps (B, *shape) ~ N(0, I), float32, that depend only on (seed, draw, sample id) — not on the
     batch a sample is in, so per-sample losses and scores do not depend on the batch size.
@@ -65,8 +71,9 @@ def fixed_draws(seed: int | jax.Array, draw: int | jax.Array, id_low: jax.Array,
     return jax.vmap(one)(id_low, id_high)
 
 
-def flow_matching_loss(model: DiT, batch: dict, rng: jax.Array,
-                       caption_dropout: float) -> jax.Array:
+def flow_matching_loss(
+    model: DiT, batch: dict, rng: jax.Array, caption_dropout: float
+) -> jax.Array:
     """Per-example flow-matching loss with random draws, all from `rng` (deterministic given it).
 
     t ~ U(0, 1) and eps ~ N(0, I) per example; each caption is replaced by the null caption with
@@ -80,8 +87,14 @@ def flow_matching_loss(model: DiT, batch: dict, rng: jax.Array,
     return flow_matching_loss_at(model, batch, t, eps, drop_text)
 
 
-def sample(model: DiT, batch: dict, rng: jax.Array, steps: int, guidance_scale: float,
-           shape: tuple[int, int, int] | None = None) -> jax.Array:
+def sample(
+    model: DiT,
+    batch: dict,
+    rng: jax.Array,
+    steps: int,
+    guidance_scale: float,
+    shape: tuple[int, int, int] | None = None,
+) -> jax.Array:
     """Generates x0 for the captions of `batch` by Euler integration with classifier-free guidance.
 
     v = v_uncond + guidance_scale * (v_cond - v_uncond) (1: conditional only, 0: unconditional);

@@ -39,15 +39,24 @@ class Rater(nnx.Module):
       vocab_size: token vocabulary (CLIP: 49,408).
     """
 
-    def __init__(self, *, channels: int, width: int, hidden: int,
-                 text_embedding_dim: int | None = None, batch_head: bool = False,
-                 rngs: nnx.Rngs, vocab_size: int = VOCAB_SIZE):
+    def __init__(
+        self,
+        *,
+        channels: int,
+        width: int,
+        hidden: int,
+        text_embedding_dim: int | None = None,
+        batch_head: bool = False,
+        rngs: nnx.Rngs,
+        vocab_size: int = VOCAB_SIZE,
+    ):
         self.conv1 = nnx.Conv(channels, width // 4, (3, 3), strides=2, rngs=rngs)
         self.conv2 = nnx.Conv(width // 4, width // 2, (3, 3), strides=2, rngs=rngs)
         self.image_proj = nnx.Linear(width // 2, width, rngs=rngs)
         if text_embedding_dim is None:
             self.token_embedding = nnx.Param(
-                nnx.initializers.normal(1.0)(rngs.params(), (vocab_size, width)))
+                nnx.initializers.normal(1.0)(rngs.params(), (vocab_size, width))
+            )
             caption_width = width
         else:
             self.token_embedding = None
@@ -57,12 +66,17 @@ class Rater(nnx.Module):
         # change when every u moves by one constant, so that bias would get a zero meta-gradient
         # in every mode (only float round-off, which Adam would turn into drift) and would only
         # shift every stored score by the same amount. Rankings do not see it either.
-        self.instance_head = nnx.Sequential(nnx.Linear(3 * width, hidden, rngs=rngs), jax.nn.silu,
-                                            nnx.Linear(hidden, 1, use_bias=False, rngs=rngs))
+        self.instance_head = nnx.Sequential(
+            nnx.Linear(3 * width, hidden, rngs=rngs),
+            jax.nn.silu,
+            nnx.Linear(hidden, 1, use_bias=False, rngs=rngs),
+        )
         if batch_head:
             self.batch_head = nnx.Sequential(
-                nnx.Linear(6 * width, hidden, rngs=rngs), jax.nn.silu,
-                nnx.Linear(hidden, 1, kernel_init=nnx.initializers.zeros, rngs=rngs))
+                nnx.Linear(6 * width, hidden, rngs=rngs),
+                jax.nn.silu,
+                nnx.Linear(hidden, 1, kernel_init=nnx.initializers.zeros, rngs=rngs),
+            )
         else:
             self.batch_head = None
 

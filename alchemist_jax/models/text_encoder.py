@@ -17,8 +17,9 @@ from flax import nnx
 from alchemist_jax.data.tokenizer import VOCAB_SIZE
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+) -> jax.Array:
     """Softmax attention per head.
 
     Args:
@@ -54,8 +55,9 @@ class Attention(nnx.Module):
         self.value = nnx.Linear(width, width, rngs=rngs)
         self.out = nnx.Linear(width, width, rngs=rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-                 context: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, context: jax.Array | None = None
+    ) -> jax.Array:
         """x: (B, Lq, D); context: (B, Lk, D) or None (then x); mask: bool broadcastable to
         (B, H, Lq, Lk). Returns (B, Lq, D)."""
         context = x if context is None else context
@@ -63,8 +65,12 @@ class Attention(nnx.Module):
         def split_heads(y):
             return y.reshape(*y.shape[:-1], self.heads, y.shape[-1] // self.heads)
 
-        out = dot_product_attention(split_heads(self.query(x)), split_heads(self.key(context)),
-                                    split_heads(self.value(context)), mask)
+        out = dot_product_attention(
+            split_heads(self.query(x)),
+            split_heads(self.key(context)),
+            split_heads(self.value(context)),
+            mask,
+        )
         return self.out(out.reshape(*x.shape[:-1], -1))
 
 
@@ -117,13 +123,23 @@ class TextEncoder(nnx.Module):
       vocab_size: token vocabulary (CLIP: 49,408).
     """
 
-    def __init__(self, width: int, depth: int, heads: int, max_length: int, *, rngs: nnx.Rngs,
-                 vocab_size: int = VOCAB_SIZE):
+    def __init__(
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        max_length: int,
+        *,
+        rngs: nnx.Rngs,
+        vocab_size: int = VOCAB_SIZE,
+    ):
         self.max_length = max_length
         self.token_embedding = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (vocab_size, width)))
+            nnx.initializers.normal(0.02)(rngs.params(), (vocab_size, width))
+        )
         self.position_embedding = nnx.Param(
-            nnx.initializers.normal(0.01)(rngs.params(), (max_length, width)))
+            nnx.initializers.normal(0.01)(rngs.params(), (max_length, width))
+        )
         self.blocks = nnx.List([TextBlock(width, heads, rngs=rngs) for _ in range(depth)])
         self.final_norm = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs)
 
@@ -140,8 +156,9 @@ class TextEncoder(nnx.Module):
         """
         length = tokens.shape[-1]
         if length > self.max_length:
-            raise ValueError(f"token length {length} exceeds the encoder's max_length "
-                             f"{self.max_length}")
+            raise ValueError(
+                f"token length {length} exceeds the encoder's max_length {self.max_length}"
+            )
         # A plain gather (nnx.Embed would cast the table to its construction dtype).
         x = jnp.take(self.token_embedding[...], tokens, axis=0) + self.position_embedding[:length]
         causal = jnp.tril(jnp.ones((length, length), bool))

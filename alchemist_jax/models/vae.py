@@ -27,8 +27,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,7 @@ class VaeConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def from_json(cls, path: Path) -> "VaeConfig":
+    def from_json(cls, path: Path) -> VaeConfig:
         """Reads a diffusers AutoencoderKL `config.json` (missing keys take diffusers'
         defaults). Raises ValueError naming the file, the key and the value of anything
         unsupported."""
@@ -89,46 +90,61 @@ class VaeConfig:
             raise ValueError(f"{path} is not a JSON object")
         name = raw.get("_class_name")
         if name != CLASS_NAME:
-            raise ValueError(f"{path.parent}: _class_name {name!r} is not supported (only "
-                             f"{CLASS_NAME!r}: SD/SDXL/FLUX/SD3-style VAEs)")
+            raise ValueError(
+                f"{path.parent}: _class_name {name!r} is not supported (only "
+                f"{CLASS_NAME!r}: SD/SDXL/FLUX/SD3-style VAEs)"
+            )
         get = raw.get
         channels = tuple(get("block_out_channels", (64,)))
         down = list(get("down_block_types", (DOWN_BLOCK,)))
         up = list(get("up_block_types", (UP_BLOCK,)))
-        for key, types, wanted in (("down_block_types", down, DOWN_BLOCK),
-                                   ("up_block_types", up, UP_BLOCK)):
+        for key, types, wanted in (
+            ("down_block_types", down, DOWN_BLOCK),
+            ("up_block_types", up, UP_BLOCK),
+        ):
             other = [t for t in types if t != wanted]
             if other:
-                raise ValueError(f"{path.parent}: {key} has {other[0]!r}, which is not "
-                                 f"supported (only {wanted!r})")
+                raise ValueError(
+                    f"{path.parent}: {key} has {other[0]!r}, which is not "
+                    f"supported (only {wanted!r})"
+                )
             if len(types) != len(channels):
-                raise ValueError(f"{path.parent}: {key} has {len(types)} blocks but "
-                                 f"block_out_channels has {len(channels)}")
+                raise ValueError(
+                    f"{path.parent}: {key} has {len(types)} blocks but "
+                    f"block_out_channels has {len(channels)}"
+                )
         act = get("act_fn", "silu")
         if act not in ACTIVATIONS:
-            raise ValueError(f"{path.parent}: act_fn {act!r} is not supported (only "
-                             f"{', '.join(ACTIVATIONS)})")
+            raise ValueError(
+                f"{path.parent}: act_fn {act!r} is not supported (only {', '.join(ACTIVATIONS)})"
+            )
         for key in ("latents_mean", "latents_std"):
             if get(key) is not None:
-                raise ValueError(f"{path.parent}: {key} {get(key)!r} (per-channel latent "
-                                 "normalisation) is not supported, only scaling_factor and "
-                                 "shift_factor")
+                raise ValueError(
+                    f"{path.parent}: {key} {get(key)!r} (per-channel latent "
+                    "normalisation) is not supported, only scaling_factor and "
+                    "shift_factor"
+                )
         groups = int(get("norm_num_groups", 32))
         if not channels or any(c % groups for c in channels):
-            raise ValueError(f"{path.parent}: block_out_channels {list(channels)} are not all "
-                             f"divisible by norm_num_groups {groups}")
+            raise ValueError(
+                f"{path.parent}: block_out_channels {list(channels)} are not all "
+                f"divisible by norm_num_groups {groups}"
+            )
         shift = get("shift_factor")
-        return cls(in_channels=int(get("in_channels", 3)),
-                   out_channels=int(get("out_channels", 3)),
-                   block_out_channels=tuple(int(c) for c in channels),
-                   layers_per_block=int(get("layers_per_block", 1)),
-                   latent_channels=int(get("latent_channels", 4)),
-                   norm_num_groups=groups,
-                   use_quant_conv=bool(get("use_quant_conv", True)),
-                   use_post_quant_conv=bool(get("use_post_quant_conv", True)),
-                   mid_block_add_attention=bool(get("mid_block_add_attention", True)),
-                   scaling_factor=float(get("scaling_factor", 0.18215)),
-                   shift_factor=0.0 if shift is None else float(shift))
+        return cls(
+            in_channels=int(get("in_channels", 3)),
+            out_channels=int(get("out_channels", 3)),
+            block_out_channels=tuple(int(c) for c in channels),
+            layers_per_block=int(get("layers_per_block", 1)),
+            latent_channels=int(get("latent_channels", 4)),
+            norm_num_groups=groups,
+            use_quant_conv=bool(get("use_quant_conv", True)),
+            use_post_quant_conv=bool(get("use_post_quant_conv", True)),
+            mid_block_add_attention=bool(get("mid_block_add_attention", True)),
+            scaling_factor=float(get("scaling_factor", 0.18215)),
+            shift_factor=0.0 if shift is None else float(shift),
+        )
 
 
 # ==============================================================================================
@@ -187,7 +203,7 @@ class Attention(nnx.Module):
         batch, height, width, channels = x.shape
         h = self.group_norm(x).reshape(batch, height * width, channels)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k) * channels ** -0.5
+        logits = jnp.einsum("bqc,bkc->bqk", q, k) * channels**-0.5
         out = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(logits, axis=-1), v)
         return x + self.to_out[0](out).reshape(x.shape)
 
@@ -197,8 +213,9 @@ class UNetMidBlock2D(nnx.Module):
     mid_block_add_attention is false), resnet."""
 
     def __init__(self, channels: int, groups: int, attention: bool, *, rngs: nnx.Rngs):
-        self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, rngs=rngs)
-                                 for _ in range(2)])
+        self.resnets = nnx.List(
+            [ResnetBlock2D(channels, channels, groups, rngs=rngs) for _ in range(2)]
+        )
         self.attentions = nnx.List([Attention(channels, groups, rngs=rngs)] if attention else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -232,10 +249,15 @@ class Upsample2D(nnx.Module):
 class DownEncoderBlock2D(nnx.Module):
     """`layers` resnets, then a Downsample2D unless it is the last block."""
 
-    def __init__(self, c_in: int, c_out: int, layers: int, groups: int, downsample: bool, *,
-                 rngs: nnx.Rngs):
-        self.resnets = nnx.List([ResnetBlock2D(c_in if n == 0 else c_out, c_out, groups,
-                                               rngs=rngs) for n in range(layers)])
+    def __init__(
+        self, c_in: int, c_out: int, layers: int, groups: int, downsample: bool, *, rngs: nnx.Rngs
+    ):
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(c_in if n == 0 else c_out, c_out, groups, rngs=rngs)
+                for n in range(layers)
+            ]
+        )
         self.downsamplers = nnx.List([Downsample2D(c_out, rngs=rngs)] if downsample else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -247,10 +269,15 @@ class DownEncoderBlock2D(nnx.Module):
 class UpDecoderBlock2D(nnx.Module):
     """`layers` resnets, then an Upsample2D unless it is the last block."""
 
-    def __init__(self, c_in: int, c_out: int, layers: int, groups: int, upsample: bool, *,
-                 rngs: nnx.Rngs):
-        self.resnets = nnx.List([ResnetBlock2D(c_in if n == 0 else c_out, c_out, groups,
-                                               rngs=rngs) for n in range(layers)])
+    def __init__(
+        self, c_in: int, c_out: int, layers: int, groups: int, upsample: bool, *, rngs: nnx.Rngs
+    ):
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(c_in if n == 0 else c_out, c_out, groups, rngs=rngs)
+                for n in range(layers)
+            ]
+        )
         self.upsamplers = nnx.List([Upsample2D(c_out, rngs=rngs)] if upsample else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -266,12 +293,22 @@ class Encoder(nnx.Module):
     def __init__(self, config: VaeConfig, *, rngs: nnx.Rngs):
         channels, groups = config.block_out_channels, config.norm_num_groups
         self.conv_in = _conv3(config.in_channels, channels[0], rngs)
-        self.down_blocks = nnx.List([
-            DownEncoderBlock2D(channels[max(n - 1, 0)], c, config.layers_per_block, groups,
-                               downsample=n < len(channels) - 1, rngs=rngs)
-            for n, c in enumerate(channels)])
-        self.mid_block = UNetMidBlock2D(channels[-1], groups, config.mid_block_add_attention,
-                                        rngs=rngs)
+        self.down_blocks = nnx.List(
+            [
+                DownEncoderBlock2D(
+                    channels[max(n - 1, 0)],
+                    c,
+                    config.layers_per_block,
+                    groups,
+                    downsample=n < len(channels) - 1,
+                    rngs=rngs,
+                )
+                for n, c in enumerate(channels)
+            ]
+        )
+        self.mid_block = UNetMidBlock2D(
+            channels[-1], groups, config.mid_block_add_attention, rngs=rngs
+        )
         self.conv_norm_out = _group_norm(channels[-1], groups, rngs)
         self.conv_out = _conv3(channels[-1], 2 * config.latent_channels, rngs)
 
@@ -290,12 +327,22 @@ class Decoder(nnx.Module):
     def __init__(self, config: VaeConfig, *, rngs: nnx.Rngs):
         channels, groups = config.block_out_channels[::-1], config.norm_num_groups
         self.conv_in = _conv3(config.latent_channels, channels[0], rngs)
-        self.mid_block = UNetMidBlock2D(channels[0], groups, config.mid_block_add_attention,
-                                        rngs=rngs)
-        self.up_blocks = nnx.List([
-            UpDecoderBlock2D(channels[max(n - 1, 0)], c, config.layers_per_block + 1, groups,
-                             upsample=n < len(channels) - 1, rngs=rngs)
-            for n, c in enumerate(channels)])
+        self.mid_block = UNetMidBlock2D(
+            channels[0], groups, config.mid_block_add_attention, rngs=rngs
+        )
+        self.up_blocks = nnx.List(
+            [
+                UpDecoderBlock2D(
+                    channels[max(n - 1, 0)],
+                    c,
+                    config.layers_per_block + 1,
+                    groups,
+                    upsample=n < len(channels) - 1,
+                    rngs=rngs,
+                )
+                for n, c in enumerate(channels)
+            ]
+        )
         self.conv_norm_out = _group_norm(channels[-1], groups, rngs)
         self.conv_out = _conv3(channels[-1], config.out_channels, rngs)
 
@@ -314,8 +361,7 @@ class AutoencoderKL(nnx.Module):
         self.encoder = Encoder(config, rngs=rngs)
         self.decoder = Decoder(config, rngs=rngs)
         self.quant_conv = _conv1(2 * latent, 2 * latent, rngs) if config.use_quant_conv else None
-        self.post_quant_conv = (_conv1(latent, latent, rngs) if config.use_post_quant_conv
-                                else None)
+        self.post_quant_conv = _conv1(latent, latent, rngs) if config.use_post_quant_conv else None
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images (B, H, W, in_channels) -> the posterior's (mean, std), each (B, H/f, W/f,
@@ -347,8 +393,11 @@ def _diffusers_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts = key.split(".")
         if len(parts) >= 2 and "attentions" in parts and parts[-2] in DEPRECATED_ATTENTION:
             key = ".".join([*parts[:-2], DEPRECATED_ATTENTION[parts[-2]], parts[-1]])
-        if re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", key) \
-                and value.ndim == 4 and value.shape[2:] == (1, 1):
+        if (
+            re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", key)
+            and value.ndim == 4
+            and value.shape[2:] == (1, 1)
+        ):
             value = value[:, :, 0, 0]
         renamed[key] = value
     return renamed
@@ -386,13 +435,18 @@ def load_vae(directory: str | Path, dtype: Any = np.float32) -> VaeCheckpoint:
     if not directory.is_dir():
         raise ValueError(f"VAE directory {directory} does not exist")
     if not (directory / "config.json").is_file():
-        raise ValueError(f"{directory} has no config.json (a diffusers AutoencoderKL folder is "
-                         "needed)")
+        raise ValueError(
+            f"{directory} has no config.json (a diffusers AutoencoderKL folder is needed)"
+        )
     config = VaeConfig.from_json(directory / "config.json")
     tensors = _diffusers_names(read_safetensors(directory, WEIGHTS_STEM))
-    graphdef, params = params_from_tensors(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)),
-                                           tensors, where=directory,
-                                           described="the AutoencoderKL", dtype=dtype)
+    graphdef, params = params_from_tensors(
+        lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)),
+        tensors,
+        where=directory,
+        described="the AutoencoderKL",
+        dtype=dtype,
+    )
     return VaeCheckpoint(directory, config, graphdef, params)
 
 
@@ -405,8 +459,10 @@ def _check_size(shape: tuple[int, ...], factor: int, channels: int, what: str) -
     if len(shape) != 4 or shape[-1] != channels:
         raise ValueError(f"{what} must be (B, H, W, {channels}), got {shape}")
     if shape[1] % factor or shape[2] % factor:
-        raise ValueError(f"{what} of {shape[1]}x{shape[2]} are not divisible by the VAE's "
-                         f"downsampling factor {factor}")
+        raise ValueError(
+            f"{what} of {shape[1]}x{shape[2]} are not divisible by the VAE's "
+            f"downsampling factor {factor}"
+        )
 
 
 def encode_fn(checkpoint: VaeCheckpoint) -> Callable[..., tuple[jax.Array, jax.Array]]:

@@ -29,5 +29,14 @@ from alchemist_jax.report.html import SECTIONS, STYLE, build
 from alchemist_jax.report.results_table import BUDGETS, METRICS, results_table_markdown
 from alchemist_jax.report.run_folder import CLEAN
 
-__all__ = ["BUDGETS", "CLEAN", "COMPONENT_ARMS", "METRICS", "SECTIONS", "SHEET_SIZE", "STYLE",
-           "build", "results_table_markdown"]
+__all__ = [
+    "BUDGETS",
+    "CLEAN",
+    "COMPONENT_ARMS",
+    "METRICS",
+    "SECTIONS",
+    "SHEET_SIZE",
+    "STYLE",
+    "build",
+    "results_table_markdown",
+]

@@ -27,8 +27,9 @@ def rater_aurocs(run: RunFolder) -> dict[str, dict[str, float]]:
     for name, (ids, scores) in run.ratings.items():
         where = f"ratings/{name}.parquet"
         kinds = run.kinds(ids, where)
-        table[name] = defect_auroc(scores, [None if k == CLEAN else k for k in kinds],
-                                   run.groups(ids, where))
+        table[name] = defect_auroc(
+            scores, [None if k == CLEAN else k for k in kinds], run.groups(ids, where)
+        )
     return table
 
 
@@ -61,8 +62,11 @@ def rating_sheets(run: RunFolder, name: str) -> Sheets:
 
     order = ids[np.argsort(-z, kind="stable")]  # best first
     middle = max(0, len(order) // 2 - SHEET_SIZE // 2)
-    sheets = [("top", order[:SHEET_SIZE]), ("middle", order[middle:middle + SHEET_SIZE]),
-              ("bottom", order[::-1][:SHEET_SIZE])]
+    sheets = [
+        ("top", order[:SHEET_SIZE]),
+        ("middle", order[middle : middle + SHEET_SIZE]),
+        ("bottom", order[::-1][:SHEET_SIZE]),
+    ]
     selection_path = run.workdir / "selections" / "alchemist.parquet"
     pruned_count = None
     if selection_path.exists():
@@ -79,8 +83,9 @@ def rating_sheets(run: RunFolder, name: str) -> Sheets:
     return Sheets(position, notes, sheets, pruned_count)
 
 
-def kept_fractions(run: RunFolder, selections: dict[str, np.ndarray]
-                   ) -> tuple[list[str], list[list[str]]]:
+def kept_fractions(
+    run: RunFolder, selections: dict[str, np.ndarray]
+) -> tuple[list[str], list[list[str]]]:
     """(header, rows): per arm, the number kept and the fraction of each kind of pool sample
     (CLEAN, then each defect kind) that it keeps."""
     kinds = sorted(set(run.defects.values()) - {CLEAN})
@@ -89,9 +94,16 @@ def kept_fractions(run: RunFolder, selections: dict[str, np.ndarray]
     rows = []
     for arm, ids in selections.items():
         chosen = run.kinds(ids, f"selections/{arm}.parquet")
-        rows.append([arm, str(len(ids)), *(
-            f"{chosen.count(k) / totals[k]:.2f}" if totals[k] else "n/a"
-            for k in [CLEAN, *kinds])])
+        rows.append(
+            [
+                arm,
+                str(len(ids)),
+                *(
+                    f"{chosen.count(k) / totals[k]:.2f}" if totals[k] else "n/a"
+                    for k in [CLEAN, *kinds]
+                ),
+            ]
+        )
     return header, rows
 
 
@@ -102,23 +114,24 @@ def mean_curve(seeds: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[list, l
     return common, mean
 
 
-def component_table(run: RunFolder, summaries: dict[str, dict], rows: list[dict]
-                    ) -> tuple[list[str], list[list[str]]]:
+def component_table(
+    run: RunFolder, summaries: dict[str, dict], rows: list[dict]
+) -> tuple[list[str], list[list[str]]]:
     """(header, body) of the component contributions: per arm of COMPONENT_ARMS, the files it
     ranks by, test loss and FCD (mean ± sample std over its equal-steps seeds in `rows`) and,
     when they can be recomputed, the AUROC per defect kind of its ranking score."""
     aurocs = component_aurocs(run, summaries)
     kinds = sorted({kind for result in aurocs.values() for kind in result} - {"all"})
-    header = ["arm", "ranks by", "test loss ↓", "FCD ↓",
-              *(["AUROC all", *kinds] if aurocs else [])]
+    header = ["arm", "ranks by", "test loss ↓", "FCD ↓", *(["AUROC all", *kinds] if aurocs else [])]
     body = []
     for arm, summary in summaries.items():
         inputs = [Path(name).stem for name in summary["ratings"]]
         if summary.get("dedup"):
             inputs.append("dedup")
         seeds = [r for r in rows if r.get("run") == arm and r.get("budget") == "steps"]
-        metrics = [format_mean_std(*mean_std([r.get(m) for r in seeds]))
-                   for m in ("test_loss", "fcd")]
+        metrics = [
+            format_mean_std(*mean_std([r.get(m) for r in seeds])) for m in ("test_loss", "fcd")
+        ]
         result = aurocs.get(arm, {})
         cells = [f"{result[k]:.3f}" if k in result else "n/a" for k in ["all", *kinds]]
         body.append([arm, " + ".join(inputs), *metrics, *(cells if aurocs else [])])
@@ -142,10 +155,12 @@ def component_aurocs(run: RunFolder, summaries: dict[str, dict]) -> dict[str, di
         if absent:
             run.missing.append(f"{absent[0]}: no component AUROC of arm {arm}")
             continue
-        ratings = {name: selection.read_ratings(run.workdir / name)
-                   for name in summary["ratings"]}
-        duplicates = (None if not summary.get("dedup") else
-                      (summary["dedup"], dedup.read_groups(run.workdir / summary["dedup"])))
+        ratings = {name: selection.read_ratings(run.workdir / name) for name in summary["ratings"]}
+        duplicates = (
+            None
+            if not summary.get("dedup")
+            else (summary["dedup"], dedup.read_groups(run.workdir / summary["dedup"]))
+        )
         config = dataclasses.replace(run.cfg.select, weights=tuple(summary.get("weights", ())))
         ranked = selection.ranking_scores(config, ratings, run.pool, duplicates=duplicates)
         low, high = ranked.scores.min(), ranked.scores.max()

@@ -20,7 +20,7 @@ def ratings_figure(run: RunFolder, path: Path) -> None:
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
-    for ax in axes.ravel()[len(names):]:
+    for ax in axes.ravel()[len(names) :]:
         ax.axis("off")
     for ax, name in zip(axes.ravel(), names):
         ids, scores = run.ratings[name]
@@ -30,8 +30,13 @@ def ratings_figure(run: RunFolder, path: Path) -> None:
         else:
             kinds = np.array(run.kinds(ids, f"ratings/{name}.parquet"))
             present = kind_order(kinds)
-            ax.hist([scores[kinds == k] for k in present], bins=edges, stacked=True,
-                    color=[kind_colour(k) for k in present], label=present)
+            ax.hist(
+                [scores[kinds == k] for k in present],
+                bins=edges,
+                stacked=True,
+                color=[kind_colour(k) for k in present],
+                label=present,
+            )
             ax.legend(fontsize=6)
         ax.set_title(f"{name} ({len(scores)} samples)", fontsize=9)
         ax.set_xlabel("score (higher = better)", fontsize=8)
@@ -47,14 +52,15 @@ def rank_histograms_figure(histograms: list[tuple[str, dict]], path: Path) -> No
       ValueError: a histogram whose edges are not one more than its counts (names the file).
     """
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(histograms), figsize=(3.6 * len(histograms), 3),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(histograms), figsize=(3.6 * len(histograms), 3), squeeze=False)
     for ax, (arm, histogram) in zip(axes.ravel(), histograms):
         edges, counts = np.asarray(histogram["edges"]), np.asarray(histogram["counts"])
         if len(edges) != len(counts) + 1:
             plt.close(fig)
-            raise ValueError(f"selections/{arm}.json: rank_histogram has {len(edges)} "
-                             f"edges for {len(counts)} counts")
+            raise ValueError(
+                f"selections/{arm}.json: rank_histogram has {len(edges)} "
+                f"edges for {len(counts)} counts"
+            )
         ax.stairs(counts, edges, fill=True, alpha=0.8)
         ax.set_title(arm, fontsize=9)
         ax.set_xlabel("rank percentile (0 = best)", fontsize=8)
@@ -63,8 +69,9 @@ def rank_histograms_figure(histograms: list[tuple[str, dict]], path: Path) -> No
     save(fig, path)
 
 
-def val_loss_figure(curves: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]],
-                    path: Path) -> None:
+def val_loss_figure(
+    curves: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]], path: Path
+) -> None:
     """Validation loss over steps: thin lines per seed, thick their mean, dashed for the
     equal-epochs runs; one colour per train run."""
     plt = pyplot()
@@ -76,8 +83,14 @@ def val_loss_figure(curves: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]],
         for steps, values in seeds.values():
             ax.plot(steps, values, style, color=colour, linewidth=0.7, alpha=0.5)
         common, mean = mean_curve(seeds)
-        ax.plot(common, mean, style, color=colour, linewidth=2,
-                label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+        ax.plot(
+            common,
+            mean,
+            style,
+            color=colour,
+            linewidth=2,
+            label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})",
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)

@@ -25,35 +25,54 @@ def _config_section(run: RunFolder) -> str | None:
     cfg = run.cfg
     corrupt = cfg.data.corrupt
     pool_size = len(run.pool) if run.pool is not None else "unknown (pool not opened)"
-    rate = f"{cfg.rate.mode}, {cfg.rate.steps} meta-steps (K={cfg.rate.inner_steps}, " \
-           f"population {cfg.rate.population})"
+    rate = (
+        f"{cfg.rate.mode}, {cfg.rate.steps} meta-steps (K={cfg.rate.inner_steps}, "
+        f"population {cfg.rate.population})"
+    )
     facts = [
         ("source", cfg.data.source),
         ("pool size", pool_size),
-        ("defect fraction", f"{corrupt.fraction:g}" + (
-            f" ({', '.join(corrupt.kinds)}; seed {corrupt.seed})" if corrupt.fraction else "")),
+        (
+            "defect fraction",
+            f"{corrupt.fraction:g}"
+            + (f" ({', '.join(corrupt.kinds)}; seed {corrupt.seed})" if corrupt.fraction else ""),
+        ),
         ("model preset", cfg.model.preset),
         ("rating", rate),
         ("arms", ", ".join(cfg.pipeline.arms)),
         ("keep", f"{cfg.pipeline.keep:g}"),
-        ("budget", f"{cfg.pipeline.budget} ({cfg.train.steps} training steps at batch "
-                   f"{cfg.train.batch_size})"),
+        (
+            "budget",
+            f"{cfg.pipeline.budget} ({cfg.train.steps} training steps at batch "
+            f"{cfg.train.batch_size})",
+        ),
         ("seeds", ", ".join(map(str, cfg.pipeline.seeds))),
     ]
     if "release" in cfg.pipeline.arms:
-        facts.insert(5, ("penalty rater (release)",
-                         f"{cfg.pipeline.penalty_steps or cfg.rate.steps} meta-steps"))
-    return _section("Configuration", _table(["setting", "value"],
-                                            [[name, str(value)] for name, value in facts],
-                                            css_class="text"))
+        facts.insert(
+            5,
+            (
+                "penalty rater (release)",
+                f"{cfg.pipeline.penalty_steps or cfg.rate.steps} meta-steps",
+            ),
+        )
+    return _section(
+        "Configuration",
+        _table(
+            ["setting", "value"], [[name, str(value)] for name, value in facts], css_class="text"
+        ),
+    )
 
 
 def _ratings_section(run: RunFolder) -> str | None:
     if not run.ratings:
         return None
     figures.ratings_figure(run, run.out / "ratings.png")
-    caption = ("Stacked by defect kind (defects.parquet)." if run.defects is not None
-               else "No defect truth: one colour.")
+    caption = (
+        "Stacked by defect kind (defects.parquet)."
+        if run.defects is not None
+        else "No defect truth: one colour."
+    )
     return _section("Ratings", f"<p>{caption}</p>" + _figure("ratings.png"))
 
 
@@ -65,14 +84,20 @@ def _auroc_section(run: RunFolder) -> str | None:
         return None
     table = analysis.rater_aurocs(run)
     columns = ["all", *sorted({kind for result in table.values() for kind in result} - {"all"})]
-    rows = [[name, *(f"{result[c]:.3f}" if c in result else "n/a" for c in columns)]
-            for name, result in table.items()]
-    within = ("within caption class" if run.classes is not None
-              else "globally (caption classes unknown)")
-    text = (f"<p>AUROC of clean (positive) against each defect kind, scores z-scored {within}; "
-            "0.5 is chance, 1 a perfect separation.</p>")
-    return _section("Rater AUROC by defect kind",
-                    text + _table(["rater", *columns], rows, table_id="auroc"))
+    rows = [
+        [name, *(f"{result[c]:.3f}" if c in result else "n/a" for c in columns)]
+        for name, result in table.items()
+    ]
+    within = (
+        "within caption class" if run.classes is not None else "globally (caption classes unknown)"
+    )
+    text = (
+        f"<p>AUROC of clean (positive) against each defect kind, scores z-scored {within}; "
+        "0.5 is chance, 1 a perfect separation.</p>"
+    )
+    return _section(
+        "Rater AUROC by defect kind", text + _table(["rater", *columns], rows, table_id="auroc")
+    )
 
 
 def _samples_section(run: RunFolder) -> str | None:
@@ -85,16 +110,24 @@ def _samples_section(run: RunFolder) -> str | None:
     pruned_text = ""
     if sheets.pruned is not None:
         shown, total = sheets.pruned
-        pruned_text = f" Pruned: a random {shown} of the {total} pool samples " \
-                      "not in selections/alchemist.parquet."
+        pruned_text = (
+            f" Pruned: a random {shown} of the {total} pool samples "
+            "not in selections/alchemist.parquet."
+        )
     scale = "z-score within caption class" if run.classes is not None else "z-score"
-    parts = [f"<p>Ranked by <code>{html.escape(name)}</code> ({scale}); each label shows id, "
-             f"caption, defect kind when known and z.{html.escape(pruned_text)}</p>"]
+    parts = [
+        f"<p>Ranked by <code>{html.escape(name)}</code> ({scale}); each label shows id, "
+        f"caption, defect kind when known and z.{html.escape(pruned_text)}</p>"
+    ]
     for title, chosen in tqdm(sheets.sheets, desc="contact sheets", leave=False):
         filename = f"samples_{title}.png"
         summary.contact_sheet_of(
-            run.pool, [sheets.position[int(i)] for i in chosen], run.out / filename,
-            title=f"{title} samples by {name}", notes=[sheets.notes[int(i)] for i in chosen])
+            run.pool,
+            [sheets.position[int(i)] for i in chosen],
+            run.out / filename,
+            title=f"{title} samples by {name}",
+            notes=[sheets.notes[int(i)] for i in chosen],
+        )
         parts.append(f"<h3>{title}</h3>" + _figure(filename))
     return _section("Samples by rating", "".join(parts))
 
@@ -108,17 +141,26 @@ def _selections_section(run: RunFolder) -> str | None:
     parts = []
     if summaries:
         keys = ("policy", "keep", "count", "pool_size", "group_by")
-        parts.append(_table(["arm", *keys], [[arm, *(str(s.get(k, "")) for k in keys)]
-                                             for arm, s in summaries], table_id="selections"))
+        parts.append(
+            _table(
+                ["arm", *keys],
+                [[arm, *(str(s.get(k, "")) for k in keys)] for arm, s in summaries],
+                table_id="selections",
+            )
+        )
     histograms = [(arm, s["rank_histogram"]) for arm, s in summaries if "rank_histogram" in s]
     if histograms:
         figures.rank_histograms_figure(histograms, run.out / "rank_histograms.png")
-        parts.append("<p>Rank percentile of the chosen samples under the arm's ratings.</p>"
-                     + _figure("rank_histograms.png"))
+        parts.append(
+            "<p>Rank percentile of the chosen samples under the arm's ratings.</p>"
+            + _figure("rank_histograms.png")
+        )
     if selections and run.defects is not None:
         header, rows = analysis.kept_fractions(run, selections)
-        parts.append("<p>Fraction of each kind of pool sample that the arm keeps.</p>"
-                     + _table(header, rows, table_id="kept"))
+        parts.append(
+            "<p>Fraction of each kind of pool sample that the arm keeps.</p>"
+            + _table(header, rows, table_id="kept")
+        )
     return _section("Selections", "".join(parts))
 
 
@@ -128,8 +170,11 @@ def _curves_section(run: RunFolder) -> str | None:
         run.missing.append("train/*/seed*/metrics.jsonl: no validation-loss curves")
         return None
     figures.val_loss_figure(curves, run.out / "val_loss.png")
-    return _section("Validation loss", "<p>Thin lines: seeds; thick: their mean at the steps "
-                    "all seeds logged; dashed: equal-epochs runs.</p>" + _figure("val_loss.png"))
+    return _section(
+        "Validation loss",
+        "<p>Thin lines: seeds; thick: their mean at the steps "
+        "all seeds logged; dashed: equal-epochs runs.</p>" + _figure("val_loss.png"),
+    )
 
 
 def _results_section(run: RunFolder) -> str | None:
@@ -139,24 +184,35 @@ def _results_section(run: RunFolder) -> str | None:
         return None
     rows = folder_lib.read_results(path)
     atomic_write_bytes(run.out / "results.md", results_table_markdown(rows).encode())
-    parts = ["<p>Mean ± sample std (ddof=1) over seeds; a single seed shows the mean; best "
-             "of each column in bold. Also in <a href=\"results.md\">results.md</a>.</p>"]
+    parts = [
+        "<p>Mean ± sample std (ddof=1) over seeds; a single seed shows the mean; best "
+        'of each column in bold. Also in <a href="results.md">results.md</a>.</p>'
+    ]
     for budget, header, body in result_blocks(rows):
-        cells = [[f"<b>{html.escape(t)}</b>" if bold else html.escape(t) for t, bold in line]
-                 for line in body]
-        parts.append(f"<h3>equal {budget}</h3>"
-                     + _table(header, cells, table_id=f"results-{budget}", escape=False))
+        cells = [
+            [f"<b>{html.escape(t)}</b>" if bold else html.escape(t) for t, bold in line]
+            for line in body
+        ]
+        parts.append(
+            f"<h3>equal {budget}</h3>"
+            + _table(header, cells, table_id=f"results-{budget}", escape=False)
+        )
     return _section("Results", "".join(parts))
 
 
 def _components_section(run: RunFolder) -> str | None:
     folder = run.workdir / "selections"
-    summaries = {arm: read_json(folder / f"{arm}.json") for arm in analysis.COMPONENT_ARMS
-                 if (folder / f"{arm}.json").exists()}
+    summaries = {
+        arm: read_json(folder / f"{arm}.json")
+        for arm in analysis.COMPONENT_ARMS
+        if (folder / f"{arm}.json").exists()
+    }
     if len(summaries) < 2:
-        run.missing.append(f"selections/ holds fewer than two of the arms "
-                           f"{', '.join(analysis.COMPONENT_ARMS)}: no table of component "
-                           "contributions")
+        run.missing.append(
+            f"selections/ holds fewer than two of the arms "
+            f"{', '.join(analysis.COMPONENT_ARMS)}: no table of component "
+            "contributions"
+        )
         return None
     for arm, summary in summaries.items():
         if not isinstance(summary, dict) or "ratings" not in summary:
@@ -164,17 +220,18 @@ def _components_section(run: RunFolder) -> str | None:
     results_path = run.workdir / "results.json"
     rows = read_json(results_path) if results_path.exists() else []
     header, body = analysis.component_table(run, summaries, rows)
-    text = ("<p>Each arm adds one component of the method: the meta-learned rater alone, then "
-            "the alignment scorer fused with it (rank percentiles within clusters, "
-            "<code>select.weights</code>), then duplicates collapsed before the budget (each "
-            "dedup group keeps its best-scored member). Test loss and FCD: mean ± sample std "
-            "over seeds at equal steps. AUROC (clean against each defect kind, z-scored within "
-            "caption class) of the score the arm's selection ranks by, with collapsed "
-            "duplicates below every other sample; an exact copy kept in place of its collapsed "
-            "source counts as clean and the source as the duplicate (the two are the same "
-            "image and caption).</p>")
-    return _section("Component contributions",
-                    text + _table(header, body, table_id="components"))
+    text = (
+        "<p>Each arm adds one component of the method: the meta-learned rater alone, then "
+        "the alignment scorer fused with it (rank percentiles within clusters, "
+        "<code>select.weights</code>), then duplicates collapsed before the budget (each "
+        "dedup group keeps its best-scored member). Test loss and FCD: mean ± sample std "
+        "over seeds at equal steps. AUROC (clean against each defect kind, z-scored within "
+        "caption class) of the score the arm's selection ranks by, with collapsed "
+        "duplicates below every other sample; an exact copy kept in place of its collapsed "
+        "source counts as clean and the source as the duplicate (the two are the same "
+        "image and caption).</p>"
+    )
+    return _section("Component contributions", text + _table(header, body, table_id="components"))
 
 
 def _figures_section(run: RunFolder) -> str | None:
@@ -186,9 +243,11 @@ def _figures_section(run: RunFolder) -> str | None:
         shown = []
         for source, filename in copies:
             atomic_write_bytes(run.out / filename, source.read_bytes())
-            shown.append(f"<figure class=\"thumb\">{_figure(filename)}<figcaption>"
-                         f"{html.escape(run.relative(source))}</figcaption></figure>")
-        parts.append(f"<h3>{title}</h3><div class=\"thumbs\">{''.join(shown)}</div>")
+            shown.append(
+                f'<figure class="thumb">{_figure(filename)}<figcaption>'
+                f"{html.escape(run.relative(source))}</figcaption></figure>"
+            )
+        parts.append(f'<h3>{title}</h3><div class="thumbs">{"".join(shown)}</div>')
     if not parts:
         return None
     return _section("Rating curves and generated samples", "".join(parts))
@@ -198,9 +257,17 @@ def _figures_section(run: RunFolder) -> str | None:
 # The page
 # ----------------------------------------------------------------------------------------------
 
-SECTIONS = (_config_section, _ratings_section, _auroc_section, _samples_section,
-            _selections_section, _curves_section, _results_section, _components_section,
-            _figures_section)
+SECTIONS = (
+    _config_section,
+    _ratings_section,
+    _auroc_section,
+    _samples_section,
+    _selections_section,
+    _curves_section,
+    _results_section,
+    _components_section,
+    _figures_section,
+)
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -235,13 +302,16 @@ def build(workdir: Path) -> Path:
     missing = ""
     if run.missing:
         items = "".join(f"<li>{html.escape(note)}</li>" for note in run.missing)
-        missing = f"<div class=\"missing\" id=\"missing\"><h2>Not in this run</h2><ul>{items}" \
-                  "</ul></div>"
-    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>alchemist_jax report: {html.escape(workdir.name)}</title>"
-            f"<style>{STYLE}</style></head><body>"
-            f"<h1>alchemist_jax report</h1><p>Run folder <code>{html.escape(str(workdir))}"
-            f"</code></p>{missing}{''.join(sections)}</body></html>\n")
+        missing = (
+            f'<div class="missing" id="missing"><h2>Not in this run</h2><ul>{items}</ul></div>'
+        )
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>alchemist_jax report: {html.escape(workdir.name)}</title>"
+        f"<style>{STYLE}</style></head><body>"
+        f"<h1>alchemist_jax report</h1><p>Run folder <code>{html.escape(str(workdir))}"
+        f"</code></p>{missing}{''.join(sections)}</body></html>\n"
+    )
     path = run.out / "index.html"
     atomic_write_bytes(path, page.encode())
     return path
@@ -249,22 +319,27 @@ def build(workdir: Path) -> Path:
 
 def _section(title: str, body: str) -> str:
     anchor = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-    return f"<section id=\"{anchor}\"><h2>{html.escape(title)}</h2>{body}</section>"
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str | None = None,
-           escape: bool = True, css_class: str | None = None) -> str:
+def _table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    table_id: str | None = None,
+    escape: bool = True,
+    css_class: str | None = None,
+) -> str:
     """An HTML table (numbers right-aligned unless `css_class` is "text"); cells are escaped
     unless `escape` is False (they hold markup already)."""
     cell = html.escape if escape else str
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>"
-                   for row in rows)
-    attribute = (f" id=\"{table_id}\"" if table_id else "") + (
-        f" class=\"{css_class}\"" if css_class else "")
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+    attribute = (f' id="{table_id}"' if table_id else "") + (
+        f' class="{css_class}"' if css_class else ""
+    )
     return f"<table{attribute}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _figure(filename: str) -> str:
     name = html.escape(filename)
-    return f"<a href=\"{name}\"><img src=\"{name}\" alt=\"{name}\"></a>"
+    return f'<a href="{name}"><img src="{name}" alt="{name}"></a>'

@@ -9,8 +9,11 @@ from typing import Any
 import numpy as np
 
 # Metric of results.json -> (column title, which way is better).
-METRICS = {"test_loss": ("test loss ↓", "min"), "fcd": ("FCD ↓", "min"),
-           "alignment": ("alignment ↑", "max")}
+METRICS = {
+    "test_loss": ("test loss ↓", "min"),
+    "fcd": ("FCD ↓", "min"),
+    "alignment": ("alignment ↑", "max"),
+}
 BUDGETS = ("steps", "epochs")
 
 # (budget, column titles, lines of (cell text, is best)).
@@ -36,8 +39,9 @@ def results_table_markdown(rows: Sequence[dict[str, Any]]) -> str:
         parts.append("| " + " | ".join(header) + " |")
         parts.append("|" + "---|" * len(header))
         for cells in body:
-            parts.append("| " + " | ".join(f"**{text}**" if bold else text
-                                           for text, bold in cells) + " |")
+            parts.append(
+                "| " + " | ".join(f"**{text}**" if bold else text for text, bold in cells) + " |"
+            )
         parts.append("")
     return "\n".join(parts)
 
@@ -51,12 +55,16 @@ def result_blocks(rows: Sequence[dict[str, Any]]) -> list[Block]:
             if not isinstance(row, dict) or key not in row:
                 raise ValueError(f"results.json row {number}: missing {key!r}")
         if row["budget"] not in BUDGETS:
-            raise ValueError(f"results.json row {number}: budget {row['budget']!r} is not one of "
-                             f"{', '.join(BUDGETS)}")
+            raise ValueError(
+                f"results.json row {number}: budget {row['budget']!r} is not one of "
+                f"{', '.join(BUDGETS)}"
+            )
         key = (row["run"], row["budget"], row["seed"])
         if key in seen:
-            raise ValueError(f"results.json row {number}: run {row['run']!r} budget "
-                             f"{row['budget']!r} seed {row['seed']!r} appears twice")
+            raise ValueError(
+                f"results.json row {number}: run {row['run']!r} budget "
+                f"{row['budget']!r} seed {row['seed']!r} appears twice"
+            )
         seen.add(key)
         runs.setdefault((row["budget"], row["run"]), []).append(row)
 
@@ -65,20 +73,27 @@ def result_blocks(rows: Sequence[dict[str, Any]]) -> list[Block]:
         lines = [(run, seeds) for (b, run), seeds in runs.items() if b == budget]
         if not lines:
             continue
-        stats = {metric: [mean_std([s.get(metric) for s in seeds]) for _, seeds in lines]
-                 for metric in METRICS}
-        best = {metric: _best([m for m, _ in stats[metric]], METRICS[metric][1])
-                for metric in METRICS}
+        stats = {
+            metric: [mean_std([s.get(metric) for s in seeds]) for _, seeds in lines]
+            for metric in METRICS
+        }
+        best = {
+            metric: _best([m for m, _ in stats[metric]], METRICS[metric][1]) for metric in METRICS
+        }
         header = ["run", "seeds", "steps", "train size", *(title for title, _ in METRICS.values())]
         body = []
         for k, (run, seeds) in enumerate(lines):
-            cells = [(run, False), (str(len(seeds)), False),
-                     (_distinct(s.get("steps") for s in seeds), False),
-                     (_distinct(s.get("train_size") for s in seeds), False)]
+            cells = [
+                (run, False),
+                (str(len(seeds)), False),
+                (_distinct(s.get("steps") for s in seeds), False),
+                (_distinct(s.get("train_size") for s in seeds), False),
+            ]
             for metric in METRICS:
                 mean, std = stats[metric][k]
-                cells.append((format_mean_std(mean, std),
-                              mean is not None and mean == best[metric]))
+                cells.append(
+                    (format_mean_std(mean, std), mean is not None and mean == best[metric])
+                )
             body.append(cells)
         blocks.append((budget, header, body))
     return blocks

@@ -55,8 +55,9 @@ def lookup(mapping: dict[int, Any], ids: np.ndarray, where: str, known_in: str) 
     some id is not in `mapping` (built from `known_in`)."""
     unknown = [int(i) for i in ids if int(i) not in mapping]
     if unknown:
-        raise ValueError(f"{where}: {len(unknown)} of {len(ids)} ids are not in {known_in} "
-                         f"(first: {unknown[0]})")
+        raise ValueError(
+            f"{where}: {len(unknown)} of {len(ids)} ids are not in {known_in} (first: {unknown[0]})"
+        )
     return [mapping[int(i)] for i in ids]
 
 
@@ -70,23 +71,32 @@ def load_run(workdir: Path) -> RunFolder:
         except config_lib.ConfigError as error:
             raise ValueError(f"{config_path}: {error}") from None
     else:
-        run.missing.append("config.yaml: no configuration summary, no caption classes and no "
-                           "contact sheets (they need the pool the config names)")
+        run.missing.append(
+            "config.yaml: no configuration summary, no caption classes and no "
+            "contact sheets (they need the pool the config names)"
+        )
     defects_path = workdir / "defects.parquet"
     if defects_path.exists():
         _read_defects(run, defects_path)
     else:
-        run.missing.append("defects.parquet: no injected defects, so no AUROC table and no "
-                           "defect colouring")
-    paths = sorted((workdir / "ratings").glob("*.parquet"),
-                   key=lambda p: ({"exact": 0, "penalty": 1}.get(p.stem, 2), p.stem))
+        run.missing.append(
+            "defects.parquet: no injected defects, so no AUROC table and no defect colouring"
+        )
+    paths = sorted(
+        (workdir / "ratings").glob("*.parquet"),
+        key=lambda p: ({"exact": 0, "penalty": 1}.get(p.stem, 2), p.stem),
+    )
     for path in paths:
         table = io.read_parquet(path, ("id", "score"))
-        run.ratings[path.stem] = (io.check_unique_ids(table.column("id").to_numpy(), str(path)),
-                                  table.column("score").to_numpy().astype(np.float64))
+        run.ratings[path.stem] = (
+            io.check_unique_ids(table.column("id").to_numpy(), str(path)),
+            table.column("score").to_numpy().astype(np.float64),
+        )
     if not run.ratings:
-        run.missing.append("ratings/*.parquet: no ratings, so no rating histograms, AUROC "
-                           "table or samples by rating")
+        run.missing.append(
+            "ratings/*.parquet: no ratings, so no rating histograms, AUROC "
+            "table or samples by rating"
+        )
     if run.cfg is not None:
         _open_pool(run)
     return run
@@ -96,15 +106,18 @@ def _read_defects(run: RunFolder, path: Path) -> None:
     """run.defects (id -> kind or CLEAN) and run.copied_from (exact copy -> its source)."""
     table = io.read_parquet(path, ("id",))
     if "defect" not in table.column_names:  # null for clean samples, so not checked for nulls
-        raise ValueError(f"{path} has no column 'defect' (columns: "
-                         f"{', '.join(table.column_names)})")
+        raise ValueError(
+            f"{path} has no column 'defect' (columns: {', '.join(table.column_names)})"
+        )
     ids = io.check_unique_ids(table.column("id").to_numpy(), str(path))
     kinds = table.column("defect").to_pylist()
     run.defects = {int(i): kind or CLEAN for i, kind in zip(ids, kinds)}
     if "source_id" in table.column_names:
         run.copied_from = {
-            int(i): int(source) for i, kind, source in zip(
-                ids, kinds, table.column("source_id").to_pylist()) if kind == "duplicate"}
+            int(i): int(source)
+            for i, kind, source in zip(ids, kinds, table.column("source_id").to_pylist())
+            if kind == "duplicate"
+        }
 
 
 def _open_pool(run: RunFolder) -> None:
@@ -114,8 +127,10 @@ def _open_pool(run: RunFolder) -> None:
     try:
         splits = data.load_splits(run.cfg.data)
     except (ValueError, OSError, DataUnavailableError) as error:
-        run.missing.append(f"the pool {run.cfg.data.source!r} could not be opened ({error}): "
-                           "no contact sheets, no caption classes")
+        run.missing.append(
+            f"the pool {run.cfg.data.source!r} could not be opened ({error}): "
+            "no contact sheets, no caption classes"
+        )
         return
     run.pool = splits.train
     if splits.caption_classes is not None:
@@ -134,8 +149,9 @@ def read_summaries(run: RunFolder) -> list[tuple[str, Any]]:
 
 def read_selections(run: RunFolder) -> dict[str, np.ndarray]:
     """arm -> chosen ids of every selections/<arm>.parquet, by arm."""
-    return {p.stem: read_selection(p)
-            for p in sorted((run.workdir / "selections").glob("*.parquet"))}
+    return {
+        p.stem: read_selection(p) for p in sorted((run.workdir / "selections").glob("*.parquet"))
+    }
 
 
 def read_results(path: Path) -> list[dict]:
@@ -148,8 +164,11 @@ def read_results(path: Path) -> list[dict]:
 
 def seed_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     """(seed, folder) of every `seed<S>` folder of a train or eval run, by seed."""
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if p.is_dir() and (m := re.fullmatch(r"seed(\d+)", p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in run_dir.iterdir()
+        if p.is_dir() and (m := re.fullmatch(r"seed(\d+)", p.name))
+    ]
     return sorted(found)
 
 
@@ -158,8 +177,11 @@ def val_loss_curves(run: RunFolder) -> dict[str, dict[int, tuple[np.ndarray, np.
     seeds that logged a validation loss."""
     curves = {}
     for run_dir in sorted(p for p in (run.workdir / "train").glob("*") if p.is_dir()):
-        seeds = {seed: runlog.series(d / runlog.METRICS_FILE, "val_loss")
-                 for seed, d in seed_dirs(run_dir) if (d / runlog.METRICS_FILE).exists()}
+        seeds = {
+            seed: runlog.series(d / runlog.METRICS_FILE, "val_loss")
+            for seed, d in seed_dirs(run_dir)
+            if (d / runlog.METRICS_FILE).exists()
+        }
         seeds = {seed: curve for seed, curve in seeds.items() if len(curve[0])}
         if seeds:
             curves[run_dir.name] = seeds
@@ -170,11 +192,22 @@ def figure_files(run: RunFolder) -> list[tuple[str, str, list[tuple[Path, str]]]
     """(title, pattern, [(source PNG, name of its copy in report/)]) of the rating curves
     (rate/*/curves.png) and the generated samples (eval/*/seed*/samples.png)."""
     return [
-        ("Rating curves", "rate/*/curves.png",
-         [(p, f"rate_{p.parent.name}_curves.png")
-          for p in sorted((run.workdir / "rate").glob("*/curves.png"))]),
-        ("Generated samples", "eval/*/seed*/samples.png",
-         [(d / "samples.png", f"eval_{run_dir.name}_seed{seed}.png")
-          for run_dir in sorted(p for p in (run.workdir / "eval").glob("*") if p.is_dir())
-          for seed, d in seed_dirs(run_dir) if (d / "samples.png").exists()]),
+        (
+            "Rating curves",
+            "rate/*/curves.png",
+            [
+                (p, f"rate_{p.parent.name}_curves.png")
+                for p in sorted((run.workdir / "rate").glob("*/curves.png"))
+            ],
+        ),
+        (
+            "Generated samples",
+            "eval/*/seed*/samples.png",
+            [
+                (d / "samples.png", f"eval_{run_dir.name}_seed{seed}.png")
+                for run_dir in sorted(p for p in (run.workdir / "eval").glob("*") if p.is_dir())
+                for seed, d in seed_dirs(run_dir)
+                if (d / "samples.png").exists()
+            ],
+        ),
     ]

@@ -21,16 +21,20 @@ STATE = "state"
 RUN_STATE = "run_state"
 
 
-def manager(directory: Path, *, max_to_keep: int | None = 2, read_only: bool = False
-            ) -> ocp.CheckpointManager:
+def manager(
+    directory: Path, *, max_to_keep: int | None = 2, read_only: bool = False
+) -> ocp.CheckpointManager:
     """The orbax manager of `directory` (absolute path taken; created unless `read_only`).
 
     Args:
       max_to_keep: checkpoints kept (older ones are deleted after a save); None keeps all.
       read_only: open an existing folder for restoring only.
     """
-    options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
-               ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    options = (
+        ocp.CheckpointManagerOptions(read_only=True)
+        if read_only
+        else ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    )
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
@@ -53,15 +57,21 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state: Any, run_state: d
     if not bool(_all_finite(state)):
         raise numerics.NonFiniteError(
             f"not saving checkpoint {step} in {checkpoints.directory}: the state holds NaN or "
-            "Inf; the last finite checkpoint is kept")
+            "Inf; the last finite checkpoint is kept"
+        )
     try:
-        checkpoints.save(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state), RUN_STATE: ocp.args.JsonSave(run_state)}))
+        checkpoints.save(
+            step,
+            args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardSave(state), RUN_STATE: ocp.args.JsonSave(run_state)}
+            ),
+        )
         checkpoints.wait_until_finished()
     except OSError as error:
         _remove_partial(Path(checkpoints.directory))
-        raise OSError(f"cannot write checkpoint {step} in {checkpoints.directory}: "
-                      f"{error.strerror or error}") from None
+        raise OSError(
+            f"cannot write checkpoint {step} in {checkpoints.directory}: {error.strerror or error}"
+        ) from None
 
 
 _all_finite = jax.jit(numerics.all_finite)
@@ -75,30 +85,44 @@ def _remove_partial(directory: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def restore(checkpoints: ocp.CheckpointManager, like: Any, step: int | None = None
-            ) -> tuple[Any, dict]:
+def restore(
+    checkpoints: ocp.CheckpointManager, like: Any, step: int | None = None
+) -> tuple[Any, dict]:
     """(state, run_state) of checkpoint `step` (default: the latest); `like` gives the state's
     structure, shapes, dtypes and shardings (arrays or `jax.ShapeDtypeStruct`s)."""
     step = checkpoints.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = checkpoints.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(abstract), RUN_STATE: ocp.args.JsonRestore()}))
+    restored = checkpoints.restore(
+        step,
+        args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardRestore(abstract), RUN_STATE: ocp.args.JsonRestore()}
+        ),
+    )
     return restored[STATE], restored[RUN_STATE]
 
 
 def restore_run_state(checkpoints: ocp.CheckpointManager, step: int | None = None) -> dict:
     """The JSON run state of checkpoint `step` (default: the latest), without the arrays."""
     step = checkpoints.latest_step() if step is None else step
-    return checkpoints.restore(step, args=ocp.args.Composite(**{
-        RUN_STATE: ocp.args.JsonRestore()}))[RUN_STATE]
+    return checkpoints.restore(
+        step, args=ocp.args.Composite(**{RUN_STATE: ocp.args.JsonRestore()})
+    )[RUN_STATE]
 
 
 def restore_part(checkpoints: ocp.CheckpointManager, step: int, key: str, like: Any) -> Any:
     """Entry `key` of the state dict of checkpoint `step`, shaped (and sharded) like `like`;
     nothing else of the state is read (e.g. the rater of a rating run without its proxies)."""
     abstract = {key: jax.tree.map(ocp.utils.to_shape_dtype_struct, like)}
-    restored = checkpoints.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.PyTreeRestore(
-            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True)}))
+    restored = checkpoints.restore(
+        step,
+        args=ocp.args.Composite(
+            **{
+                STATE: ocp.args.PyTreeRestore(
+                    item=abstract,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=True,
+                )
+            }
+        ),
+    )
     return restored[STATE][key]

@@ -11,8 +11,9 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -85,11 +86,14 @@ def read_parquet(path: Path, columns: Sequence[str] = (), *, what: str = ""):
         raise ValueError(f"cannot read {name}: {error}") from None
     for column in columns:
         if column not in table.column_names:
-            raise ValueError(f"{name} has no column {column!r} (columns: "
-                             f"{', '.join(table.column_names) or 'none'})")
+            raise ValueError(
+                f"{name} has no column {column!r} (columns: "
+                f"{', '.join(table.column_names) or 'none'})"
+            )
         if table.column(column).null_count:
-            raise ValueError(f"{name}: column {column!r} has {table.column(column).null_count} "
-                             "null values")
+            raise ValueError(
+                f"{name}: column {column!r} has {table.column(column).null_count} null values"
+            )
     return table
 
 
@@ -107,13 +111,15 @@ def check_unique_ids(ids: np.ndarray, origin: str) -> np.ndarray:
     values, counts = np.unique(ids, return_counts=True)
     repeated = counts > 1
     if repeated.any():
-        raise ValueError(f"{origin}: id {int(values[repeated][0])} appears "
-                         f"{int(counts[repeated][0])} times")
+        raise ValueError(
+            f"{origin}: id {int(values[repeated][0])} appears {int(counts[repeated][0])} times"
+        )
     return ids
 
 
-def pool_positions(ids: np.ndarray, pool_ids: np.ndarray, origin: str, *,
-                   cover: bool = False) -> np.ndarray:
+def pool_positions(
+    ids: np.ndarray, pool_ids: np.ndarray, origin: str, *, cover: bool = False
+) -> np.ndarray:
     """The pool index (int64 (M,)) of each of `ids`, read from file `origin`.
 
     Args:
@@ -130,12 +136,16 @@ def pool_positions(ids: np.ndarray, pool_ids: np.ndarray, origin: str, *,
     found = np.minimum(np.searchsorted(pool_ids[order], ids), max(len(pool_ids) - 1, 0))
     known = (pool_ids[order][found] == ids) if len(pool_ids) else np.zeros(len(ids), bool)
     if not known.all():
-        raise ValueError(f"{origin}: {int((~known).sum())} of its ids are not in the pool "
-                         f"(e.g. id {int(ids[~known][0])})")
+        raise ValueError(
+            f"{origin}: {int((~known).sum())} of its ids are not in the pool "
+            f"(e.g. id {int(ids[~known][0])})"
+        )
     if cover and len(ids) < len(pool_ids):
         missing = np.setdiff1d(pool_ids, ids)
-        raise ValueError(f"{origin}: {len(missing)} pool ids are missing (e.g. id "
-                         f"{int(missing[0])}); every pool id needs a row")
+        raise ValueError(
+            f"{origin}: {len(missing)} pool ids are missing (e.g. id "
+            f"{int(missing[0])}); every pool id needs a row"
+        )
     return order[found]
 
 
@@ -144,8 +154,7 @@ def fingerprint(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def complete_table(path: Path, ids: np.ndarray, metadata: dict[str, str],
-                   columns: Sequence[str]):
+def complete_table(path: Path, ids: np.ndarray, metadata: dict[str, str], columns: Sequence[str]):
     """The table in `path` if it is a finished artefact of exactly `ids` (in order, column `id`)
     under `metadata` (every key/value present in the file's schema metadata) with `columns`;
     None when it is missing, unreadable, or of another pool or configuration (to be made again).
@@ -164,6 +173,7 @@ def complete_table(path: Path, ids: np.ndarray, metadata: dict[str, str],
     if any(stored.get(key) != value for key, value in metadata.items()):
         return None
     if list(table.column_names) != list(columns) or not np.array_equal(
-            table.column("id").to_numpy(), ids):
+        table.column("id").to_numpy(), ids
+    ):
         return None
     return table

@@ -27,8 +27,11 @@ class NonFiniteError(ValueError):
 
 def all_finite(tree: Any) -> jax.Array:
     """True () when every floating-point leaf of `tree` is finite (non-float leaves ignored)."""
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
@@ -59,13 +62,22 @@ class BadStepGuard:
             return True
         self.consecutive += 1
         self.skipped += 1
-        bad = ", ".join(f"{k}={float(v)}" for k, v in values.items()
-                        if not math.isfinite(float(v))) or "the gradient"
-        log.warning("%s step %d skipped: non-finite %s (%d in a row, %d in all)", self.what, step,
-                    bad, self.consecutive, self.skipped)
+        bad = (
+            ", ".join(f"{k}={float(v)}" for k, v in values.items() if not math.isfinite(float(v)))
+            or "the gradient"
+        )
+        log.warning(
+            "%s step %d skipped: non-finite %s (%d in a row, %d in all)",
+            self.what,
+            step,
+            bad,
+            self.consecutive,
+            self.skipped,
+        )
         if self.consecutive >= self.max_bad_steps:
             raise NonFiniteError(
                 f"{self.what} stopped at step {step}: {self.consecutive} consecutive steps with "
                 f"non-finite values ({bad}); {self.cause}. The last checkpoint holds the last "
-                "finite state")
+                "finite state"
+            )
         return False

@@ -19,8 +19,9 @@ MODEL_INPUTS = ("image", "latent", *CAPTION_INPUTS)
 
 def make_mesh() -> jax.sharding.Mesh:
     """A 1-D mesh over every device, axis `data` (Auto axis types: shardings are hints)."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh(
+        (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+    )
 
 
 def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -37,5 +38,4 @@ def check_batch_split(sizes: dict[str, int]) -> None:
     devices = jax.device_count()
     for key, size in sizes.items():
         if size % devices:
-            raise ValueError(f"{key}={size} must be divisible by the {devices} devices of the "
-                             "mesh")
+            raise ValueError(f"{key}={size} must be divisible by the {devices} devices of the mesh")

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger("alchemist_jax.preemption")
 
@@ -60,8 +60,10 @@ def guard() -> Iterator[StopRequest]:
             signal.raise_signal(signum)
             return
         stop.signal_name = signal.Signals(signum).name
-        log.info("%s received: stopping at the end of this step (send it again to stop now)",
-                 stop.signal_name)
+        log.info(
+            "%s received: stopping at the end of this step (send it again to stop now)",
+            stop.signal_name,
+        )
 
     for sig in SIGNALS:
         signal.signal(sig, handle)

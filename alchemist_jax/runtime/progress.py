@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 log = logging.getLogger("alchemist_jax.progress")
 
@@ -25,8 +26,16 @@ def _interval() -> float:
 class LogProgress:
     """tqdm's interface, reporting by log lines (see the module docstring)."""
 
-    def __init__(self, iterable: Iterable | None = None, *, desc: str = "", total: int | None = None,
-                 unit: str = "it", initial: int = 0, **_: Any):
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        *,
+        desc: str = "",
+        total: int | None = None,
+        unit: str = "it",
+        initial: int = 0,
+        **_: Any,
+    ):
         self.iterable, self.desc, self.unit = iterable, desc, unit
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable) + initial

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -68,8 +68,9 @@ def last_values(path: Path, keys: Sequence[str]) -> dict[str, float]:
 def series(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps int64, values float64) of `key` in a metrics.jsonl, one point per step (a resumed
     run's repeat wins), by step."""
-    points = {int(row["step"]): float(row[key]) for row in read_metrics(path)
-              if row.get(key) is not None}
+    points = {
+        int(row["step"]): float(row[key]) for row in read_metrics(path) if row.get(key) is not None
+    }
     steps = np.array(sorted(points), np.int64)
     return steps, np.array([points[s] for s in steps], np.float64)
 
@@ -85,8 +86,9 @@ def forget_after(path: Path, step: int) -> None:
         atomic_write_bytes(path, "".join(kept).encode())
 
 
-def plot_curves(metrics_path: Path, out: Path, panels: Sequence[Sequence[str]],
-                xlabel: str) -> None:
+def plot_curves(
+    metrics_path: Path, out: Path, panels: Sequence[Sequence[str]], xlabel: str
+) -> None:
     """One PNG with a panel per group of keys, each curve over the step. A key ending in "/"
     stands for every logged key with that prefix (e.g. "auroc/"); keys absent from the log are
     left out and empty panels dropped."""
@@ -99,8 +101,11 @@ def plot_curves(metrics_path: Path, out: Path, panels: Sequence[Sequence[str]],
     logged = list(dict.fromkeys(k for r in rows for k in r))
 
     def expand(key: str) -> list[str]:
-        return [k for k in logged if k.startswith(key)] if key.endswith("/") else (
-            [key] if key in logged else [])
+        return (
+            [k for k in logged if k.startswith(key)]
+            if key.endswith("/")
+            else ([key] if key in logged else [])
+        )
 
     panels = [tuple(k for key in keys for k in expand(key)) for keys in panels]
     panels = [p for p in panels if p]

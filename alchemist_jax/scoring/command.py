@@ -30,8 +30,10 @@ def heuristic_scorer(name: str) -> Callable[[ScoringInputs], ScoreBatch]:
 
     def factory(inputs: ScoringInputs) -> ScoreBatch:
         if "image" not in inputs.pool[0]:
-            raise ValueError(f"score.scorer={name} needs pixel images; the pool "
-                             f"{inputs.pool.name} has none (precomputed latents)")
+            raise ValueError(
+                f"score.scorer={name} needs pixel images; the pool "
+                f"{inputs.pool.name} has none (precomputed latents)"
+            )
         score = HEURISTICS[name]
         return lambda batch: score(batch["image"])
 
@@ -49,21 +51,26 @@ SCORERS: dict[str, Callable[[ScoringInputs], ScoreBatch]] = {
 }
 
 # score.* fields each scorer's result depends on (batch and chunk sizes never change a score).
-_SCORE_FIELDS = {"loss": ("proxy_steps", "draws", "seed"),
-                 "el2n": ("early_steps", "draws", "seed"),
-                 "grand": ("early_steps", "draws", "seed"),
-                 "clip_score": ("clip_path",),
-                 "alignment": ("alignment_method", "alignment_references", "seed")}
+_SCORE_FIELDS = {
+    "loss": ("proxy_steps", "draws", "seed"),
+    "el2n": ("early_steps", "draws", "seed"),
+    "grand": ("early_steps", "draws", "seed"),
+    "clip_score": ("clip_path",),
+    "alignment": ("alignment_method", "alignment_references", "seed"),
+}
 # ... and those of each alignment method.
-_ALIGNMENT_FIELDS = {"contrastive": ("alignment_steps",),
-                     "diffusion": ("proxy_steps", "draws", "alignment_t_min")}
+_ALIGNMENT_FIELDS = {
+    "contrastive": ("alignment_steps",),
+    "diffusion": ("proxy_steps", "draws", "alignment_t_min"),
+}
 
 
 def _trains_a_proxy(score_cfg: config_lib.ScoreConfig) -> bool:
     """Whether the scores come from a DiT trained by `proxy._train_proxy` (they depend on the
     config's `model` and `train` sections)."""
     return score_cfg.scorer in config_lib.PROXY_SCORERS or (
-        score_cfg.scorer == "alignment" and score_cfg.alignment_method == "diffusion")
+        score_cfg.scorer == "alignment" and score_cfg.alignment_method == "diffusion"
+    )
 
 
 def config_fingerprint(cfg: config_lib.Config, rating_run: RatingRun | None = None) -> str:
@@ -76,23 +83,32 @@ def config_fingerprint(cfg: config_lib.Config, rating_run: RatingRun | None = No
         fields += _ALIGNMENT_FIELDS[cfg.score.alignment_method]
     parts: dict[str, Any] = {
         "data": config_lib.to_dict(cfg.data),
-        "score": {key: getattr(cfg.score, key) for key in ("scorer", *fields)}}
+        "score": {key: getattr(cfg.score, key) for key in ("scorer", *fields)},
+    }
     if _trains_a_proxy(cfg.score):
         parts.update(model=config_lib.to_dict(cfg.model), train=config_lib.to_dict(cfg.train))
     if rating_run is not None:
-        parts.update(rater=config_lib.to_dict(rating_run.config.rater),
-                     rate=config_lib.to_dict(rating_run.config.rate))
+        parts.update(
+            rater=config_lib.to_dict(rating_run.config.rater),
+            rate=config_lib.to_dict(rating_run.config.rate),
+        )
     return io.fingerprint(parts)
 
 
-def ratings_metadata(cfg: config_lib.Config, pool: ArraySource,
-                     rating_run: RatingRun | None = None) -> dict[str, str]:
+def ratings_metadata(
+    cfg: config_lib.Config, pool: ArraySource, rating_run: RatingRun | None = None
+) -> dict[str, str]:
     """The metadata of a ratings file (see the module docstring)."""
-    metadata = {"scorer": cfg.score.scorer, "config_sha256": config_fingerprint(cfg, rating_run),
-                "source": pool.name, "count": str(len(pool))}
+    metadata = {
+        "scorer": cfg.score.scorer,
+        "config_sha256": config_fingerprint(cfg, rating_run),
+        "source": pool.name,
+        "count": str(len(pool)),
+    }
     if rating_run is not None:
-        metadata.update(rater_checkpoint=str(rating_run.checkpoints),
-                        rater_step=str(rating_run.step))
+        metadata.update(
+            rater_checkpoint=str(rating_run.checkpoints), rater_step=str(rating_run.step)
+        )
     return metadata
 
 
@@ -112,11 +128,15 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
     out = Path(out)
     scorer = cfg.score.scorer
     if scorer == "clip_score" and cfg.score.clip_path is None:
-        raise ValueError("score.scorer=clip_score needs score.clip_path=DIR: a local directory "
-                         "with an HF CLIP checkpoint (config.json + model.safetensors)")
+        raise ValueError(
+            "score.scorer=clip_score needs score.clip_path=DIR: a local directory "
+            "with an HF CLIP checkpoint (config.json + model.safetensors)"
+        )
     if scorer == "rater" and rater_dir is None:
-        raise ValueError("score.scorer=rater needs the rating run: pass --rater DIR (the "
-                         "--workdir of `alchemist-jax rate`)")
+        raise ValueError(
+            "score.scorer=rater needs the rating run: pass --rater DIR (the "
+            "--workdir of `alchemist-jax rate`)"
+        )
     if scorer != "rater" and rater_dir is not None:
         raise ValueError(f"--rater is read by score.scorer=rater only, not by {scorer}")
     rating_run = open_rating_run(rater_dir, cfg.data) if scorer == "rater" else None
@@ -127,18 +147,33 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
     seconds = 0.0
     scores = finished_scores(out, pool.ids, metadata)
     if scores is None:
-        validation = (preprocess.materialize(splits.validation, transform)
-                      if scorer in ("loss", "alignment") else None)
+        validation = (
+            preprocess.materialize(splits.validation, transform)
+            if scorer in ("loss", "alignment")
+            else None
+        )
         # The proxy trains inside the chunk folder: resumed with it, removed with it.
         proxy_workdir = chunk_folder(out) / f"proxy-{metadata['config_sha256'][:16]}"
-        score_batch = SCORERS[scorer](ScoringInputs(cfg, pool, validation, rating_run,
-                                                    proxy_workdir))
+        score_batch = SCORERS[scorer](
+            ScoringInputs(cfg, pool, validation, rating_run, proxy_workdir)
+        )
         start = time.perf_counter()
-        scores = score_pool(score_batch, pool, out, batch_size=cfg.score.batch_size,
-                            chunk_size=cfg.score.chunk_size, metadata=metadata,
-                            desc=f"score ({scorer})")
+        scores = score_pool(
+            score_batch,
+            pool,
+            out,
+            batch_size=cfg.score.batch_size,
+            chunk_size=cfg.score.chunk_size,
+            metadata=metadata,
+            desc=f"score ({scorer})",
+        )
         seconds = time.perf_counter() - start
-    return {"scorer": scorer, "count": len(scores), "path": str(out),
-            "seconds": round(seconds, 3),
-            "samples_per_s": round(len(scores) / seconds, 1) if seconds else None,
-            "score_mean": float(np.mean(scores)), "score_std": float(np.std(scores))}
+    return {
+        "scorer": scorer,
+        "count": len(scores),
+        "path": str(out),
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(len(scores) / seconds, 1) if seconds else None,
+        "score_mean": float(np.mean(scores)),
+        "score_std": float(np.std(scores)),
+    }

@@ -51,8 +51,16 @@ def finished_scores(path: Path, ids: np.ndarray, metadata: dict[str, str]) -> np
     return None if table is None else table.column("score").to_numpy().astype(np.float32)
 
 
-def score_pool(score_batch: ScoreBatch, source: ArraySource, out: Path, *, batch_size: int,
-               chunk_size: int, metadata: dict[str, str], desc: str = "score") -> np.ndarray:
+def score_pool(
+    score_batch: ScoreBatch,
+    source: ArraySource,
+    out: Path,
+    *,
+    batch_size: int,
+    chunk_size: int,
+    metadata: dict[str, str],
+    desc: str = "score",
+) -> np.ndarray:
     """Scores every example of `source` and writes `out` (resumable; see the module docstring).
 
     Args:
@@ -74,8 +82,9 @@ def score_pool(score_batch: ScoreBatch, source: ArraySource, out: Path, *, batch
       (N,) float32 scores in pool order (as written).
     """
     if batch_size < 1 or chunk_size < 1:
-        raise ValueError(f"score.batch_size and score.chunk_size must be >= 1, got "
-                         f"{batch_size} and {chunk_size}")
+        raise ValueError(
+            f"score.batch_size and score.chunk_size must be >= 1, got {batch_size} and {chunk_size}"
+        )
     if len(source) == 0:
         raise ValueError(f"{source.name} is empty: there is nothing to score")
     out = Path(out)
@@ -89,19 +98,26 @@ def score_pool(score_batch: ScoreBatch, source: ArraySource, out: Path, *, batch
     chunk_size = -(-chunk_size // batch_size) * batch_size  # whole batches: no padding inside
     starts = range(0, len(source), chunk_size)
     paths = [folder / f"{index:05d}.parquet" for index in range(len(starts))]
-    parts = [finished_scores(path, ids[start:start + chunk_size], metadata)
-             for path, start in zip(paths, starts)]
-    progress = tqdm(total=len(source), desc=desc, unit="sample", unit_scale=True,
-                    initial=sum(len(p) for p in parts if p is not None))
+    parts = [
+        finished_scores(path, ids[start : start + chunk_size], metadata)
+        for path, start in zip(paths, starts)
+    ]
+    progress = tqdm(
+        total=len(source),
+        desc=desc,
+        unit="sample",
+        unit_scale=True,
+        initial=sum(len(p) for p in parts if p is not None),
+    )
     for index, start in enumerate(starts):
         if parts[index] is None:
             rows = pool_columns(source, start, start + chunk_size)
             # Every batch is dispatched before the first result is read back (async dispatch).
-            pending = [(score_batch(batch), batch["mask"])
-                       for batch in padded_batches(rows, batch_size)]
+            pending = [
+                (score_batch(batch), batch["mask"]) for batch in padded_batches(rows, batch_size)
+            ]
             parts[index] = _collect(pending, progress)
-            io.atomic_write_parquet(paths[index],
-                                    ratings_table(rows["id"], parts[index], metadata))
+            io.atomic_write_parquet(paths[index], ratings_table(rows["id"], parts[index], metadata))
     progress.close()
     scores = np.concatenate(parts)
     io.atomic_write_parquet(out, ratings_table(ids, scores, metadata))
@@ -114,8 +130,7 @@ def pool_columns(source: ArraySource, start: int, stop: int) -> dict[str, np.nda
     `pipeline.numeric_fields` keeps of its examples), as array slices: reading examples one by
     one (~130 us each through grain) costs more than the demo rater's forward pass (~50 us per
     sample on 2 CPU cores; docs/BENCHMARKS.md)."""
-    columns = {"id": source.ids, "image": source.images, "label": source.labels,
-               **source.extra}
+    columns = {"id": source.ids, "image": source.images, "label": source.labels, **source.extra}
     return {key: column[start:stop] for key, column in columns.items() if column is not None}
 
 

@@ -37,8 +37,9 @@ def _gray(images: jax.Array) -> jax.Array:
 
 def _filter3x3(gray: jax.Array, kernel: np.ndarray) -> jax.Array:
     """Cross-correlation of (B, H, W) with a 3x3 kernel over the valid region: (B, H-2, W-2)."""
-    out = jax.lax.conv_general_dilated(gray[:, None], jnp.asarray(kernel)[None, None],
-                                       window_strides=(1, 1), padding="VALID")
+    out = jax.lax.conv_general_dilated(
+        gray[:, None], jnp.asarray(kernel)[None, None], window_strides=(1, 1), padding="VALID"
+    )
     return out[:, 0]
 
 
@@ -70,8 +71,9 @@ def low_frequency_energy(images: jax.Array) -> jax.Array:
     gray = _gray(images)
     gray = gray - jnp.mean(gray, axis=(1, 2), keepdims=True)  # DC removed exactly
     power = jnp.abs(jnp.fft.fft2(gray)) ** 2
-    fy, fx = np.meshgrid(np.fft.fftfreq(gray.shape[1]), np.fft.fftfreq(gray.shape[2]),
-                         indexing="ij")
+    fy, fx = np.meshgrid(
+        np.fft.fftfreq(gray.shape[1]), np.fft.fftfreq(gray.shape[2]), indexing="ij"
+    )
     low = jnp.asarray(np.hypot(fy, fx) <= LOW_FREQUENCY_RADIUS)
     tiny = 1e-6  # energy of a constant image is ~0: 0/0 -> 1
     return (jnp.sum(power * low, axis=(1, 2)) + tiny) / (jnp.sum(power, axis=(1, 2)) + tiny)

@@ -49,8 +49,9 @@ class ScoringInputs:
     proxy_workdir: Path | None
 
 
-def proxy_score_fn(kind: str, graphdef: nnx.GraphDef, rest: nnx.State, *, draws: int,
-                   seed: int) -> Callable[..., jax.Array]:
+def proxy_score_fn(
+    kind: str, graphdef: nnx.GraphDef, rest: nnx.State, *, draws: int, seed: int
+) -> Callable[..., jax.Array]:
     """The jitted `score(params, batch, id_low, id_high) -> (B,)` of a proxy DiT.
 
     For each sample and each of `draws` fixed draws (`models.fixed_draws`), the flow-matching
@@ -71,8 +72,12 @@ def proxy_score_fn(kind: str, graphdef: nnx.GraphDef, rest: nnx.State, *, draws:
 
     def grad_norms(params, batch, t, eps):
         def one(row, t_row, eps_row):
-            single = lambda p: losses(p, jax.tree.map(lambda x: x[None], row),  # noqa: E731
-                                      t_row[None], eps_row[None])[0]
+            single = lambda p: losses(
+                p,
+                jax.tree.map(lambda x: x[None], row),  # noqa: E731
+                t_row[None],
+                eps_row[None],
+            )[0]
             return optax.tree.norm(jax.grad(single)(params))
 
         return jax.vmap(one)(batch, t, eps)
@@ -92,16 +97,20 @@ def proxy_score_fn(kind: str, graphdef: nnx.GraphDef, rest: nnx.State, *, draws:
     return jax.jit(score)
 
 
-def _train_proxy(inputs: ScoringInputs, data: ArraySource, steps: int, desc: str
-                 ) -> training.Trained:
+def _train_proxy(
+    inputs: ScoringInputs, data: ArraySource, steps: int, desc: str
+) -> training.Trained:
     """A DiT of the config trained `steps` steps on `data` (seed `score.seed`), in the
     resumable `inputs.proxy_workdir`."""
     cfg = inputs.cfg
     # The proxies warm up over at most a tenth of their steps (early proxies are short).
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, warmup_steps=min(cfg.train.warmup_steps, steps // 10)))
-    return training.train_model(cfg, data, inputs.proxy_workdir, steps=steps,
-                                seed=cfg.score.seed, desc=desc)
+    cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, warmup_steps=min(cfg.train.warmup_steps, steps // 10)),
+    )
+    return training.train_model(
+        cfg, data, inputs.proxy_workdir, steps=steps, seed=cfg.score.seed, desc=desc
+    )
 
 
 def proxy_scorer(kind: str) -> Callable[[ScoringInputs], ScoreBatch]:
@@ -116,10 +125,12 @@ def proxy_scorer(kind: str) -> Callable[[ScoringInputs], ScoreBatch]:
         else:  # early in training on the pool itself (EL2N / GraNd)
             data, steps = inputs.pool, score_cfg.early_steps
         trained = _train_proxy(inputs, data, steps, f"{kind} proxy")
-        score = proxy_score_fn(kind, trained.graphdef, trained.rest, draws=score_cfg.draws,
-                               seed=score_cfg.seed)
-        return lambda batch: score(trained.params, model_inputs(batch),
-                                   *models.split_ids(batch["id"]))
+        score = proxy_score_fn(
+            kind, trained.graphdef, trained.rest, draws=score_cfg.draws, seed=score_cfg.seed
+        )
+        return lambda batch: score(
+            trained.params, model_inputs(batch), *models.split_ids(batch["id"])
+        )
 
     return factory
 
@@ -131,8 +142,10 @@ def clip_scorer(inputs: ScoringInputs) -> ScoreBatch:
     tokenizer, to its own context length."""
     example = inputs.pool[0]
     if "image" not in example or "tokens" not in example:
-        raise ValueError(f"score.scorer=clip_score needs pixel images and captions; the pool "
-                         f"{inputs.pool.name} has {', '.join(sorted(example))}")
+        raise ValueError(
+            f"score.scorer=clip_score needs pixel images and captions; the pool "
+            f"{inputs.pool.name} has {', '.join(sorted(example))}"
+        )
     checkpoint = clip.load_clip(inputs.cfg.score.clip_path)
     captions = Tokenizer(inputs.cfg.data.max_text_length)
     score = clip.clip_score_fn(checkpoint)
@@ -151,20 +164,29 @@ def alignment_scorer(inputs: ScoringInputs) -> ScoreBatch:
     of a proxy DiT trained `score.proxy_steps` steps (resumable, like the `loss` proxy)."""
     score_cfg = inputs.cfg.score
     if "tokens" not in inputs.pool[0] and "text_embedding" not in inputs.pool[0]:
-        raise ValueError(f"score.scorer=alignment needs captions; the pool {inputs.pool.name} "
-                         "has none")
+        raise ValueError(
+            f"score.scorer=alignment needs captions; the pool {inputs.pool.name} has none"
+        )
     validation = model_inputs(pool_columns(inputs.validation, 0, len(inputs.validation)))
-    references = alignment.reference_captions(validation, score_cfg.alignment_references,
-                                              score_cfg.seed)
+    references = alignment.reference_captions(
+        validation, score_cfg.alignment_references, score_cfg.seed
+    )
     if score_cfg.alignment_method == "contrastive":
         graphdef, params, rest = alignment.train_contrastive(
-            validation, alignment.ContrastiveTraining(steps=score_cfg.alignment_steps),
-            score_cfg.seed, desc="alignment model")
+            validation,
+            alignment.ContrastiveTraining(steps=score_cfg.alignment_steps),
+            score_cfg.seed,
+            desc="alignment model",
+        )
         margin = alignment.contrastive_margin_fn(graphdef, rest, references)
         return lambda batch: margin(params, model_inputs(batch))
     trained = _train_proxy(inputs, inputs.validation, score_cfg.proxy_steps, "alignment proxy")
-    margin = alignment.diffusion_margin_fn(trained.graphdef, trained.rest, references,
-                                           draws=score_cfg.draws, seed=score_cfg.seed,
-                                           t_min=score_cfg.alignment_t_min)
-    return lambda batch: margin(trained.params, model_inputs(batch),
-                                *models.split_ids(batch["id"]))
+    margin = alignment.diffusion_margin_fn(
+        trained.graphdef,
+        trained.rest,
+        references,
+        draws=score_cfg.draws,
+        seed=score_cfg.seed,
+        t_min=score_cfg.alignment_t_min,
+    )
+    return lambda batch: margin(trained.params, model_inputs(batch), *models.split_ids(batch["id"]))

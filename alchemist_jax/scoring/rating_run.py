@@ -49,19 +49,25 @@ def open_rating_run(workdir: Path, data_cfg: config_lib.DataConfig) -> RatingRun
     """
     workdir = Path(workdir)
     if not (workdir / "config.yaml").is_file():
-        raise ValueError(f"{workdir} is not a rating run: it has no config.yaml "
-                         "(pass the --workdir of `alchemist-jax rate`)")
+        raise ValueError(
+            f"{workdir} is not a rating run: it has no config.yaml "
+            "(pass the --workdir of `alchemist-jax rate`)"
+        )
     run_cfg = config_lib.load_config(workdir / "config.yaml")
     for key in RATER_DATA_KEYS:
         theirs, ours = getattr(run_cfg.data, key), getattr(data_cfg, key)
         if theirs != ours:
-            raise ValueError(f"data.{key} is {ours!r} but the rater in {workdir} was trained "
-                             f"with {theirs!r} ({workdir / 'config.yaml'})")
+            raise ValueError(
+                f"data.{key} is {ours!r} but the rater in {workdir} was trained "
+                f"with {theirs!r} ({workdir / 'config.yaml'})"
+            )
     folder = workdir / "checkpoints"
     step = checkpoints.latest_step(folder)
     if step is None:
-        raise ValueError(f"{workdir} has no rater checkpoint in {folder}: let "
-                         "`alchemist-jax rate` save one first")
+        raise ValueError(
+            f"{workdir} has no rater checkpoint in {folder}: let "
+            "`alchemist-jax rate` save one first"
+        )
     return RatingRun(workdir, run_cfg, int(step))
 
 
@@ -70,17 +76,20 @@ def restore_rater(run: RatingRun, like: nnx.State) -> nnx.State:
     like `like`; nothing else of the rating state (proxies, optimizer states) is read."""
     replicated = NamedSharding(parallel.make_mesh(), P())
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), like)
-    return checkpoints.restore_part(checkpoints.manager(run.checkpoints, read_only=True),
-                                    run.step, "rater_ema", abstract)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), like
+    )
+    return checkpoints.restore_part(
+        checkpoints.manager(run.checkpoints, read_only=True), run.step, "rater_ema", abstract
+    )
 
 
 def ema_rater(run: RatingRun, example: dict[str, np.ndarray]):
     """(graphdef, EMA parameters, rest) of the rater of `run`, for `nnx.merge`. `example` is one
     example of the pool (fixes the input shapes)."""
     batch = {k: np.asarray(v)[None] for k, v in model_inputs(example).items()}
-    graphdef, params, rest = models.init_rater(run.config.rater, batch, jax.random.key(0),
-                                               run.config.data.max_text_length)
+    graphdef, params, rest = models.init_rater(
+        run.config.rater, batch, jax.random.key(0), run.config.data.max_text_length
+    )
     return graphdef, restore_rater(run, params), rest
 
 

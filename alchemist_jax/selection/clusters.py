@@ -26,8 +26,9 @@ from alchemist_jax.data.sources import ArraySource, Source
 Grouping = tuple[str, np.ndarray, list[str]]
 
 
-def cluster_groups(source: Source, group_by: str, clusters: int,
-                   seed: int) -> tuple[np.ndarray, list[str]]:
+def cluster_groups(
+    source: Source, group_by: str, clusters: int, seed: int
+) -> tuple[np.ndarray, list[str]]:
     """The ranking clusters of every sample of `source`.
 
     Args:
@@ -85,8 +86,9 @@ def _by_label(pool: _Pool) -> Grouping:
 def _by_caption(pool: _Pool) -> Grouping:
     captions, _ = pool.text
     if captions is None:
-        raise ValueError(f"select.group_by=caption: data source {pool.source.name!r} has no "
-                         "captions")
+        raise ValueError(
+            f"select.group_by=caption: data source {pool.source.name!r} has no captions"
+        )
     values, groups = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
     return "caption", groups.astype(np.int64), [str(v) for v in values]
 
@@ -96,16 +98,20 @@ def _by_kmeans(pool: _Pool) -> Grouping:
         raise ValueError(f"select.clusters must be at least 1, got {pool.clusters}")
     captions, embeddings = pool.text
     if embeddings is not None:
-        rows, inverse, counts = np.unique(embeddings, axis=0, return_inverse=True,
-                                          return_counts=True)
+        rows, inverse, counts = np.unique(
+            embeddings, axis=0, return_inverse=True, return_counts=True
+        )
         features = rows
     elif captions is not None:
-        texts, inverse, counts = np.unique(np.asarray(captions, dtype=object),
-                                           return_inverse=True, return_counts=True)
+        texts, inverse, counts = np.unique(
+            np.asarray(captions, dtype=object), return_inverse=True, return_counts=True
+        )
         features = tfidf([str(t) for t in texts], counts)
     else:
-        raise ValueError(f"select.group_by={pool.group_by}: data source {pool.source.name!r} has "
-                         "neither captions nor text embeddings to cluster")
+        raise ValueError(
+            f"select.group_by={pool.group_by}: data source {pool.source.name!r} has "
+            "neither captions nor text embeddings to cluster"
+        )
     groups = kmeans(features, pool.clusters, pool.seed, weights=counts)[inverse.ravel()]
     return "kmeans", groups, _cluster_names(groups, captions)
 
@@ -121,7 +127,10 @@ def _auto(pool: _Pool) -> Grouping:
 
 # Keyed by the names of `config.GROUPINGS` (a test checks that they agree).
 GROUPERS: dict[str, Callable[[_Pool], Grouping]] = {
-    "auto": _auto, "label": _by_label, "caption": _by_caption, "kmeans": _by_kmeans,
+    "auto": _auto,
+    "label": _by_label,
+    "caption": _by_caption,
+    "kmeans": _by_kmeans,
     "none": _by_none,
 }
 
@@ -134,16 +143,19 @@ def _caption_fields(source: Source) -> tuple[list[str] | None, np.ndarray | None
     if "caption" not in first and "text_embedding" not in first:
         return None, None
     captions, embeddings = [], []
-    for index in tqdm(range(len(source)), desc=f"reading captions of {source.name}",
-                      unit="ex", leave=False):
+    for index in tqdm(
+        range(len(source)), desc=f"reading captions of {source.name}", unit="ex", leave=False
+    ):
         example = source[index]
         if "caption" in first:
             captions.append(example["caption"])
         if "text_embedding" in first:
             embedding = np.asarray(example["text_embedding"], np.float64)
             embeddings.append(embedding.reshape(-1, embedding.shape[-1]).mean(axis=0))
-    return (captions if "caption" in first else None,
-            np.stack(embeddings) if "text_embedding" in first else None)
+    return (
+        captions if "caption" in first else None,
+        np.stack(embeddings) if "text_embedding" in first else None,
+    )
 
 
 def _cluster_names(groups: np.ndarray, captions: list[str] | None) -> list[str]:
@@ -178,7 +190,8 @@ def tfidf(texts: list[str], counts: np.ndarray | None = None, max_length: int = 
     rows = np.nonzero(content)[0]
     _, columns = np.unique(tokens[content], return_inverse=True)
     term_counts = scipy.sparse.csr_matrix(
-        (np.ones(len(rows)), (rows, columns)), shape=(len(texts), columns.max(initial=-1) + 1))
+        (np.ones(len(rows)), (rows, columns)), shape=(len(texts), columns.max(initial=-1) + 1)
+    )
     present = term_counts.copy()
     present.data[:] = 1.0
     idf = np.log((1 + counts.sum()) / (1 + present.T @ counts)) + 1
@@ -187,8 +200,9 @@ def tfidf(texts: list[str], counts: np.ndarray | None = None, max_length: int = 
     return scipy.sparse.diags(1.0 / np.where(norms > 0, norms, 1.0)) @ weighted
 
 
-def kmeans(features, k: int, seed: int, weights: np.ndarray | None = None,
-           iterations: int = 100) -> np.ndarray:
+def kmeans(
+    features, k: int, seed: int, weights: np.ndarray | None = None, iterations: int = 100
+) -> np.ndarray:
     """Weighted k-means (Lloyd) with k-means++ initialisation.
 
     Args:
@@ -208,8 +222,11 @@ def kmeans(features, k: int, seed: int, weights: np.ndarray | None = None,
     rng = np.random.default_rng(seed)
     size = features.shape[0]
     weights = np.ones(size) if weights is None else np.asarray(weights, np.float64)
-    squared_norms = (np.asarray(features.multiply(features).sum(axis=1)).ravel()
-                     if scipy.sparse.issparse(features) else (features**2).sum(axis=1))
+    squared_norms = (
+        np.asarray(features.multiply(features).sum(axis=1)).ravel()
+        if scipy.sparse.issparse(features)
+        else (features**2).sum(axis=1)
+    )
 
     def squared_distances(centers):  # (N, C)
         cross = dense(features @ centers.T)
@@ -224,8 +241,9 @@ def kmeans(features, k: int, seed: int, weights: np.ndarray | None = None,
         closest = np.minimum(closest, squared_distances(center)[:, 0])
     assignment = squared_distances(centers).argmin(axis=1)
     for _ in range(iterations):
-        membership = scipy.sparse.csr_matrix((weights, (assignment, np.arange(size))),
-                                             shape=(len(centers), size))
+        membership = scipy.sparse.csr_matrix(
+            (weights, (assignment, np.arange(size))), shape=(len(centers), size)
+        )
         mass = np.asarray(membership.sum(axis=1)).ravel()
         sums = dense(membership @ features)
         centers = np.where(mass[:, None] > 0, sums / np.maximum(mass, 1e-300)[:, None], centers)
@@ -234,4 +252,3 @@ def kmeans(features, k: int, seed: int, weights: np.ndarray | None = None,
             break
         assignment = updated
     return np.unique(assignment, return_inverse=True)[1].astype(np.int64)
-

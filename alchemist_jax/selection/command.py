@@ -63,10 +63,13 @@ class RankingScores:
     dedup: str | None
 
 
-def ranking_scores(config: SelectConfig, ratings: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                   source: Source, *,
-                   duplicates: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None
-                   ) -> RankingScores:
+def ranking_scores(
+    config: SelectConfig,
+    ratings: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    source: Source,
+    *,
+    duplicates: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> RankingScores:
     """Joins ratings files (and a dedup file) on the pool's ids and fuses them (see the module
     docstring).
 
@@ -84,9 +87,11 @@ def ranking_scores(config: SelectConfig, ratings: Mapping[str, tuple[np.ndarray,
     """
     pool_ids = np.asarray(source.ids, np.int64)
     if config.weights and len(config.weights) != len(ratings):
-        raise ValueError(f"select.weights has {len(config.weights)} values for "
-                         f"{len(ratings)} ratings files ({', '.join(ratings)}); give one per "
-                         "file, in order, or none for equal weights")
+        raise ValueError(
+            f"select.weights has {len(config.weights)} values for "
+            f"{len(ratings)} ratings files ({', '.join(ratings)}); give one per "
+            "file, in order, or none for equal weights"
+        )
     columns = []
     for name, (ids, scores) in ratings.items():
         origin = f"ratings file {name}"
@@ -95,8 +100,9 @@ def ranking_scores(config: SelectConfig, ratings: Mapping[str, tuple[np.ndarray,
         aligned = np.empty(len(pool_ids))
         aligned[pool_positions(ids, pool_ids, origin, cover=True)] = scores
         columns.append(aligned)
-    grouping, groups, names = resolve_grouping(source, config.group_by, config.clusters,
-                                               config.seed)
+    grouping, groups, names = resolve_grouping(
+        source, config.group_by, config.clusters, config.seed
+    )
     weights = list(config.weights) or [1.0] * len(columns)
     if columns:
         fused = fuse(columns, weights, groups)
@@ -107,17 +113,28 @@ def ranking_scores(config: SelectConfig, ratings: Mapping[str, tuple[np.ndarray,
     if duplicates is not None:
         name, (ids, duplicate_groups) = duplicates
         grouped = np.empty(len(pool_ids), np.int64)
-        grouped[pool_positions(ids, pool_ids, f"dedup file {name}", cover=True)] = \
-            duplicate_groups
+        grouped[pool_positions(ids, pool_ids, f"dedup file {name}", cover=True)] = duplicate_groups
         eligible = best_of_duplicates(fused, pool_ids, grouped)
-    return RankingScores(pool_ids, scores, eligible, groups, names, grouping, list(ratings),
-                         weights, None if duplicates is None else duplicates[0])
+    return RankingScores(
+        pool_ids,
+        scores,
+        eligible,
+        groups,
+        names,
+        grouping,
+        list(ratings),
+        weights,
+        None if duplicates is None else duplicates[0],
+    )
 
 
-def select_for_source(config: SelectConfig, ratings: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                      source: Source, *,
-                      duplicates: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None
-                      ) -> tuple[np.ndarray, dict[str, Any]]:
+def select_for_source(
+    config: SelectConfig,
+    ratings: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    source: Source,
+    *,
+    duplicates: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Selects from the ratings of the pool `source` as `config` says.
 
     Args:
@@ -131,17 +148,40 @@ def select_for_source(config: SelectConfig, ratings: Mapping[str, tuple[np.ndarr
       ValueError: see `ranking_scores`; also bad policy parameters or a keep larger than the
         eligible part of the pool.
     """
-    params = resolve_params(config.policy, config.keep, **{
-        name: getattr(config, name) for name in POLICY_PARAMETERS[config.policy]})
+    params = resolve_params(
+        config.policy,
+        config.keep,
+        **{name: getattr(config, name) for name in POLICY_PARAMETERS[config.policy]},
+    )
     ranked = ranking_scores(config, ratings, source, duplicates=duplicates)
-    selected = select(ranked.scores, ranked.ids, policy=config.policy, keep=config.keep,
-                      seed=config.seed, groups=ranked.groups, eligible=ranked.eligible, **params)
-    summary = summarize(ranked.scores, ranked.ids, selected, ranked.groups, ranked.names,
-                        {**params, "seed": config.seed})
-    return selected, {"policy": config.policy, "keep": config.keep, "group_by": ranked.grouping,
-                      "ratings": ranked.ratings, "weights": ranked.weights,
-                      "dedup": ranked.dedup,
-                      "duplicates_collapsed": int((~ranked.eligible).sum()), **summary}
+    selected = select(
+        ranked.scores,
+        ranked.ids,
+        policy=config.policy,
+        keep=config.keep,
+        seed=config.seed,
+        groups=ranked.groups,
+        eligible=ranked.eligible,
+        **params,
+    )
+    summary = summarize(
+        ranked.scores,
+        ranked.ids,
+        selected,
+        ranked.groups,
+        ranked.names,
+        {**params, "seed": config.seed},
+    )
+    return selected, {
+        "policy": config.policy,
+        "keep": config.keep,
+        "group_by": ranked.grouping,
+        "ratings": ranked.ratings,
+        "weights": ranked.weights,
+        "dedup": ranked.dedup,
+        "duplicates_collapsed": int((~ranked.eligible).sum()),
+        **summary,
+    }
 
 
 def read_ratings(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -173,8 +213,9 @@ def write_selection(out: Path, selected: np.ndarray, summary: dict[str, Any]) ->
     atomic_write_json(out.with_suffix(".json"), summary)
 
 
-def run(cfg: Config, ratings: Path | Sequence[Path], out: Path,
-        dedup: Path | None = None) -> dict[str, Any]:
+def run(
+    cfg: Config, ratings: Path | Sequence[Path], out: Path, dedup: Path | None = None
+) -> dict[str, Any]:
     """`alchemist-jax select`: reads the ratings file(s) (and the dedup file), selects from the
     pool of `cfg.data` with `cfg.select`, writes `out` and its summary (`write_selection`),
     prints a short account and returns the summary."""
@@ -185,8 +226,9 @@ def run(cfg: Config, ratings: Path | Sequence[Path], out: Path,
         raise ValueError("select needs at least one ratings file")
     repeated = [p for n, p in enumerate(paths) if p in paths[:n]]
     if repeated:
-        raise ValueError(f"ratings file {repeated[0]} is given twice; use select.weights to "
-                         "weigh a file more")
+        raise ValueError(
+            f"ratings file {repeated[0]} is given twice; use select.weights to weigh a file more"
+        )
     read = {str(path): read_ratings(path) for path in paths}
     duplicates = None
     if dedup is not None:
@@ -197,11 +239,14 @@ def run(cfg: Config, ratings: Path | Sequence[Path], out: Path,
     selected, summary = select_for_source(cfg.select, read, pool, duplicates=duplicates)
     write_selection(Path(out), selected, summary)
     rates = summary["cluster_keep_rates"].values()
-    collapsed = (f", {summary['duplicates_collapsed']} duplicates collapsed"
-                 if dedup is not None else "")
-    print(f"selected {summary['count']} of {summary['pool_size']} samples "
-          f"({summary['policy']}, keep {summary['keep']}, {len(paths)} ratings "
-          f"file{'s' * (len(paths) > 1)}{collapsed}) in {len(rates)} clusters by "
-          f"{summary['group_by']}: keep rate per cluster {min(rates):.3f}-{max(rates):.3f}; "
-          f"wrote {out}")
+    collapsed = (
+        f", {summary['duplicates_collapsed']} duplicates collapsed" if dedup is not None else ""
+    )
+    print(
+        f"selected {summary['count']} of {summary['pool_size']} samples "
+        f"({summary['policy']}, keep {summary['keep']}, {len(paths)} ratings "
+        f"file{'s' * (len(paths) > 1)}{collapsed}) in {len(rates)} clusters by "
+        f"{summary['group_by']}: keep rate per cluster {min(rates):.3f}-{max(rates):.3f}; "
+        f"wrote {out}"
+    )
     return summary

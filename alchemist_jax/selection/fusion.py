@@ -24,8 +24,11 @@ from alchemist_jax.selection.policies import check_finite
 HISTOGRAM_BINS = 20
 
 
-def fuse(scores: Sequence[np.ndarray], weights: Sequence[float] | None = None,
-         groups: np.ndarray | None = None) -> np.ndarray:
+def fuse(
+    scores: Sequence[np.ndarray],
+    weights: Sequence[float] | None = None,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
     """The fused score (N,) in (0, 1), higher = better: the weighted geometric mean of the
     scorers' rank percentiles within the groups, exp(sum_f w_f · log u_f / sum_f w_f) with
     u_f = rank_normalize(scores_f, groups).
@@ -56,25 +59,28 @@ def fuse(scores: Sequence[np.ndarray], weights: Sequence[float] | None = None,
         raise ValueError("fuse needs the scores of at least one scorer")
     columns = [np.asarray(s, np.float64) for s in scores]
     if any(c.shape != columns[0].shape or c.ndim != 1 for c in columns):
-        raise ValueError(f"fuse: scores of shapes {[c.shape for c in columns]} must be 1-D of "
-                         "one length")
+        raise ValueError(
+            f"fuse: scores of shapes {[c.shape for c in columns]} must be 1-D of one length"
+        )
     for number, column in enumerate(columns):
         check_finite(column, f"scorer {number}")
     if weights is None or len(weights) == 0:
         weights = np.ones(len(columns))
     weights = np.asarray(weights, np.float64)
     if weights.shape != (len(columns),):
-        raise ValueError(f"select.weights has {weights.size} values for {len(columns)} "
-                         "scorers; give one per ratings file, in order, or none for equal weights")
+        raise ValueError(
+            f"select.weights has {weights.size} values for {len(columns)} "
+            "scorers; give one per ratings file, in order, or none for equal weights"
+        )
     if (weights < 0).any() or not weights.sum() > 0:
-        raise ValueError(f"select.weights must be >= 0 with a positive sum, got "
-                         f"{weights.tolist()}")
+        raise ValueError(f"select.weights must be >= 0 with a positive sum, got {weights.tolist()}")
     log_fused = sum(w * np.log(rank_normalize(c, groups)) for w, c in zip(weights, columns))
     return np.exp(log_fused / weights.sum())
 
 
-def best_of_duplicates(scores: np.ndarray, ids: np.ndarray,
-                       duplicate_groups: np.ndarray) -> np.ndarray:
+def best_of_duplicates(
+    scores: np.ndarray, ids: np.ndarray, duplicate_groups: np.ndarray
+) -> np.ndarray:
     """Which samples stay eligible when duplicates are collapsed: bool (N,), True for exactly
     one member of each duplicate group, the one with the highest score (ties: the smallest id).
 
@@ -94,9 +100,14 @@ def best_of_duplicates(scores: np.ndarray, ids: np.ndarray,
     return eligible
 
 
-def summarize(scores: np.ndarray, ids: np.ndarray, selected: np.ndarray,
-              groups: np.ndarray | None, names: list[str] | None,
-              policy_params: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    selected: np.ndarray,
+    groups: np.ndarray | None,
+    names: list[str] | None,
+    policy_params: dict[str, Any],
+) -> dict[str, Any]:
     """What a selection kept.
 
     Args:
@@ -120,14 +131,16 @@ def summarize(scores: np.ndarray, ids: np.ndarray, selected: np.ndarray,
         members = groups == value
         name = str(value) if names is None else names[int(value)]
         rates[name] = float(chosen[members].mean())
-    counts, edges = np.histogram(rank_percentiles(scores, ids)[chosen], bins=HISTOGRAM_BINS,
-                                 range=(0.0, 1.0))
+    counts, edges = np.histogram(
+        rank_percentiles(scores, ids)[chosen], bins=HISTOGRAM_BINS, range=(0.0, 1.0)
+    )
     return {
         "count": int(chosen.sum()),
         "pool_size": len(ids),
         "cluster_keep_rates": rates,
-        "rank_histogram": {"edges": [round(float(e), 6) for e in edges],
-                           "counts": [int(c) for c in counts]},
+        "rank_histogram": {
+            "edges": [round(float(e), 6) for e in edges],
+            "counts": [int(c) for c in counts],
+        },
         "params": dict(policy_params),
     }
-

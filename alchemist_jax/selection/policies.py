@@ -80,14 +80,17 @@ def resolve_params(policy: str, keep: float, **params: Any) -> dict[str, Any]:
         `head` / `start` that leaves fewer than `keep` of the pool to choose from.
     """
     if policy not in POLICIES:
-        raise ValueError(f"unknown selection policy {policy!r}; valid policies: "
-                         f"{', '.join(POLICIES)}")
+        raise ValueError(
+            f"unknown selection policy {policy!r}; valid policies: {', '.join(POLICIES)}"
+        )
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"select.keep must be in (0, 1], got {keep}")
     unknown = sorted(set(params) - set(PARAMETER_DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown selection parameter {', '.join(map(repr, unknown))}; valid "
-                         f"parameters: {', '.join(PARAMETER_DEFAULTS)}")
+        raise ValueError(
+            f"unknown selection parameter {', '.join(map(repr, unknown))}; valid "
+            f"parameters: {', '.join(PARAMETER_DEFAULTS)}"
+        )
     values = {**PARAMETER_DEFAULTS, **params}
     resolved = {name: values[name] for name in POLICY_PARAMETERS[policy]}
     if "head" in resolved and resolved["head"] is None:
@@ -99,7 +102,8 @@ def resolve_params(policy: str, keep: float, **params: Any) -> dict[str, Any]:
             if keep > 1.0 - resolved[name] + _TOLERANCE:
                 raise ValueError(
                     f"select.{name}={resolved[name]} leaves {1 - resolved[name]:.3g} of the pool "
-                    f"to choose from, less than select.keep={keep}; need keep <= 1 - {name}")
+                    f"to choose from, less than select.keep={keep}; need keep <= 1 - {name}"
+                )
     for name in ("sigma", "temperature"):
         if name in resolved and not resolved[name] > 0:
             raise ValueError(f"select.{name} must be > 0, got {resolved[name]}")
@@ -118,9 +122,17 @@ def allocate(total: int, sizes: np.ndarray) -> np.ndarray:
     return shares
 
 
-def select(scores: np.ndarray, ids: np.ndarray, *, policy: str, keep: float, seed: int,
-           groups: np.ndarray | None = None, eligible: np.ndarray | None = None,
-           **params: Any) -> np.ndarray:
+def select(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    *,
+    policy: str,
+    keep: float,
+    seed: int,
+    groups: np.ndarray | None = None,
+    eligible: np.ndarray | None = None,
+    **params: Any,
+) -> np.ndarray:
     """The ids chosen by `policy` (see the module docstring), sorted ascending.
 
     Args:
@@ -152,16 +164,23 @@ def select(scores: np.ndarray, ids: np.ndarray, *, policy: str, keep: float, see
     if total == 0:
         raise ValueError(f"select.keep={keep} of {len(ids)} samples keeps no sample")
     if total > eligible.sum():
-        raise ValueError(f"select.keep={keep} asks for {total} samples but only "
-                         f"{int(eligible.sum())} of {len(ids)} are eligible (the others are "
-                         "duplicates of a better-scored sample)")
+        raise ValueError(
+            f"select.keep={keep} asks for {total} samples but only "
+            f"{int(eligible.sum())} of {len(ids)} are eligible (the others are "
+            "duplicates of a better-scored sample)"
+        )
     by_id = np.argsort(ids, kind="stable")  # canonical order: results ignore the row order
     scores, ids, groups, eligible = scores[by_id], ids[by_id], groups[by_id], eligible[by_id]
     members_of = [members[eligible[members]] for members in group_members(groups)]
     shares = allocate(total, np.array([len(m) for m in members_of]))
     chosen = [
-        ids[members[POLICY_FUNCTIONS[policy](scores[members], int(share),
-                                      np.random.default_rng((seed, position)), **resolved)]]
+        ids[
+            members[
+                POLICY_FUNCTIONS[policy](
+                    scores[members], int(share), np.random.default_rng((seed, position)), **resolved
+                )
+            ]
+        ]
         for position, (members, share) in enumerate(zip(members_of, shares))
     ]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
@@ -194,8 +213,10 @@ def check_finite(scores: np.ndarray, what: str) -> None:
     """ValueError naming `what` and the NaN / infinite counts when a score (N,) is not finite."""
     bad = ~np.isfinite(scores)
     if bad.any():
-        raise ValueError(f"{what}: {int(np.isnan(scores).sum())} scores are NaN and "
-                         f"{int(np.isinf(scores).sum())} infinite; every score must be finite")
+        raise ValueError(
+            f"{what}: {int(np.isnan(scores).sum())} scores are NaN and "
+            f"{int(np.isinf(scores).sum())} infinite; every score must be finite"
+        )
 
 
 def _check_inputs(scores, ids, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -251,7 +272,7 @@ def _topk(scores, share, rng):
 
 
 def _bottomk(scores, share, rng):
-    return _best_first(scores)[len(scores) - share:]
+    return _best_first(scores)[len(scores) - share :]
 
 
 def _random(scores, share, rng):
@@ -260,7 +281,7 @@ def _random(scores, share, rng):
 
 def _block(scores, share, rng, *, start):
     first = min(round(start * len(scores)), len(scores) - share)
-    return _best_first(scores)[first: first + share]
+    return _best_first(scores)[first : first + share]
 
 
 def _threshold(scores, share, rng, *, threshold):
@@ -281,7 +302,14 @@ def _cdf_accept(scores, share, rng, *, temperature):
 
 # Keyed by the names of `config.POLICIES` (a test checks that they agree).
 POLICY_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
-    "filter": _filter, "shift_gsample": _gaussian, "gsample": _gaussian, "topk": _topk,
-    "bottomk": _bottomk, "random": _random, "block": _block, "threshold": _threshold,
-    "weighted": _weighted, "cdf_accept": _cdf_accept,
+    "filter": _filter,
+    "shift_gsample": _gaussian,
+    "gsample": _gaussian,
+    "topk": _topk,
+    "bottomk": _bottomk,
+    "random": _random,
+    "block": _block,
+    "threshold": _threshold,
+    "weighted": _weighted,
+    "cdf_accept": _cdf_accept,
 }
