@@ -16,6 +16,9 @@ The schema is the one source of truth for every named choice: meta-gradient mode
 policies (defined by `alchemist_jax.meta`, which validates its own arguments), scorers
 (`SCORERS`), selection policies (`POLICIES`) and pipeline arms (`ARMS`). The stages map these
 names to their implementations.
+
+Size: the whole schema with its comments, and its validation, in one place by design: one file
+to read for every key, its range and the rules between keys.
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ Modes (all three are product features, METHOD.md §2):
 Stabilisers (a population of proxies, rater optimizer, clipping) belong to the caller: this
 function is `jax.jit`-able and `jax.vmap`-able over a population axis of
 proxy_params / inner_opt_state / train_batches (and rng).
+
+Size: one pure function with its three modes, remat policies and custom VJPs; they share the
+inner step and the argument checks, and splitting them would scatter one derivation.
 """
 
 from __future__ import annotations

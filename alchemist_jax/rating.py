@@ -14,6 +14,9 @@
 The state is a dict of pytrees:
   step (), rng (key data), rater / rater_ema (rater params), rater_opt (optax state),
   proxy / proxy_opt (leading axis P), warm_proxy (P, ...) the restart point of resets.
+
+Size: the rating story in one file, as big_vision tells training: data iterators, the jitted
+program and the loop read top to bottom; the infrastructure it uses lives in `runtime/`.
 """
 
 from __future__ import annotations

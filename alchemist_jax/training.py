@@ -15,6 +15,9 @@ whole pool; how well it then does on held-out data is the benchmark's measure of
             command resumes and ends bitwise-equal to an uninterrupted run
 
 The state is a dict of pytrees: step (), params (nnx.State), opt (optax state), rng (key data).
+
+Size: the downstream training story in one file (program, fixed-draw validation loss, weighted
+sampling, loop, command), as big_vision tells it; infrastructure lives in `runtime/`.
 """
 
 from __future__ import annotations

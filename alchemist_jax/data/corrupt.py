@@ -39,6 +39,9 @@ beyond the six (each function's docstring says more):
 The truth is a pyarrow table with one row per index of the source, in order: `id` int64,
 `defect` string (null when clean) and `source_id` int64 (the id whose caption, or image and
 caption, was copied; null unless `caption_swap` / `duplicate` / `near_duplicate`).
+
+Size: one function per defect kind, each a few lines, kept together because they share the
+seeded selection of victims and the truth table.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ warning line, or raises `BadSampleError` with `on_bad_sample="error"`; skipped r
 `bad_samples` and, given a `report_dir`, in `<report_dir>/bad_samples.parquet`. The reasons are
 the fixed strings below. A problem with the manifest itself (missing or unreadable file, missing
 column) raises `ManifestError`.
+
+Size: the manifest and image-folder sources share every per-row check (decoding, modes,
+sizes, captions, ids) and the bad-sample report; splitting them would duplicate those checks.
 """
 
 from __future__ import annotations

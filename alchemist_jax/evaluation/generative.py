@@ -11,6 +11,9 @@
 
 Generation: `models.sample` (Euler, classifier-free guidance) jitted once, batches padded to a
 fixed size. Outputs: `metrics.json` and `samples.png` in the output folder, written atomically.
+
+Size: the evaluation of one trained model (test loss, sampling, FCD, alignment, sample grid)
+written once for `evaluate` and the pipeline.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ last or penultimate hidden states (B, L, D) of CLIP token ids and their mask (B,
 
 `clip_score_fn` gives the jitted cosine similarity of the projected image and caption embeddings
 of a batch of pool images ((B, R, R, C) in [-1, 1]) and CLIP token ids.
+
+Size: both CLIP towers with HF's parameter names, the safetensors reader shared with the VAE
+loader, and the tokenizer setup, mirroring one upstream model.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ Images and latents are NHWC: `encode_fn` maps images (B, H, W, 3) in [-1, 1] to 
 mean and std (B, H/f, W/f, latent_channels), f = 2^(len(block_out_channels) - 1) (8 for the real
 checkpoints); `decode_fn` maps latents back. What a dataset stores is the scaled latent
 `(mean - shift_factor) * scaling_factor` (`scale_latents`; `unscale_latents` inverts it).
+
+Size: the diffusers AutoencoderKL's encoder, decoder and mid-block, their parameter names and
+the loader's refusals in one place, mirroring one upstream class.
 """
 
 from __future__ import annotations
