@@ -5,35 +5,15 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_rate import TINY as RATE_TINY
 
 from alchemist_jax import cli, dedup, pipeline
 from alchemist_jax.config import ARMS, ConfigError, load_config
 from alchemist_jax.data import load_splits
 
 TINY = [
-    "data.pool.train_size=96",
-    "data.pool.validation_size=32",
+    *RATE_TINY,
     "data.pool.test_size=32",
-    "data.batch_size=8",
-    "data.max_text_length=16",
-    "data.corrupt.fraction=0.3",
-    "model.width=32",
-    "model.depth=1",
-    "model.heads=2",
-    "model.text_width=32",
-    "model.patch_size=7",
-    "model.text_trainable=false",
-    "model.text_depth=1",
-    "model.text_heads=2",
-    "rater.width=16",
-    "rater.hidden=32",
-    "rate.population=2",
-    "rate.inner_steps=2",
-    "rate.steps=4",
-    "rate.val_batch_size=16",
-    "rate.checkpoint_every=2",
-    "rate.log_every=1",
-    "rate.reset_every=2",
     "score.batch_size=16",
     "score.chunk_size=40",
     "train.steps=4",
