@@ -730,6 +730,11 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"select.weights must be >= 0 with a positive sum, got {list(sel.weights)}"
         )
+    if config.score.scorer == "clip_score" and config.score.clip_path is None:
+        raise ConfigError(
+            "score.scorer=clip_score needs score.clip_path=DIR: a local directory with an HF CLIP "
+            "checkpoint (config.json + model.safetensors)"
+        )
     pipe = config.pipeline
     if not pipe.arms or not pipe.seeds:
         raise ConfigError("pipeline.arms and pipeline.seeds must not be empty")

@@ -436,7 +436,6 @@ def test_clip_score_run_scores_the_pool_like_the_reference(tmp_path):
     assert np.std(expected) > 0.05  # the scores differ from sample to sample
 
 
-def test_clip_score_without_a_path_says_which_key_to_set(tmp_path):
-    cfg = load_config("configs/demo.yaml", TINY + ["score.scorer=clip_score"])
+def test_clip_score_without_a_path_says_which_key_to_set():
     with pytest.raises(ValueError, match=r"needs score\.clip_path=DIR"):
-        scoring.run(cfg, tmp_path / "ratings.parquet")
+        load_config("configs/demo.yaml", TINY + ["score.scorer=clip_score"])

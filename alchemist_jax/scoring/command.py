@@ -127,11 +127,6 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
     """
     out = Path(out)
     scorer = cfg.score.scorer
-    if scorer == "clip_score" and cfg.score.clip_path is None:
-        raise ValueError(
-            "score.scorer=clip_score needs score.clip_path=DIR: a local directory "
-            "with an HF CLIP checkpoint (config.json + model.safetensors)"
-        )
     if scorer == "rater" and rater_dir is None:
         raise ValueError(
             "score.scorer=rater needs the rating run: pass --rater DIR (the "
