@@ -223,6 +223,8 @@ class ScoreConfig:
     alignment_steps: int = 500  # contrastive: training steps (diffusion: score.proxy_steps)
     alignment_references: int = 256  # most distinct validation captions compared against
     alignment_t_min: float = 0.5  # diffusion: draws' flow times are t_min + (1 - t_min) U(0, 1)
+    # Write scores that are NaN or Inf (a diverged rater or proxy) instead of refusing to.
+    allow_nonfinite: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
