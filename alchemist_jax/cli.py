@@ -91,6 +91,19 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     print(f"wrote TFDS dataset {path} ({counts}); load it with data.source={path}")
 
 
+def _cmd_encode(args: argparse.Namespace) -> None:
+    from alchemist_jax import encoding
+
+    _use_compilation_cache()
+    cfg = config_lib.load_config(args.config, args.overrides)
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    summary = encoding.run(
+        cfg, args.source, args.out, splits=splits, name=args.name, overwrite=args.overwrite
+    )
+    print(json.dumps(summary, indent=2))
+    print(f"load it with data.source={Path(args.out) / args.name / encoding.VERSION}")
+
+
 def _use_compilation_cache() -> None:
     """Persists compiled XLA programs in the data cache (a rerun skips the ~minute of compiling
     the meta-step), unless the user chose a cache with JAX_COMPILATION_CACHE_DIR."""
@@ -250,6 +263,28 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--name", default="alchemist_dataset", help="TFDS dataset name")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     prepare.set_defaults(run=_cmd_prepare)
+
+    encode = commands.add_parser(
+        "encode",
+        help="encode any source into a TFDS dataset of VAE latents and CLIP text embeddings",
+    )
+    _add_config_arguments(encode)
+    encode.add_argument(
+        "--source",
+        required=True,
+        help="built-in name, manifest (.parquet/.csv), image folder or TFDS dir",
+    )
+    encode.add_argument("--out", type=Path, required=True, help="output folder (TFDS data dir)")
+    encode.add_argument(
+        "--splits",
+        default="train",
+        help="comma-separated splits to encode (manifests and folders: train)",
+    )
+    encode.add_argument("--name", default="alchemist_dataset", help="TFDS dataset name")
+    encode.add_argument(
+        "--overwrite", action="store_true", help="replace a dataset encoded with other settings"
+    )
+    encode.set_defaults(run=_cmd_encode)
 
     rate = commands.add_parser(
         "rate", help="learn the rater with meta-gradients through a population of proxies"

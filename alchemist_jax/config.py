@@ -89,6 +89,7 @@ class ManifestConfig:
     image_column: str = "image"  # path to the image, relative to the manifest file
     caption_column: str = "caption"
     id_column: str | None = None  # None: ids are the row index
+    label_column: str | None = None  # integer class labels (FCD / classifier alignment); None: none
     on_bad_sample: Literal["skip", "error"] = "skip"
     max_image_pixels: int = 64_000_000  # larger images are rejected as bad samples
 
@@ -299,6 +300,25 @@ class EvaluateConfig:
     grid_captions: int = 8  # captions in the PNG grid of samples
     grid_samples: int = 8  # samples per caption in the grid
     seed: int = 0
+    # Latent datasets (`alchemist-jax encode`): the VAE folder that decodes generated and test
+    # latents to pixels (FCD, alignment, CLIP metrics, the sample grid); None: test loss only.
+    vae_path: str | None = None
+    # A local HF CLIP folder: Fréchet distance in CLIP image features (generated vs test images)
+    # and the mean CLIP score of each generated image against its caption; None: not reported.
+    clip_path: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+    """`alchemist-jax encode`: images -> VAE latents, captions -> CLIP text hidden states."""
+
+    vae_path: str | None = None  # a diffusers AutoencoderKL folder (config.json + safetensors)
+    clip_path: str | None = None  # an HF CLIP folder; its text tower encodes the captions
+    hidden_layer: Literal["last", "penultimate"] = "penultimate"  # text hidden states stored
+    store_std: bool = False  # also store the posterior std (scaled) as `latent_std`
+    batch_size: int = 32  # images per jitted encoder call
+    chunk_size: int = 1024  # samples per atomically written chunk (the unit of resuming)
+    image_size: int = 256  # images are resized / center-cropped to image_size^2 before encoding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +393,7 @@ class Config:
     dedup: DedupConfig = DedupConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    encode: EncodeConfig = EncodeConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
 
@@ -679,6 +700,9 @@ RANGES: dict[str, tuple[Any, str]] = {
     "evaluate.classifier_steps": AT_LEAST_1,
     "evaluate.grid_captions": AT_LEAST_1,
     "evaluate.grid_samples": AT_LEAST_1,
+    "encode.batch_size": AT_LEAST_1,
+    "encode.chunk_size": AT_LEAST_1,
+    "encode.image_size": _range(8),
     "pipeline.keep": SHARE,
     "pipeline.penalty_steps": AT_LEAST_1,
 }

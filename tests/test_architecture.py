@@ -23,6 +23,7 @@ FLOORS = (
         "alchemist_jax.rating",
         "alchemist_jax.training",
         "alchemist_jax.evaluation",
+        "alchemist_jax.encoding",
     ),
     ("alchemist_jax.scoring", "alchemist_jax.dedup", "alchemist_jax.selection"),
     ("alchemist_jax.report",),

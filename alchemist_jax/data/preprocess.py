@@ -6,7 +6,9 @@ dict of numpy arrays only (strings stay behind), ready to be stacked into a batc
   - `image`: float32 (R, R, C) in [-1, 1], when the example has pixels
   - `tokens`: int32 (L,) CLIP ids padded with 49407; `token_mask`: bool (L,), when it has a caption
   - `label`: int64 (), when the source has labels
-  - `latent`, `text_embedding`: float32, passed through unchanged (precomputed inputs)
+  - `latent`, `text_embedding`: float32, passed through unchanged (precomputed inputs); with a
+    `text_embedding` the caption is not tokenized and its `token_mask` (bool (L,), when the
+    example has one: `alchemist-jax encode` stores it) passes through instead
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class Preprocessor:
                 np.asarray(example["image"]), self.resolution, self.channels
             )
             out["image"] = to_unit_range(pixels)
-        if "caption" in example:
+        if "caption" in example and "text_embedding" not in example:
             tokens, mask = self.tokenizer([example["caption"]])
             out["tokens"], out["token_mask"] = tokens[0], mask[0]
         if "label" in example:
@@ -86,6 +88,8 @@ class Preprocessor:
         for key in ("latent", "text_embedding"):
             if key in example:
                 out[key] = np.asarray(example[key], np.float32)
+        if "text_embedding" in example and "token_mask" in example:
+            out["token_mask"] = np.asarray(example["token_mask"], np.bool_)
         return out
 
 
@@ -107,7 +111,7 @@ def materialize(source: Source, preprocessor: Preprocessor, chunk: int = 4096) -
         examples = [source[i] for i in range(start, min(start + chunk, len(source)))]
         captions = [example.pop("caption") for example in examples if "caption" in example]
         rows = [preprocessor(example) for example in examples]
-        if captions:
+        if captions and "text_embedding" not in examples[0]:
             if len(captions) != len(examples):
                 raise ValueError(f"{source.name}: some examples have no caption")
             tokens, mask = preprocessor.tokenizer(captions)

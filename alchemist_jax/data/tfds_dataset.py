@@ -31,7 +31,8 @@ from alchemist_jax.runtime import progress
 
 _INFO_FILE = "dataset_info.json"
 _TEXT_KEYS = ("caption", "source")
-_FLOAT_KEYS = ("latent", "text_embedding")
+_FLOAT_KEYS = ("latent", "latent_std", "text_embedding")
+_BOOL_KEYS = ("token_mask",)  # the mask of a precomputed `text_embedding` (L,)
 _READ_CHUNK = 1024
 
 
@@ -48,7 +49,7 @@ def _features(splits: Mapping[str, Source]) -> tfds.features.FeaturesDict:
     example = first[0]
     if "id" not in example:
         raise ValueError(f"examples of split {first_name!r} have no 'id'")
-    unknown = set(example) - {"id", "image", "label", *_TEXT_KEYS, *_FLOAT_KEYS}
+    unknown = set(example) - {"id", "image", "label", *_TEXT_KEYS, *_FLOAT_KEYS, *_BOOL_KEYS}
     if unknown:
         raise ValueError(
             f"examples of split {first_name!r} have unsupported keys {sorted(unknown)}"
@@ -79,6 +80,9 @@ def _features(splits: Mapping[str, Source]) -> tfds.features.FeaturesDict:
     for key in _FLOAT_KEYS:
         if key in example:
             features[key] = tfds.features.Tensor(shape=np.shape(example[key]), dtype=np.float32)
+    for key in _BOOL_KEYS:
+        if key in example:
+            features[key] = tfds.features.Tensor(shape=np.shape(example[key]), dtype=np.bool_)
     return tfds.features.FeaturesDict(features)
 
 
@@ -96,6 +100,9 @@ def _encode(example: Mapping[str, Any], keys: frozenset[str], where: str) -> dic
     for key in _FLOAT_KEYS:
         if key in out:
             out[key] = np.asarray(out[key], dtype=np.float32)
+    for key in _BOOL_KEYS:
+        if key in out:
+            out[key] = np.asarray(out[key], dtype=np.bool_)
     return out
 
 
@@ -168,9 +175,9 @@ def prepare_tfds(
     The features come from the first example of the first split: `id` int64 scalar; `image` uint8
     (H, W, C) — a fixed shape when every split is an `ArraySource` with the same image shape,
     else (None, None, C); `label` int64 scalar; `caption`, `source` text; `latent`,
-    `text_embedding` float32 with the first example's shape. Keys an example lacks are not
-    features; every example must have exactly the same keys. Records keep the source order, so
-    record i of a split is example i of its source, with its id.
+    `latent_std`, `text_embedding` float32 and `token_mask` bool with the first example's shape.
+    Keys an example lacks are not features; every example must have exactly the same keys.
+    Records keep the source order, so record i of a split is example i of its source, with its id.
 
     The dataset is built in a hidden temporary folder inside `out_dir` and moved into place when
     complete, so an interrupted run leaves no half-written dataset behind.
