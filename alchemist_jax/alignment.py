@@ -36,12 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 from alchemist_jax import models
 from alchemist_jax.data.tokenizer import VOCAB_SIZE
 from alchemist_jax.models.dit import caption_features, visual_input
 from alchemist_jax.models.text_encoder import masked_mean
+from alchemist_jax.runtime import numerics, preemption, progress
 
 CAPTION_FIELDS = ("tokens", "token_mask", "text_embedding")  # what a reference caption holds
 
@@ -302,6 +302,7 @@ class ContrastiveTraining:
     width: int = 32  # convolution channels
     dim: int = 128  # embedding size
     max_shift: int = 2  # augmentation: pixels of shift
+    max_bad_steps: int = 10  # consecutive non-finite (skipped) steps before training stops
 
 
 def train_contrastive(
@@ -319,6 +320,10 @@ def train_contrastive(
       desc: progress bar label.
     Returns:
       (graphdef, params, rest) of the trained model.
+    Raises:
+      numerics.NonFiniteError: `settings.max_bad_steps` consecutive steps with a non-finite
+        loss or gradient (each one is skipped: the parameters keep their last finite values).
+      preemption.Preempted: SIGTERM / SIGINT arrived (at the end of that step).
     """
     arrays = {
         k: jnp.asarray(v) for k, v in data.items() if k in ("image", "latent", *CAPTION_FIELDS)
@@ -348,15 +353,40 @@ def train_contrastive(
         loss, grads = jax.value_and_grad(
             lambda p: contrastive_loss(nnx.merge(graphdef, p, rest), batch)
         )(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        ok = numerics.all_finite((loss, grads))
+        params, opt_state = numerics.keep_if(
+            ok, (optax.apply_updates(params, updates), new_opt_state), (params, opt_state)
+        )
+        return params, opt_state, loss, ok
 
+    guard = numerics.BadStepGuard(
+        desc,
+        settings.max_bad_steps,
+        f"the contrastive model diverges on the validation pairs: check data.validation_source "
+        f"for extreme values, or lower its learning rate ({settings.learning_rate:g})",
+    )
     opt_state = optimizer.init(params)
-    progress = tqdm(range(settings.steps), desc=desc, unit="step")
-    for index in progress:
-        params, opt_state, loss = step(params, opt_state, jax.random.fold_in(loop_key, index))
-        if index % 50 == 0 or index == settings.steps - 1:
-            progress.set_postfix(loss=f"{float(loss):.4f}")
+    pending = []  # (step, loss, finite) not yet read back: one device sync per 50 steps
+    bar = progress.bar(range(settings.steps), desc=desc, unit="step")
+    with preemption.guard() as stop:
+        for index in bar:
+            params, opt_state, loss, ok = step(
+                params, opt_state, jax.random.fold_in(loop_key, index)
+            )
+            pending.append((index + 1, loss, ok))
+            if index % 50 == 0 or index == settings.steps - 1 or stop.requested:
+                for number, value, finite in jax.device_get(pending):
+                    guard.check(number, finite, {"loss": value})
+                pending = []
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            if stop.requested:
+                raise preemption.Preempted(
+                    f"{desc} stopped by {stop.signal_name} after step {index + 1} of "
+                    f"{settings.steps}; nothing was saved (it retrains in minutes): rerun the "
+                    "same command"
+                )
+    bar.close()
     return graphdef, params, rest
 
 

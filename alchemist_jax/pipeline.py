@@ -80,8 +80,18 @@ def check_arms(cfg: config_lib.Config, has_defects: bool) -> None:
         )
 
 
-def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
-    """Runs (or resumes) every stage in `workdir`; returns the rows of results.json."""
+def run(cfg: config_lib.Config, workdir: str | Path, allow_data_change: bool = False) -> list[dict]:
+    """Runs (or resumes) every stage in `workdir`; returns the rows of results.json.
+
+    Args:
+      cfg: the whole configuration.
+      workdir: the run folder (layout: docs/PIPELINE.md).
+      allow_data_change: let the rating and training runs resume on data other than their
+        checkpoints' (otherwise refused, naming the run).
+    Raises:
+      preemption.Preempted: SIGTERM / SIGINT stopped a stage at its next step, chunk or batch
+        boundary (its progress saved where it has any): rerunning the command resumes.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -93,7 +103,9 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
     needed = {name for arm in arms.values() for name in arm.ratings}
     for rater in (r for r in RATERS if r in needed):
         _stage(f"rate ({rater})")
-        rating.run(rater_config(cfg, rater), workdir / "rate" / rater)
+        rating.run(
+            rater_config(cfg, rater), workdir / "rate" / rater, allow_data_change=allow_data_change
+        )
         _score(cfg, rater, "rater", workdir, rater_dir=workdir / "rate" / rater)
     for scorer in sorted(needed - set(RATERS)):
         _score(cfg, scorer, scorer, workdir)
@@ -134,6 +146,7 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> list[dict]:
                     seed=seed,
                     validation=validation,
                     desc=f"train {run_name}",
+                    allow_data_change=allow_data_change,
                 )
                 eval_dir = workdir / "eval" / run_name / f"seed{seed}"
                 metrics_path = eval_dir / "metrics.json"
@@ -193,7 +206,7 @@ def _score(
 def _select(cfg: config_lib.Config, name: str, arm: Arm, splits, workdir: Path) -> np.ndarray:
     """The ids arm `name` trains on (read back from selections/<name>.parquet when present)."""
     out = workdir / "selections" / f"{name}.parquet"
-    if out.exists():
+    if out.exists() and out.with_suffix(".json").exists():  # both written: the arm is done
         return pq.read_table(out).column("id").to_numpy()
     pool_ids = splits.train.ids
     if arm.policy is None:  # a fixed subset: the whole pool, or its clean samples

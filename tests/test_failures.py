@@ -20,9 +20,12 @@ from PIL import Image
 from test_rate import TINY as RATE_TINY
 from test_train import TINY as TRAIN_TINY
 
-from alchemist_jax import cli, rating, training
+from alchemist_jax import alignment, cli, rating, scoring, training
 from alchemist_jax.config import load_config
 from alchemist_jax.data import prepare_splits
+from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.dedup import features as dedup_features
+from alchemist_jax.evaluation import classifier as classifier_lib
 from alchemist_jax.runtime import checkpoints, io, numerics, preemption, progress, runlog
 
 QUICK_RATE = RATE_TINY + ["rate.steps=3", "rate.checkpoint_every=1", "rate.max_bad_steps=2"]
@@ -116,6 +119,101 @@ def test_training_that_diverges_stops_with_the_cause(tmp_path):
         training.train_model(cfg, data.pool, tmp_path, steps=30, seed=0)
 
 
+def test_contrastive_training_on_nan_images_stops_naming_the_data():
+    n = 16
+    tokens = np.tile(np.array([[1, 5, 2, 0]], np.int32), (n, 1))
+    data = {
+        "image": np.full((n, 8, 8, 1), np.nan, np.float32),
+        "tokens": tokens,
+        "token_mask": tokens > 0,
+    }
+    settings = alignment.ContrastiveTraining(
+        steps=6, batch_size=8, width=4, dim=4, max_shift=1, max_bad_steps=3
+    )
+    with pytest.raises(
+        numerics.NonFiniteError,
+        match=r"contrastive stopped at step 3: 3 consecutive .*data.validation_source",
+    ):
+        alignment.train_contrastive(data, settings, seed=0)
+
+
+def test_classifier_training_skips_non_finite_steps_then_stops():
+    images = np.full((8, 8, 8, 1), np.inf, np.float32)
+    with pytest.raises(
+        numerics.NonFiniteError,
+        match=r"feature classifier stopped at step 2: .*data.validation_source",
+    ):
+        classifier_lib.train_classifier(images, np.arange(8) % 2, 5, 0, max_bad_steps=2)
+
+
+def _synthetic_pool(n: int) -> ArraySource:
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (n, 4, 4, 1)).astype(np.float32)
+    return ArraySource("synthetic", np.arange(n) + 100, None, None, extra={"image": images})
+
+
+SCORE_META = {"scorer": "probe", "config_sha256": "abc", "source": "synthetic", "count": "20"}
+
+
+def test_scoring_refuses_non_finite_scores_unless_asked(tmp_path):
+    pool = _synthetic_pool(20)
+
+    def half_broken(batch):  # NaN for ids 105 and 117
+        scores = batch["image"].mean(axis=(1, 2, 3))
+        return np.where(np.isin(batch["id"], [105, 117]), np.nan, scores)
+
+    out = tmp_path / "ratings.parquet"
+    args = dict(batch_size=4, chunk_size=8, metadata=SCORE_META)
+    with pytest.raises(
+        ValueError,
+        match=r"score.scorer=probe: 1 of 8 scores are NaN or Inf \(e.g. id 105\), not "
+        r"writing .*00000.parquet.*score.allow_nonfinite=true",
+    ):
+        scoring.score_pool(half_broken, pool, out, **args)
+    assert not out.exists() and not list(scoring.chunk_folder(out).glob("*.parquet"))
+    scores = scoring.score_pool(half_broken, pool, out, allow_nonfinite=True, **args)
+    assert int(np.sum(~np.isfinite(scores))) == 2 and out.exists()
+    assert load_config("configs/demo.yaml", ["score.allow_nonfinite=true"]).score.allow_nonfinite
+
+
+def test_a_signal_stops_scoring_at_a_chunk_boundary_and_the_rerun_resumes(tmp_path):
+    pool = _synthetic_pool(20)
+    args = dict(batch_size=4, chunk_size=8, metadata=SCORE_META)
+    whole = tmp_path / "whole.parquet"
+    scoring.score_pool(lambda b: b["image"].mean(axis=(1, 2, 3)), pool, whole, **args)
+    calls = []
+
+    def signalling(batch):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch["image"].mean(axis=(1, 2, 3))
+
+    split = tmp_path / "split.parquet"
+    with pytest.raises(preemption.Preempted, match="after chunk 1 of 3; finished chunks kept"):
+        scoring.score_pool(signalling, pool, split, **args)
+    assert [p.name for p in scoring.chunk_folder(split).glob("*.parquet")] == ["00000.parquet"]
+    assert len(calls) == 2  # the chunk in progress finished (2 batches), no more
+    scoring.score_pool(signalling, pool, split, **args)
+    assert split.read_bytes() == whole.read_bytes()
+    assert not scoring.chunk_folder(split).exists()
+
+
+def test_a_signal_stops_dedup_at_the_next_batch():
+    stop = preemption.StopRequest()
+    pool = _synthetic_pool(8)
+    cfg = load_config("configs/demo.yaml", ["dedup.batch_size=4"]).dedup
+    assert len(dedup_features.fingerprints(pool, cfg, stop=stop)[0]) == 8
+    stop.signal_name = "SIGTERM"
+    with pytest.raises(preemption.Preempted, match="dedup stopped by SIGTERM during dedup"):
+        dedup_features.fingerprints(pool, cfg, stop=stop)
+
+
+def test_pipeline_takes_allow_data_change():
+    args = cli.build_parser().parse_args(["pipeline", "--workdir", "x", "--allow-data-change"])
+    assert args.allow_data_change
+
+
 def test_metrics_log_writes_valid_json_for_non_finite_values(tmp_path):
     log = runlog.MetricsLog(tmp_path)
     log.write(1, {"loss": float("nan"), "ok": 2.0})
@@ -202,6 +300,13 @@ def test_sigterm_to_the_command_exits_75_with_one_line(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Data drift, reports, user mistakes
 # ----------------------------------------------------------------------------------------------
+
+
+def test_a_partial_metrics_line_left_by_a_kill_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    runlog.forget_after(path, 2)
+    assert [row["step"] for row in runlog.read_metrics(path)] == [1, 2]
 
 
 def test_resume_on_changed_data_is_refused_unless_allowed(tmp_path):

@@ -80,7 +80,7 @@ from alchemist_jax.dedup.search import (
     simhash_keys,
     sort_orders,
 )
-from alchemist_jax.runtime import io
+from alchemist_jax.runtime import io, preemption
 from alchemist_jax.scoring.rating_run import RatingRun, open_rating_run
 
 __all__ = [
@@ -252,7 +252,8 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
     """`alchemist-jax dedup`: groups the duplicates of the pool of `cfg.data` into `out`.
 
     Nothing is recomputed when `out` already holds the groups of the same pool under the same
-    configuration; the file is written atomically (never a partial file). The `rater`
+    configuration; the file is written atomically (never a partial file). SIGTERM / SIGINT stop
+    the pass at the next batch (`preemption.Preempted`; nothing is saved before `out`). The `rater`
     embedding reads the EMA rater of the rating run in `rater_dir`.
 
     Returns:
@@ -297,10 +298,17 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
     if stored is None:
         start = time.perf_counter()
         features = None if rating_run is None else rater_image_features(rating_run, pool[0])
-        hashes, embeddings = fingerprints(pool, cfg.dedup, features)
-        groups, counts = find_groups(
-            pool.ids, hashes, embeddings, cfg.dedup, exact_of, images=pool.extra["image"]
-        )
+        with preemption.guard() as stop:  # SIGTERM / SIGINT: Preempted at the next batch
+            hashes, embeddings = fingerprints(pool, cfg.dedup, features, stop=stop)
+            groups, counts = find_groups(
+                pool.ids,
+                hashes,
+                embeddings,
+                cfg.dedup,
+                exact_of,
+                images=pool.extra["image"],
+                stop=stop,
+            )
         seconds = time.perf_counter() - start
         sizes = np.unique(groups, return_counts=True)[1]
         counts = {

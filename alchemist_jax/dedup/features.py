@@ -7,23 +7,26 @@ pixel_embeddings      the default embedding: the canonical image blurred, downsa
                       norm; `rater_image_features` the learned one (a rating run's rater)
 alignment_images      what the final check compares, and `aligned_cosine`, the check
 fingerprints          hashes and embeddings of a whole pool in fixed-shape batches
+passes                the progress reporter of dedup's long passes, which stops at the next
+                      batch on SIGTERM / SIGINT (`preemption.Preempted`)
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
 from alchemist_jax.alignment import unit_rows
 from alchemist_jax.data.pipeline import padded_batches
 from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.runtime import preemption, progress
 from alchemist_jax.runtime.parallel import model_inputs
 from alchemist_jax.scoring.rating_run import RatingRun, ema_rater
 
@@ -198,23 +201,83 @@ def aligned_cosine(first: jax.Array, second: jax.Array, max_shift: int, border: 
     return best
 
 
+class _Quiet:
+    """A progress reporter that reports nothing (`passes(..., show=False)`)."""
+
+    def __init__(self, iterable: Any = None):
+        self.iterable = iterable
+
+    def __iter__(self) -> Iterator:
+        return iter(self.iterable)
+
+    def update(self, count: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Stoppable:
+    """A progress reporter that raises `preemption.Preempted` at the next item or update once
+    `stop` is requested (nothing of dedup is saved before its one output file)."""
+
+    def __init__(self, bar: Any, stop: preemption.StopRequest, desc: str):
+        self.bar, self.stop, self.desc = bar, stop, desc
+
+    def _check(self) -> None:
+        if self.stop.requested:
+            self.bar.close()
+            raise preemption.Preempted(
+                f"dedup stopped by {self.stop.signal_name} during {self.desc}; dedup writes its "
+                "one file at the end, nothing was saved: rerun the same command"
+            )
+
+    def __iter__(self) -> Iterator:
+        for item in self.bar:
+            self._check()
+            yield item
+
+    def update(self, count: int = 1) -> None:
+        self.bar.update(count)
+        self._check()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def passes(
+    iterable: Any = None,
+    *,
+    desc: str,
+    stop: preemption.StopRequest | None = None,
+    show: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """`progress.bar(iterable, desc=desc, **kwargs)` (nothing when not `show`) that stops
+    with `preemption.Preempted` once `stop` (a `preemption.guard`'s request) is set."""
+    bar = progress.bar(iterable, desc=desc, **kwargs) if show else _Quiet(iterable)
+    return bar if stop is None else _Stoppable(bar, stop, desc)
+
+
 def fingerprints(
     pool: ArraySource,
     cfg: config_lib.DedupConfig,
     features: Callable[[dict[str, np.ndarray]], jax.Array] | None = None,
+    stop: preemption.StopRequest | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """pHashes (N,) uint64 and embeddings (N, D) float32 of a preprocessed pool (`image`
     (N, H, W, C) in [-1, 1]), in fixed-shape batches of `cfg.batch_size` (the last padded:
     `data.pipeline.padded_batches`). `features`: batch -> (B, D) unit-norm embeddings; None:
-    `pixel_embeddings`."""
+    `pixel_embeddings`. `stop`: a `preemption.guard` request, checked at every batch."""
     columns = {
         "image": pool.extra["image"],
         **{key: pool.extra[key] for key in ("tokens", "token_mask") if key in pool.extra},
     }
     hashes, embeddings = [], []
-    for batch in tqdm(
+    for batch in passes(
         padded_batches(columns, cfg.batch_size),
         desc="dedup fingerprints",
+        stop=stop,
         unit="batch",
         total=-(-len(pool) // cfg.batch_size),
     ):

@@ -10,11 +10,11 @@ groups        connected components (`group_ids`); `find_groups` runs the whole s
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from tqdm import tqdm
 
 from alchemist_jax import config as config_lib
 from alchemist_jax.data.pipeline import padded_batches
@@ -24,7 +24,9 @@ from alchemist_jax.dedup.features import (
     alignment_images,
     hamming,
     pack_bits,
+    passes,
 )
+from alchemist_jax.runtime import preemption
 
 
 def exact_duplicates(rows: np.ndarray) -> np.ndarray:
@@ -99,7 +101,7 @@ def close_pairs(
     embeddings: np.ndarray,
     max_hamming: int,
     min_cosine: float,
-    progress: tqdm | None = None,
+    progress: Any = None,
     block: int = 32768,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """The candidate pairs whose fingerprints are close: Hamming(hash) <= max_hamming and
@@ -147,7 +149,7 @@ def aligned_pairs(
     pairs: np.ndarray,
     cfg: config_lib.DedupConfig,
     batch_size: int = 1024,
-    progress: tqdm | None = None,
+    progress: Any = None,
 ) -> np.ndarray:
     """The pairs that match pixel for pixel at their best alignment: `aligned_cosine` of their
     `alignment_images` >= `cfg.min_aligned_cosine`.
@@ -190,6 +192,7 @@ def find_groups(
     exact_of: np.ndarray | None = None,
     images: np.ndarray | None = None,
     show_progress: bool = True,
+    stop: preemption.StopRequest | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Groups of duplicates from precomputed fingerprints (see the module docstring).
 
@@ -202,7 +205,9 @@ def find_groups(
         or None when there are none to know of; only the first of each set is searched.
       images: (N, H, W, C) in [-1, 1] for the final `aligned_pairs` check, or None to group
         the pairs with close fingerprints without it.
-      show_progress: tqdm bars over the sort keys and the verified pairs.
+      show_progress: progress bars over the sort keys and the verified pairs.
+      stop: a `preemption.guard` request: `preemption.Preempted` at the next key or batch of
+        pairs once it is set.
     Returns:
       ((N,) int64 group ids, the smallest id of each group; counts {"exact_pairs": exact
       copies joined to their first, "compared": candidate pairs examined, "hash_close",
@@ -222,19 +227,22 @@ def find_groups(
             simhash_keys(embeddings, cfg.projection_tables, cfg.seed),
         ]
     )
-    progress = tqdm(total=len(keys), desc="dedup candidates", unit="key", disable=not show_progress)
+    progress = passes(
+        total=len(keys), desc="dedup candidates", unit="key", show=show_progress, stop=stop
+    )
     close, stats = close_pairs(
         sort_orders(keys), cfg.window, hashes, embeddings, cfg.max_hamming, cfg.min_cosine, progress
     )
     progress.close()
     near = unique[close]
     if images is not None:
-        progress = tqdm(
+        progress = passes(
             total=len(near),
             desc="dedup verification",
             unit="pair",
             unit_scale=True,
-            disable=not show_progress,
+            show=show_progress,
+            stop=stop,
         )
         near = aligned_pairs(images, near, cfg, progress=progress)
         progress.close()

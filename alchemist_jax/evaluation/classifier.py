@@ -37,7 +37,7 @@ from alchemist_jax.data import load_splits, load_test, pipeline, preprocess
 from alchemist_jax.data.cache import cache_dir
 from alchemist_jax.data.sources import ArraySource, Source
 from alchemist_jax.data.splits import Subset
-from alchemist_jax.runtime import progress
+from alchemist_jax.runtime import numerics, preemption, progress
 from alchemist_jax.runtime.io import atomic_write_bytes
 
 log = logging.getLogger("alchemist_jax.evaluation")
@@ -51,6 +51,7 @@ TRAIN_BATCH_SIZE = 128
 PEAK_LEARNING_RATE = 3e-3  # Adam, cosine decay to 5% of the peak
 MAX_SHIFT_FRACTION = 1 / 14  # augmentation: random shifts up to this fraction of the side
 INFERENCE_BATCH_SIZE = 256  # rows per jitted inference call (inputs are padded to it)
+MAX_BAD_STEPS = 10  # consecutive non-finite (skipped) training steps before training stops
 
 
 class UnlabeledDataError(ValueError):
@@ -170,13 +171,18 @@ def train_classifier(
     labels: np.ndarray,
     steps: int,
     seed: int,
+    max_bad_steps: int = MAX_BAD_STEPS,
 ) -> tuple[nnx.GraphDef, nnx.State, float]:
     """Trains a `ConvClassifier` on images (N, H, W, C) in [-1, 1] with labels (N,) in
     [0, classes) (classes = max label + 1): `steps` Adam steps on batches of TRAIN_BATCH_SIZE
-    drawn with replacement, randomly shifted (MAX_SHIFT_FRACTION of the side).
+    drawn with replacement, randomly shifted (MAX_SHIFT_FRACTION of the side). A step whose loss
+    or gradient is not finite is skipped (the parameters keep their last finite values).
 
     Returns:
-      (graphdef, params, mean cross-entropy of the last 50 steps).
+      (graphdef, params, mean cross-entropy of the last 50 finite steps).
+    Raises:
+      numerics.NonFiniteError: `max_bad_steps` consecutive non-finite steps.
+      preemption.Preempted: SIGTERM / SIGINT arrived (nothing is cached: a rerun retrains).
     """
     if steps < 1:
         raise config_lib.ConfigError(f"evaluate.classifier_steps must be >= 1, got {steps}")
@@ -198,19 +204,41 @@ def train_classifier(
             return optax.softmax_cross_entropy_with_integer_labels(logits, all_labels[rows]).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        ok = numerics.all_finite((loss, grads))
+        params, opt_state = numerics.keep_if(
+            ok, (optax.apply_updates(params, updates), new_opt_state), (params, opt_state)
+        )
+        return params, opt_state, loss, ok
 
     step_fn = jax.jit(train_step, donate_argnums=(0, 1))
+    guard = numerics.BadStepGuard(
+        "feature classifier",
+        max_bad_steps,
+        "the validation images (data.validation_source) hold extreme or non-finite values, or "
+        f"evaluate.classifier_steps={steps} is too short for the schedule",
+    )
     opt_state = optimizer.init(params)
     device_images, device_labels = jnp.asarray(images, jnp.float32), jnp.asarray(labels)
-    losses = []
-    for step in progress.bar(range(steps), desc="feature classifier", unit="step", leave=False):
-        params, opt_state, loss = step_fn(
-            params, opt_state, device_images, device_labels, np.int32(step)
-        )
-        losses.append(loss)
-    return graphdef, params, float(np.mean(jax.device_get(losses[-50:])))
+    losses, pending = [], []
+    bar = progress.bar(range(steps), desc="feature classifier", unit="step", leave=False)
+    with preemption.guard() as stop:
+        for step in bar:
+            params, opt_state, loss, ok = step_fn(
+                params, opt_state, device_images, device_labels, np.int32(step)
+            )
+            pending.append((step + 1, loss, ok))
+            if (step + 1) % 50 == 0 or step == steps - 1 or stop.requested:
+                for number, value, finite in jax.device_get(pending):
+                    if guard.check(number, finite, {"loss": value}):
+                        losses.append(float(value))
+                pending = []
+            if stop.requested:
+                raise preemption.Preempted(
+                    f"feature classifier stopped by {stop.signal_name} after step {step + 1} of "
+                    f"{steps}; nothing was cached: rerun the same command"
+                )
+    return graphdef, params, float(np.mean(losses[-50:]))
 
 
 # ==============================================================================================

@@ -76,14 +76,23 @@ def series(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def forget_after(path: Path, step: int) -> None:
-    """Drops the lines past `step` (written after the checkpoint a run resumes from)."""
+    """Drops the lines past `step` (written after the checkpoint a run resumes from), and a
+    partial line a killed run may have left."""
     path = Path(path)
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
     if len(kept) < len(lines):
         atomic_write_bytes(path, "".join(kept).encode())
+
+
+def _step_of(line: str) -> int | None:
+    """The `step` of a metrics line; None for a partial line (cut by a kill) or a blank one."""
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def plot_curves(

@@ -161,6 +161,7 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
             chunk_size=cfg.score.chunk_size,
             metadata=metadata,
             desc=f"score ({scorer})",
+            allow_nonfinite=cfg.score.allow_nonfinite,
         )
         seconds = time.perf_counter() - start
     return {

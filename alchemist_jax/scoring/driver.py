@@ -8,6 +8,11 @@ them into `out` (columns id int64, score float32, pool order) with the run's met
 Parquet schema, then removes the chunk folder. Every scorer scores each row on its own, so
 scores do not depend on the batch size, and a resumed run writes the same file as an
 uninterrupted one.
+
+Failure paths: a chunk (or the pool) with NaN / Inf scores is not written unless
+`allow_nonfinite` (`score.allow_nonfinite`): one line names the scorer, how many and an example
+id. SIGTERM / SIGINT stop the pass at the next chunk boundary (the finished chunks are kept) with
+`preemption.Preempted`.
 """
 
 from __future__ import annotations
@@ -20,11 +25,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from alchemist_jax.data.pipeline import padded_batches
 from alchemist_jax.data.sources import ArraySource
-from alchemist_jax.runtime import io
+from alchemist_jax.runtime import io, preemption, progress
 
 log = logging.getLogger("alchemist_jax.scoring")
 
@@ -60,6 +64,7 @@ def score_pool(
     chunk_size: int,
     metadata: dict[str, str],
     desc: str = "score",
+    allow_nonfinite: bool = False,
 ) -> np.ndarray:
     """Scores every example of `source` and writes `out` (resumable; see the module docstring).
 
@@ -78,8 +83,12 @@ def score_pool(
       metadata: string key/values stored in the schema of `out` and of every chunk; a chunk
         written under other metadata is scored again.
       desc: progress bar label.
+      allow_nonfinite: write NaN / Inf scores (otherwise refused, see the module docstring).
     Returns:
       (N,) float32 scores in pool order (as written).
+    Raises:
+      ValueError: non-finite scores (without `allow_nonfinite`); nothing more is written.
+      preemption.Preempted: SIGTERM / SIGINT arrived; the chunks finished so far are kept.
     """
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(
@@ -102,27 +111,55 @@ def score_pool(
         finished_scores(path, ids[start : start + chunk_size], metadata)
         for path, start in zip(paths, starts)
     ]
-    progress = tqdm(
+    bar = progress.bar(
         total=len(source),
         desc=desc,
         unit="sample",
         unit_scale=True,
         initial=sum(len(p) for p in parts if p is not None),
     )
-    for index, start in enumerate(starts):
-        if parts[index] is None:
-            rows = pool_columns(source, start, start + chunk_size)
-            # Every batch is dispatched before the first result is read back (async dispatch).
-            pending = [
-                (score_batch(batch), batch["mask"]) for batch in padded_batches(rows, batch_size)
-            ]
-            parts[index] = _collect(pending, progress)
-            io.atomic_write_parquet(paths[index], ratings_table(rows["id"], parts[index], metadata))
-    progress.close()
+    scorer = metadata.get("scorer", desc)
+    with preemption.guard() as stop:
+        for index, start in enumerate(starts):
+            if parts[index] is None:
+                rows = pool_columns(source, start, start + chunk_size)
+                # Every batch is dispatched before the first result is read back (async
+                # dispatch).
+                pending = [
+                    (score_batch(batch), batch["mask"])
+                    for batch in padded_batches(rows, batch_size)
+                ]
+                parts[index] = _collect(pending, bar)
+                if not allow_nonfinite:
+                    check_finite(parts[index], rows["id"], scorer, paths[index])
+                io.atomic_write_parquet(
+                    paths[index], ratings_table(rows["id"], parts[index], metadata)
+                )
+            if stop.requested and index + 1 < len(starts):
+                raise preemption.Preempted(
+                    f"{desc} stopped by {stop.signal_name} after chunk {index + 1} of "
+                    f"{len(starts)}; finished chunks kept in {folder}: rerun the same command "
+                    "to resume"
+                )
+    bar.close()
     scores = np.concatenate(parts)
+    if not allow_nonfinite:
+        check_finite(scores, ids, scorer, out)
     io.atomic_write_parquet(out, ratings_table(ids, scores, metadata))
     shutil.rmtree(folder)
     return scores
+
+
+def check_finite(scores: np.ndarray, ids: np.ndarray, scorer: str, path: Path) -> None:
+    """Raises a one-line ValueError when `scores` (n,) hold NaN or Inf: how many, the first
+    such id of `ids` (n,), the scorer and the file that is not written."""
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        raise ValueError(
+            f"score.scorer={scorer}: {int(bad.sum())} of {len(scores)} scores are NaN or Inf "
+            f"(e.g. id {int(ids[np.argmax(bad)])}), not writing {path}: the scorer's model "
+            "diverged (check its run), or set score.allow_nonfinite=true to write them anyway"
+        )
 
 
 def pool_columns(source: ArraySource, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -134,10 +171,11 @@ def pool_columns(source: ArraySource, start: int, stop: int) -> dict[str, np.nda
     return {key: column[start:stop] for key, column in columns.items() if column is not None}
 
 
-def _collect(pending: list, progress: tqdm) -> np.ndarray:
-    """Waits for the scores of a chunk's batches: (rows,) float32, padding dropped, in order."""
+def _collect(pending: list, bar: Any) -> np.ndarray:
+    """Waits for the scores of a chunk's batches: (rows,) float32, padding dropped, in order;
+    `bar` (a `progress.bar`) advances by the rows of each."""
     scores = []
     for batch_scores, mask in pending:
         scores.append(np.asarray(batch_scores, np.float32)[mask])
-        progress.update(len(scores[-1]))
+        bar.update(len(scores[-1]))
     return np.concatenate(scores)
