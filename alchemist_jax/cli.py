@@ -221,7 +221,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
 
     _use_compilation_cache()
     cfg = _load(args)
-    pipeline.run(cfg, args.workdir)
+    pipeline.run(cfg, args.workdir, allow_data_change=args.allow_data_change)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="run folder; rerunning resumes every finished stage",
     )
+    _add_allow_data_change(pipeline)
     pipeline.set_defaults(run=_cmd_pipeline)
     return parser
 
