@@ -25,7 +25,7 @@ def test_collapse_before_the_budget_on_a_pool():
         "b.parquet": (np.arange(10)[::-1], first[::-1] * 100),
     }
     duplicates = ("dedup.parquet", (np.arange(10), np.array([0, 1, 2, 2, 4, 0, 6, 0, 8, 9])))
-    config = SelectConfig(policy="topk", keep=0.5)
+    config = SelectConfig(policy="topk", keep=0.5, ranking="within", fusion="equal")
     chosen, summary = selection.select_for_source(config, ratings, source, duplicates=duplicates)
     # Both files rank alike, so fused = the within-label percentile of `first`:
     #   label 0, ids 0-4: 1, 0, 3/4, 1/2, 1/4;  label 1, ids 5-9: 3/4, 0, 1, 1/4, 1/2.
@@ -69,6 +69,7 @@ TINY = [
     "data.pool.validation_size=20",
     "data.pool.test_size=20",
     "select.keep=0.3",
+    "select.ranking=within",
 ]
 
 
@@ -96,6 +97,7 @@ def test_run_end_to_end_and_bad_ratings(tmp_path, capsys):
         "policy": "filter",
         "keep": 0.3,
         "group_by": "label",
+        "ranking": "within",
         "params": {"drop": 0.25, "seed": 0},
         "ratings": [str(ratings)],
         "weights": [1.0],
@@ -163,7 +165,7 @@ def test_select_for_source_matches_select():
     source = ArraySource(
         "s", np.sort(ids), None, ["a cat", "a dog", "a car"] * 20, labels=np.sort(ids) % 4
     )
-    config = SelectConfig(policy="shift_gsample", keep=0.4, seed=5)
+    config = SelectConfig(policy="shift_gsample", keep=0.4, seed=5, ranking="within")
     chosen, summary = selection.select_for_source(config, {"r.parquet": (ids, scores)}, source)
     expected = selection.select(
         scores,

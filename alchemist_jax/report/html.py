@@ -164,6 +164,82 @@ def _selections_section(run: RunFolder) -> str | None:
     return _section("Selections", "".join(parts))
 
 
+def _clusters_section(run: RunFolder) -> str | None:
+    """The ranking clusters of the headline selection (`alchemist`, else the first summary
+    with clusters) and the fusion weights every arm used."""
+    summaries = [(arm, s) for arm, s in folder_lib.read_summaries(run) if s.get("clusters")]
+    if not summaries:
+        run.missing.append("selections/*.json: no ranking clusters")
+        return None
+    header, rows = cluster_rows(dict(summaries))
+    arm, summary = next(((a, s) for a, s in summaries if a == "alchemist"), summaries[0])
+    files = list(summary.get("ratings", []))
+    clusters = summary["clusters"]
+    body = []
+    for cluster in clusters:
+        offsets = cluster.get("offsets", {})
+        cells = [
+            f"{offsets[f]['mean']:+.2f} / {offsets[f]['removed']:+.2f}" if f in offsets else ""
+            for f in files
+        ]
+        examples = "; ".join(
+            f"{e['id']}{'' if e['kept'] else ' (pruned)'}: {e['caption'] or ''}"
+            for e in cluster.get("examples", [])
+        )
+        body.append(
+            [
+                cluster["name"],
+                str(cluster["size"]),
+                str(cluster["kept"]),
+                f"{cluster['keep_rate']:.2f}",
+                *cells,
+                examples,
+            ]
+        )
+    text = (
+        f"<p>Ranking clusters of <code>{html.escape(arm)}</code> (grouping "
+        f"<code>{html.escape(str(summary.get('group_by')))}</code>, ranking "
+        f"<code>{html.escape(str(summary.get('ranking', 'within')))}</code>), largest first. "
+        "Offset: the cluster's mean score minus the median of the cluster means / the part "
+        "removed as style (robust z units). Members: the best, middle and worst by the ranked "
+        "score.</p>"
+    )
+    offset_header = [f"offset {Path(f).stem}" for f in files]
+    return _section(
+        "Clusters and fusion weights",
+        "<p>Weights of each ratings file in the fused score, and each file's label-free "
+        "reliability when the weights were estimated.</p>"
+        + _table(header, rows, table_id="fusion-weights")
+        + text
+        + _table(
+            ["cluster", "size", "kept", "keep rate", *offset_header, "members"],
+            body,
+            table_id="clusters",
+        ),
+    )
+
+
+def cluster_rows(summaries: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the fusion weights: per arm, its ranking, clusters, and per ratings file
+    its weight and reliability ("n/a" when the weights were given or equal)."""
+    header = ["arm", "ranking", "clusters", "ratings file", "weight", "reliability"]
+    rows = []
+    for arm, summary in summaries.items():
+        reliability = summary.get("reliability") or {}
+        for name, weight in zip(summary.get("ratings", []), summary.get("weights", [])):
+            rows.append(
+                [
+                    arm,
+                    str(summary.get("ranking", "within")),
+                    str(len(summary.get("clusters", []))),
+                    name,
+                    f"{weight:.3f}",
+                    f"{reliability[name]:.3f}" if name in reliability else "n/a",
+                ]
+            )
+    return header, rows
+
+
 def _curves_section(run: RunFolder) -> str | None:
     curves = folder_lib.val_loss_curves(run)
     if not curves:
@@ -263,6 +339,7 @@ SECTIONS = (
     _auroc_section,
     _samples_section,
     _selections_section,
+    _clusters_section,
     _curves_section,
     _results_section,
     _components_section,

@@ -1,18 +1,28 @@
-"""Ranking clusters of the pool: by label, by exact caption, by k-means over caption vectors.
+"""Ranking clusters of the pool: by label, by caption, by k-means over caption vectors.
 
-    groups, names = cluster_groups(pool, "auto", clusters=20, seed=0)
+    groups, names = cluster_groups(pool, "auto", clusters=20, seed=0, min_size=20)
 
 Groupings (the names of `config.GROUPINGS`): `label` (source.labels), `caption` (identical caption
 text), `kmeans` (k-means++ seeded weighted k-means over caption vectors: the mean-pooled
-`text_embedding` when the examples carry one, else L2-normalised TF-IDF of their CLIP BPE tokens),
-`none` (one group) and `auto` (label when the source has labels; else caption when there are at
-most N / 5 distinct captions; else kmeans). Pure numpy/scipy apart from reading the captions.
+`text_embedding` when the examples carry one, else L2-normalised TF-IDF of the CLIP BPE tokens of
+the *normalised* captions — lower case, punctuation and repeated spaces removed —; clusters of
+fewer than `min_size` samples are then merged into the nearest other cluster, one at a time,
+smallest first), `none` (one group) and `auto`:
+
+  - the labels when the source has labels;
+  - else the normalised caption text when every normalised caption is shared by at least
+    `min_size` samples (templated captions: a caption *is* a class);
+  - else kmeans. Free-text captions are never grouped by their exact text: a caption of one
+    sample would be a cluster of one, kept or dropped by the rounding of its share, not its score.
+
+Pure numpy/scipy apart from reading the captions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections import Counter
 from collections.abc import Callable
 
@@ -27,7 +37,7 @@ Grouping = tuple[str, np.ndarray, list[str]]
 
 
 def cluster_groups(
-    source: Source, group_by: str, clusters: int, seed: int
+    source: Source, group_by: str, clusters: int, seed: int, min_size: int = 1
 ) -> tuple[np.ndarray, list[str]]:
     """The ranking clusters of every sample of `source`.
 
@@ -35,35 +45,42 @@ def cluster_groups(
       source: the pool.
       group_by: `label` (source.labels), `caption` (identical caption text), `kmeans` (k-means++
         seeded k-means over caption vectors: the mean-pooled `text_embedding` when the examples
-        carry one, else L2-normalised TF-IDF of their CLIP BPE tokens), `none` (one group) or
-        `auto` (label when the source has labels; else caption when there are at most N / 5
-        distinct captions; else kmeans).
+        carry one, else L2-normalised TF-IDF of their normalised captions), `none` (one group)
+        or `auto` (see the module docstring).
       clusters: k of kmeans (fewer when there are fewer distinct caption vectors).
       seed: seeds kmeans.
+      min_size: kmeans clusters smaller than this are merged into their nearest neighbour; auto
+        groups by normalised caption only when every such group is at least this large.
     Returns:
       (groups int64 (N,) in 0..G-1 in source order, names: G unique cluster names).
     Raises:
       ValueError: labels asked of a source without labels, captions of one without captions.
     """
-    _, groups, names = resolve_grouping(source, group_by, clusters, seed)
+    _, groups, names = resolve_grouping(source, group_by, clusters, seed, min_size)
     return groups, names
 
 
-def resolve_grouping(source: Source, group_by: str, clusters: int, seed: int) -> Grouping:
+def resolve_grouping(
+    source: Source, group_by: str, clusters: int, seed: int, min_size: int = 1
+) -> Grouping:
     """(the grouping used — `auto` resolved —, groups, names); see `cluster_groups`."""
     if group_by not in GROUPINGS:
         raise ValueError(f"unknown select.group_by {group_by!r}; valid: {', '.join(GROUPINGS)}")
-    return GROUPERS[group_by](_Pool(source, group_by, clusters, seed))
+    if min_size < 1:
+        raise ValueError(f"select.min_cluster_size must be at least 1, got {min_size}")
+    return GROUPERS[group_by](_Pool(source, group_by, clusters, seed, min_size))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Pool:
-    """What a grouper reads: the source, the grouping asked for, kmeans' k and seed."""
+    """What a grouper reads: the source, the grouping asked for, kmeans' k, seed and the
+    minimum cluster size."""
 
     source: Source
     group_by: str
     clusters: int
     seed: int
+    min_size: int = 1
 
     @functools.cached_property
     def text(self) -> tuple[list[str] | None, np.ndarray | None]:
@@ -104,7 +121,9 @@ def _by_kmeans(pool: _Pool) -> Grouping:
         features = rows
     elif captions is not None:
         texts, inverse, counts = np.unique(
-            np.asarray(captions, dtype=object), return_inverse=True, return_counts=True
+            np.asarray([normalize_caption(c) for c in captions], dtype=object),
+            return_inverse=True,
+            return_counts=True,
         )
         features = tfidf([str(t) for t in texts], counts)
     else:
@@ -112,7 +131,9 @@ def _by_kmeans(pool: _Pool) -> Grouping:
             f"select.group_by={pool.group_by}: data source {pool.source.name!r} has "
             "neither captions nor text embeddings to cluster"
         )
-    groups = kmeans(features, pool.clusters, pool.seed, weights=counts)[inverse.ravel()]
+    assignment = kmeans(features, pool.clusters, pool.seed, weights=counts)
+    assignment = merge_small_clusters(features, assignment, counts, pool.min_size)
+    groups = assignment[inverse.ravel()]
     return "kmeans", groups, _cluster_names(groups, captions)
 
 
@@ -120,9 +141,57 @@ def _auto(pool: _Pool) -> Grouping:
     if pool.source.labels is not None:
         return _by_label(pool)
     captions, _ = pool.text
-    if captions is not None and len(set(captions)) <= len(pool.source) / 5:
-        return _by_caption(pool)
+    if captions is not None:
+        normalized = np.asarray([normalize_caption(c) for c in captions], dtype=object)
+        values, groups, counts = np.unique(normalized, return_inverse=True, return_counts=True)
+        if counts.min() >= max(pool.min_size, 2):
+            return "caption", groups.astype(np.int64), [str(v) for v in values]
     return _by_kmeans(pool)
+
+
+def normalize_caption(caption: str) -> str:
+    """Lower case, every run of characters other than letters and digits one space, stripped:
+    "A photo of a Cat!!" -> "a photo of a cat"."""
+    return " ".join(re.sub(r"[\W_]+", " ", caption.lower()).split())
+
+
+def merge_small_clusters(
+    features, assignment: np.ndarray, weights: np.ndarray | None, min_size: int
+) -> np.ndarray:
+    """Merges clusters lighter than `min_size` into their nearest neighbour, one at a time,
+    lightest first, until every cluster weighs at least `min_size` or one is left.
+
+    Args:
+      features: float (U, D) rows (numpy or scipy.sparse), e.g. distinct caption vectors.
+      assignment: int (U,) cluster of each row, values 0..G-1.
+      weights: (U,) samples each row stands for; None: 1 each.
+      min_size: the least total weight a cluster keeps.
+    Returns:
+      int64 (U,) the merged clusters, renumbered 0..G'-1 in order of their first appearance
+      among the old cluster numbers.
+    """
+    import scipy.sparse
+
+    assignment = np.asarray(assignment, np.int64).copy()
+    weights = np.ones(len(assignment)) if weights is None else np.asarray(weights, np.float64)
+    dense = features.toarray() if scipy.sparse.issparse(features) else np.asarray(features)
+    while True:
+        labels = np.unique(assignment)
+        mass = np.array([weights[assignment == label].sum() for label in labels])
+        if len(labels) <= 1 or mass.min() >= min_size:
+            break
+        small = labels[np.argmin(mass)]
+        members = assignment == small
+        others = labels[labels != small]
+        centers = np.stack(
+            [
+                np.average(dense[assignment == o], axis=0, weights=weights[assignment == o])
+                for o in others
+            ]
+        )
+        center = np.average(dense[members], axis=0, weights=weights[members])
+        assignment[members] = others[np.argmin(((centers - center) ** 2).sum(axis=1))]
+    return np.unique(assignment, return_inverse=True)[1].astype(np.int64)
 
 
 # Keyed by the names of `config.GROUPINGS` (a test checks that they agree).

@@ -4,10 +4,23 @@
     summary = run(cfg, [Path("meta.parquet"), Path("alignment.parquet")], Path("selection.parquet"),
                   dedup=Path("dedup.parquet"))
 
-With one ratings file the policy ranks that file's own scores (the same order within every
-cluster); with several it ranks their fused score (`fusion.fuse`). The budget is round(keep * N)
-of the whole pool; it is shared among the clusters in proportion to their eligible members (the
-duplicates collapsed by `fusion.best_of_duplicates` are not), and the policy chooses among those.
+How clusters enter (`select.ranking`, see `ranking`): `shrunk` (default) removes each cluster's
+style offset from every file's scores (robust z-scores, empirical-Bayes shrinkage) and the policy
+ranks the whole pool once; `within` ranks inside each cluster and shares the budget among the
+clusters in proportion to their eligible members (the duplicates collapsed by
+`fusion.best_of_duplicates` are not); `global` ranks the raw scores of the whole pool. With one
+ratings file the policy ranks that file's (adjusted) scores; with several it ranks their fused
+score (`fusion.fuse`) with the weights of `select.weights`, or when those are empty the
+reliability weights (`fusion.reliability_weights`, `select.fusion=reliability`) or equal ones.
+The budget is always round(keep * N) of the whole pool.
+
+When each ranking wins: `within` when the clusters are true classes of similar quality and a
+scorer carries large per-class offsets that are not quality (the built-in pool's meta rater);
+`global` when the clusters are arbitrary and the scorers' offsets are quality (free-text web
+data); `shrunk` takes offsets out only as far as they look like style, so it follows `within` on
+large clusters with typical offsets and `global` on small clusters and outlying ones (a cluster
+of junk captions), and is measured within 0.01 of the better of the two on both kinds of pool
+(docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -30,12 +43,20 @@ from alchemist_jax.runtime.io import (
     read_parquet,
 )
 from alchemist_jax.selection.clusters import resolve_grouping
-from alchemist_jax.selection.fusion import best_of_duplicates, fuse, summarize
+from alchemist_jax.selection.fusion import (
+    best_of_duplicates,
+    fuse,
+    reliability_weights,
+    summarize,
+)
 from alchemist_jax.selection.policies import POLICY_PARAMETERS, check_finite, resolve_params, select
+from alchemist_jax.selection.ranking import Offsets, robust_z, shrunk_offsets
 
 PARQUET_METADATA_KEY = b"alchemist_jax.selection"
 # The summary keys a selection file records in its metadata: how it was made and from what.
-RECIPE_KEYS = ("policy", "keep", "group_by", "params", "ratings", "weights", "dedup")
+RECIPE_KEYS = ("policy", "keep", "group_by", "ranking", "params", "ratings", "weights", "dedup")
+CLUSTER_EXAMPLES = 3  # members shown per cluster in the summary (best, middle, worst)
+MAX_SUMMARY_CLUSTERS = 200  # the largest clusters described in the summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +69,12 @@ class RankingScores:
     eligible: bool (N,) False for the duplicates collapsed into a better member of their group.
     groups: int64 (N,) ranking cluster; names: the cluster names; grouping: the `group_by`
       used (`auto` resolved).
-    ratings, weights, dedup: the inputs: ratings names (files), the weight of each, the dedup
-      name or None.
+    ratings, weights, dedup: the inputs: ratings names (files), the weight of each (given, or
+      the reliability weights), the dedup name or None.
+    ranking: `select.ranking`; policy_groups: the groups the policy ranks within (`groups` for
+      `within`, None — one ranking — otherwise).
+    reliability: per file, `fusion.reliability` of its offset-free scores (several files, no
+      given weights) or None; offsets: per file, the `ranking.Offsets` of its robust z-scores.
     """
 
     ids: np.ndarray
@@ -61,6 +86,10 @@ class RankingScores:
     ratings: list[str]
     weights: list[float]
     dedup: str | None
+    ranking: str = "within"
+    policy_groups: np.ndarray | None = None
+    reliability: list[float] | None = None
+    offsets: list[Offsets] = dataclasses.field(default_factory=list)
 
 
 def ranking_scores(
@@ -101,12 +130,22 @@ def ranking_scores(
         aligned[pool_positions(ids, pool_ids, origin, cover=True)] = scores
         columns.append(aligned)
     grouping, groups, names = resolve_grouping(
-        source, config.group_by, config.clusters, config.seed
+        source, config.group_by, config.clusters, config.seed, config.min_cluster_size
     )
-    weights = list(config.weights) or [1.0] * len(columns)
+    shrunk = [shrunk_offsets(robust_z(column), groups) for column in columns]
+    reliability = None
+    if config.weights:
+        weights = [float(w) for w in config.weights]
+    elif config.fusion == "reliability" and len(columns) > 1:
+        chosen, reliability = reliability_weights([adjusted for adjusted, _ in shrunk])
+        weights = [round(float(w), 6) for w in chosen]
+    else:
+        weights = [1.0] * len(columns)
+    ranked = [adjusted for adjusted, _ in shrunk] if config.ranking == "shrunk" else columns
+    policy_groups = groups if config.ranking == "within" else None
     if columns:
-        fused = fuse(columns, weights, groups)
-        scores = columns[0] if len(columns) == 1 else fused
+        fused = fuse(ranked, weights, policy_groups)
+        scores = ranked[0] if len(columns) == 1 else fused
     else:
         fused = scores = np.zeros(len(pool_ids))
     eligible = np.ones(len(pool_ids), bool)
@@ -125,6 +164,10 @@ def ranking_scores(
         list(ratings),
         weights,
         None if duplicates is None else duplicates[0],
+        config.ranking,
+        policy_groups,
+        reliability,
+        [offsets for _, offsets in shrunk],
     )
 
 
@@ -160,7 +203,7 @@ def select_for_source(
         policy=config.policy,
         keep=config.keep,
         seed=config.seed,
-        groups=ranked.groups,
+        groups=ranked.policy_groups,
         eligible=ranked.eligible,
         **params,
     )
@@ -176,12 +219,63 @@ def select_for_source(
         "policy": config.policy,
         "keep": config.keep,
         "group_by": ranked.grouping,
+        "ranking": ranked.ranking,
         "ratings": ranked.ratings,
         "weights": ranked.weights,
+        "reliability": None
+        if ranked.reliability is None
+        else dict(zip(ranked.ratings, (round(float(r), 6) for r in ranked.reliability))),
         "dedup": ranked.dedup,
         "duplicates_collapsed": int((~ranked.eligible).sum()),
         **summary,
+        "clusters": describe_clusters(ranked, selected, source),
     }
+
+
+def describe_clusters(
+    ranked: RankingScores, selected: np.ndarray, source: Source
+) -> list[dict[str, Any]]:
+    """The ranking clusters for the summary and the report, largest first (at most
+    MAX_SUMMARY_CLUSTERS): name, size, kept, keep_rate, per ratings file the cluster's mean
+    offset and the part of it removed (robust z units, `ranking.Offsets`), and CLUSTER_EXAMPLES
+    members — the best, middle and worst by the ranked score — as {id, caption, kept}."""
+    chosen = np.isin(ranked.ids, selected)
+    sizes = np.bincount(ranked.groups, minlength=len(ranked.names))
+    order = np.argsort(-sizes, kind="stable")[:MAX_SUMMARY_CLUSTERS]
+    first = source[0] if len(source) else {}
+    described = []
+    for group in order:
+        members = np.flatnonzero(ranked.groups == group)
+        if not len(members):
+            continue
+        by_score = members[np.argsort(-ranked.scores[members], kind="stable")]
+        spots = np.linspace(0, len(by_score) - 1, CLUSTER_EXAMPLES).round().astype(np.int64)
+        picks = by_score[np.unique(spots)]
+        examples = [
+            {
+                "id": int(ranked.ids[p]),
+                "caption": str(source[int(p)]["caption"]) if "caption" in first else None,
+                "kept": bool(chosen[p]),
+            }
+            for p in picks.astype(np.int64)
+        ]
+        described.append(
+            {
+                "name": ranked.names[group],
+                "size": int(len(members)),
+                "kept": int(chosen[members].sum()),
+                "keep_rate": round(float(chosen[members].mean()), 6),
+                "offsets": {
+                    name: {
+                        "mean": round(float(off.means[group]), 4),
+                        "removed": round(float(off.cluster_removed[group]), 4),
+                    }
+                    for name, off in zip(ranked.ratings, ranked.offsets)
+                },
+                "examples": examples,
+            }
+        )
+    return described
 
 
 def read_ratings(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,17 @@ percentiles within the ranking clusters (`runtime.stats.rank_normalize`), combin
 geometric mean (`select.weights`, one per file; equal by default) into the fused score in (0, 1).
 Duplicates are then collapsed: of each dedup group only the member with the highest fused score
 (ties: the smallest id) stays eligible (`best_of_duplicates`).
+
+Reliability (`select.fusion=reliability`, the default when `select.weights` is empty): each
+scorer's weight is estimated from its own scores on the pool, without labels
+(`reliability_weights`): the share of the pool it places far below the spread of its upper half.
+The pool is mostly clean and defects sit in a scorer's low tail when it sees them; the upper half
+is then mostly clean samples, so its spread is the clean spread, and the excess of samples more
+than `TAIL` such spreads below the median over what a normal distribution puts there (2.3%) is
+the part of the pool the scorer separates. A scorer of noise has no such excess (weight ~0); two
+scorers that see different defects (the meta rater: broken images; alignment: wrong captions)
+both get weight, which agreement between scorers could not give them (each looks like noise to
+the other). Blind spot: a scorer whose low tail is heavy for reasons other than quality.
 """
 
 from __future__ import annotations
@@ -22,6 +33,33 @@ from alchemist_jax.runtime.stats import rank_normalize, rank_percentiles
 from alchemist_jax.selection.policies import check_finite
 
 HISTOGRAM_BINS = 20
+TAIL = 2.0  # reliability: a sample counts as separated this many clean spreads below the median
+_NORMAL_TAIL = 0.022750131948179195  # P(Z < -TAIL) of a standard normal
+_UPPER_QUANTILE, _UPPER_Z = 0.9, 1.2815515655446004  # the clean spread: (q90 - q50) / z(0.9)
+
+
+def reliability(scores: np.ndarray) -> float:
+    """The label-free reliability (see the module docstring) of one scorer's scores (N,):
+    max(0, P(s < median − TAIL · d) − P(Z < −TAIL)), d = (q90 − q50) / 1.2816 the spread of the
+    upper half; 0 when that spread is 0. In [0, 1): roughly the share of the pool separated."""
+    scores = np.asarray(scores, np.float64)
+    median, upper = np.quantile(scores, [0.5, _UPPER_QUANTILE])
+    spread = (upper - median) / _UPPER_Z
+    if not spread > 0:
+        return 0.0
+    return max(0.0, float(np.mean(scores < median - TAIL * spread)) - _NORMAL_TAIL)
+
+
+def reliability_weights(scores: Sequence[np.ndarray]) -> tuple[np.ndarray, list[float]]:
+    """(weights (F,) summing to 1, reliabilities (F,)) of F scorers' aligned scores (N,) each:
+    weight ∝ `reliability` (pass scores with the clusters' style offsets removed, e.g.
+    `ranking.shrunk_offsets`, so that a rater's per-class offsets do not look like a tail);
+    equal weights when no scorer has any reliability."""
+    values = [reliability(column) for column in scores]
+    total = sum(values)
+    if not total > 0:
+        return np.full(len(values), 1.0 / len(values)), values
+    return np.asarray(values) / total, values
 
 
 def fuse(
