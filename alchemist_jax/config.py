@@ -198,6 +198,14 @@ POLICIES = (
     "topk",
     "bottomk",
     "random",
+# How cluster offsets enter the ranking (selection/ranking.py): shrunk = each cluster's mean offset
+# removed only as far as its size and spread make it style (empirical Bayes, capped), then one
+# ranking of the whole pool; within = a ranking and a proportional budget per cluster; global =
+# one ranking of the raw scores.
+RANKINGS = ("shrunk", "within", "global")
+# Weights of several ratings files when select.weights is empty: reliability = estimated from
+# each scorer's scores without labels (selection/fusion.py); equal = 1 each.
+FUSIONS = ("reliability", "equal")
     "block",
     "threshold",
     "weighted",
@@ -243,6 +251,9 @@ class SelectConfig:
     start: float = 0.0  # block: rank percentile where the window starts
     threshold: float | None = None  # threshold: keep scores >= it (None: the keep quantile)
     temperature: float = 1.0  # weighted / cdf_accept: sharpness of the score-based sampling
+    min_cluster_size: int = 20  # kmeans / auto: smaller clusters are merged into their nearest
+    ranking: Literal[RANKINGS] = "shrunk"  # cluster offsets: shrunk | within | global (RANKINGS)
+    fusion: Literal[FUSIONS] = "reliability"  # weights when `weights` is empty (FUSIONS)
     weights: tuple[float, ...] = ()  # fusion: weight of each ratings file, in order; (): equal
     seed: int = 0
 
@@ -705,6 +716,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "encode.image_size": _range(8),
     "pipeline.keep": SHARE,
     "pipeline.penalty_steps": AT_LEAST_1,
+    "select.min_cluster_size": AT_LEAST_1,
 }
 
 
