@@ -373,7 +373,10 @@ def test_component_contributions_table(tmp_path):
     score each selection ranks by, recomputed here from the same files."""
     from alchemist_jax import selection
 
-    cfg = _write_config(tmp_path, ["data.corrupt.fraction=0.3"])
+    # Within-class ranking with equal weights: the AUROC below is recomputed from those rules.
+    cfg = _write_config(
+        tmp_path, ["data.corrupt.fraction=0.3", "select.ranking=within", "select.fusion=equal"]
+    )
     splits = data.load_splits(cfg.data)
     pq.write_table(splits.truth, tmp_path / "defects.parquet")
     ids = splits.train.ids
@@ -480,3 +483,48 @@ def test_component_contributions_table(tmp_path):
     )
     assert float(body["alchemist"]["duplicate"]) > 0.95
     assert float(body["meta_alignment"]["duplicate"]) < 0.65
+
+
+def test_clusters_section_shows_sizes_members_keep_rates_and_weights(tmp_path):
+    """The clusters of the headline selection (size, kept, keep rate, offsets, members) and
+    the fusion weights with their reliability, as the selection summary recorded them."""
+    from alchemist_jax import selection
+
+    cfg = _write_config(tmp_path, ["data.corrupt.fraction=0.3"])
+    splits = data.load_splits(cfg.data)
+    ids = splits.train.ids
+    clean = np.array([d is None for d in splits.defects])
+    rng = np.random.default_rng(5)
+    ratings = {
+        "ratings/good.parquet": (ids, rng.normal(size=len(ids)) + 4.0 * clean),
+        "ratings/noise.parquet": (ids, rng.uniform(size=len(ids))),
+    }
+    chosen, summary = selection.select_for_source(cfg.select, ratings, splits.train)
+    selection.write_selection(
+        tmp_path / "selections" / "alchemist.parquet", chosen, {"arm": "alchemist", **summary}
+    )
+    page = _Page(report.build(tmp_path).read_text())
+    weights = page.tables["fusion-weights"]
+    assert weights[0] == ["arm", "ranking", "clusters", "ratings file", "weight", "reliability"]
+    assert [row[3] for row in weights[1:]] == list(ratings)
+    assert summary["ranking"] == "shrunk" and summary["reliability"]["ratings/noise.parquet"] == 0
+    for row, name in zip(weights[1:], ratings):
+        assert row[:3] == ["alchemist", "shrunk", "20"]
+        assert float(row[4]) == pytest.approx(
+            summary["weights"][list(ratings).index(name)], abs=5e-4
+        )
+        assert float(row[5]) == pytest.approx(summary["reliability"][name], abs=5e-4)
+    table = page.tables["clusters"]
+    assert table[0][:4] == ["cluster", "size", "kept", "keep rate"]
+    assert len(table) == 21  # 20 caption classes of the built-in pool
+    labels = splits.train.labels
+    kept = np.isin(ids, chosen)
+    for row in table[1:]:
+        label = int(row[0].split()[-1])
+        members = labels == label
+        assert int(row[1]) == members.sum() and int(row[2]) == kept[members].sum()
+        assert float(row[3]) == pytest.approx(kept[members].mean(), abs=5e-3)
+        shown = [int(part.split(":")[0].split()[0]) for part in row[-1].split("; ")]
+        assert len(shown) == 3 and all(labels[ids == i][0] == label for i in shown)
+    sizes = [int(row[1]) for row in table[1:]]
+    assert sizes == sorted(sizes, reverse=True)
