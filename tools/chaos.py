@@ -94,16 +94,16 @@ TINY = [
 # Sizes of the longer runs of this tool (`SMALL`) and of tests/test_chaos.py (`SMALLEST`).
 SIZES = {
     "chaos": {
-        "rate": ["rate.steps=12", "rate.checkpoint_every=2"],
+        "rate": ["rate.steps=8", "rate.checkpoint_every=2"],
         "score": ["score.scorer=loss", "score.proxy_steps=8", "score.draws=1"],
-        "train": ["train.steps=24", "train.eval_every=4", "train.checkpoint_every=4"],
+        "train": ["train.steps=16", "train.eval_every=4", "train.checkpoint_every=4"],
         "pipeline": [
             "rate.steps=4",
             "rate.checkpoint_every=2",
-            "train.steps=6",
+            "train.steps=4",
             "train.eval_every=2",
             "train.checkpoint_every=2",
-            "pipeline.arms=[topk,random]",
+            "pipeline.arms=[topk]",
         ],
     },
     "test": {
@@ -134,13 +134,24 @@ def argv(command: str, workdir: Path, size: str = "chaos") -> list[str]:
 
 
 def environment() -> dict[str, str]:
-    """The subprocesses' environment: CPU, offline, a log line per progress step."""
+    """The subprocesses' environment: CPU, offline, a log line per progress step, and the test
+    suite's compile settings (tests/conftest.py: XLA backend optimisation 0 and its compilation
+    cache; tiny runs are compile-bound, and the uninterrupted and killed runs share them)."""
+    cache = Path(os.environ.get("ALCHEMIST_CACHE") or Path.home() / ".cache" / "alchemist_jax")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        flags = f"{flags} --xla_backend_optimization_level=0".strip()
     return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "ALCHEMIST_OFFLINE": "1",
         "ALCHEMIST_PROGRESS_SECONDS": "0",
         "PYTHONPATH": str(ROOT),
+        "XLA_FLAGS": flags,
+        "JAX_COMPILATION_CACHE_DIR": os.environ.get(
+            "JAX_COMPILATION_CACHE_DIR", str(cache / "jax_compile_tests")
+        ),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
     }
 
 
