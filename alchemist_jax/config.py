@@ -153,6 +153,12 @@ class RaterConfig:
     batch_head: bool = False  # the paper's group MLP on batch mean/variance -> b
 
 
+# The rater's meta-loss (the validation objective its meta-gradient minimises; rating.py builds
+# one objective per name): plain = the validation loss; caption_gap = validation loss under the
+# true captions minus under shuffled ones (image–text fit; docs/RESULTS.md compares them).
+META_LOSSES = ("plain", "caption_gap")
+
+
 @dataclasses.dataclass(frozen=True)
 class RateConfig:
     """Learning the rater (`alchemist-jax rate`): meta-gradients through a population of proxies.
@@ -163,6 +169,7 @@ class RateConfig:
     """
 
     mode: Literal[MODES] = "unrolled"
+    meta_loss: Literal[META_LOSSES] = "plain"  # the validation objective (META_LOSSES above)
     steps: int = 1500  # meta-steps
     inner_steps: int = 4  # K, unrolled inner steps per meta-step (lookahead: 1)
     meta_every: int | None = None  # M >= K proxy steps per meta-step; None: M = K

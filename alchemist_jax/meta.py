@@ -9,11 +9,14 @@ Notation (the project's METHOD.md §2): K inner batches b_0..b_{K-1} (the leadin
 leaf of `train_batches`), a validation batch v, weights w = rater_fn(φ, b_k) and the inner objective
 
     L_in(θ, φ; b_k) = mean_i w_i · ℓ_i(θ; b_k, rng_k)        rng_k = jax.random.fold_in(rng, k)
-    L_val(θ)        = mean_j ℓ_j(θ; v, rng_val)               rng_val = jax.random.fold_in(rng, K)
+    L_val(θ)        = mean_j m_j(θ; v, rng_val)               rng_val = jax.random.fold_in(rng, K)
 
-Every evaluation of the validation loss in one call (the meta-loss; in `penalty` mode also the
-validation term of each proxy step) uses the same key rng_val, so modes and finite differences
-see one deterministic function of φ.
+where m = `val_loss_fn` (per-example validation objective (B_v,); default `loss_fn`, so that
+L_val is the validation loss; e.g. `models.caption_gap_loss_fn` makes it the loss under the true
+captions minus under shuffled ones). Every evaluation of the validation objective in one call
+(the meta-loss; in `penalty` mode also the validation term of each proxy step, which is always
+the mean of `loss_fn`) uses the same key rng_val, so modes and finite differences see one
+deterministic function of φ.
 
 The inner steps are the proxy's *real* training steps: `aux["proxy_params"]` and
 `aux["inner_opt_state"]` are the state after them, for the caller to keep.
@@ -325,8 +328,9 @@ def _make_rate_batches(rater_fn, recompute):
 # ----------------------------------------------------------------------------- the modes
 
 
-def _val_loss(loss_fn, theta, val_batch, key):
-    losses = _checked_losses(loss_fn(theta, val_batch, key), "loss_fn")
+def _val_loss(val_loss_fn, theta, val_batch, key):
+    """(L_val (), per-example values (B_v,)) of the validation objective `val_loss_fn`."""
+    losses = _checked_losses(val_loss_fn(theta, val_batch, key), "val_loss_fn")
     return jnp.mean(losses), losses
 
 
@@ -341,6 +345,7 @@ def _unrolled(
     *,
     rater_fn,
     loss_fn,
+    val_loss_fn,
     inner_opt,
     remat,
     mixed_mode,
@@ -367,7 +372,7 @@ def _unrolled(
             (theta, s), losses = _nested_scan(body, init, xs, groups, unroll)
         else:
             (theta, s), losses = jax.lax.scan(body, init, xs, unroll=unroll)
-        meta_loss, val_losses = _val_loss(loss_fn, theta, val_batch, val_key)
+        meta_loss, val_losses = _val_loss(val_loss_fn, theta, val_batch, val_key)
         return meta_loss, dict(
             meta_loss=meta_loss,
             val_losses=val_losses,
@@ -391,6 +396,7 @@ def _lookahead(
     *,
     rater_fn,
     loss_fn,
+    val_loss_fn,
     inner_opt,
     remat,
     lookahead_lr,
@@ -414,7 +420,7 @@ def _lookahead(
 
     def meta_loss_fn(phi):
         theta_virtual, grads, weights, losses = virtual_step(phi, proxy_params)
-        meta_loss, val_losses = _val_loss(loss_fn, theta_virtual, val_batch, val_key)
+        meta_loss, val_losses = _val_loss(val_loss_fn, theta_virtual, val_batch, val_key)
         return meta_loss, dict(
             meta_loss=meta_loss,
             val_losses=val_losses,
@@ -446,6 +452,7 @@ def _penalty(
     *,
     rater_fn,
     loss_fn,
+    val_loss_fn,
     inner_opt,
     penalty_lambda,
 ):
@@ -484,7 +491,7 @@ def _penalty(
         body, init, (train_batches, keys)
     )
     meta_grads = jax.tree.map(lambda g: g / k_steps, rater_grad_sum)
-    meta_loss, val_losses = _val_loss(loss_fn, theta, val_batch, val_key)
+    meta_loss, val_losses = _val_loss(val_loss_fn, theta, val_batch, val_key)
     aux = dict(
         meta_loss=meta_loss,
         val_losses=val_losses,
@@ -508,6 +515,7 @@ def meta_gradient(
     rater_fn: RaterFn,
     loss_fn: LossFn,
     inner_opt: optax.GradientTransformation,
+    val_loss_fn: LossFn | None = None,
     mode: str = "unrolled",
     remat: str = "full",
     mixed_mode: bool = False,
@@ -529,6 +537,12 @@ def meta_gradient(
       rater_fn: (rater_params, batch) -> weights (B,). Typically B · softmax(u).
       loss_fn: (proxy_params, batch, rng) -> per-example losses (B,).
       inner_opt: the proxy's optax optimizer (see `inner_optimizer`).
+      val_loss_fn: (proxy_params, val_batch, rng) -> per-example validation objective (B_v,);
+        the meta-loss is its mean. None (default): `loss_fn`, the validation loss. Any other
+        objective differentiable in proxy_params works, e.g. `models.caption_gap_loss_fn` (loss
+        under the true captions minus under shuffled captions: the rater learns image–text
+        fit). In "penalty" mode it is the reported meta_loss only: the proxies' validation
+        term λ·L_val stays the mean of `loss_fn` (a gap would be maximised by unlearning).
       mode: "unrolled" | "lookahead" | "penalty" (module docstring).
       remat: rematerialisation of each inner step in the differentiated modes: "none" (store all
         residuals), "full" (`jax.checkpoint`, nothing saveable: keep only the step's inputs, i.e.
@@ -557,7 +571,7 @@ def meta_gradient(
       caller's rater optimizer *minimises* it. aux is a dict:
         meta_loss ()        L_val(θ_K) ("lookahead": of the virtual SGD step, i.e. the quantity
                             meta_grads differentiates; "penalty": after the K real steps)
-        val_losses (B_v,)   its per-example losses
+        val_losses (B_v,)   its per-example values (of `val_loss_fn`)
         proxy_params, inner_opt_state   after the K real steps (keep them)
         weights (K, B)      rater weights of each inner batch
         inner_losses (K, B) per-example train losses at θ_k (before step k)
@@ -572,7 +586,12 @@ def meta_gradient(
     _check_args(mode, remat, mixed_mode, lookahead_lr, penalty_lambda, k_steps)
     keys = jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(k_steps))
     val_key = jax.random.fold_in(rng, k_steps)
-    common = dict(rater_fn=rater_fn, loss_fn=loss_fn, inner_opt=inner_opt)
+    common = dict(
+        rater_fn=rater_fn,
+        loss_fn=loss_fn,
+        val_loss_fn=loss_fn if val_loss_fn is None else val_loss_fn,
+        inner_opt=inner_opt,
+    )
     args = (rater_params, proxy_params, inner_opt_state, train_batches, val_batch, keys, val_key)
     if mode == "unrolled":
         return _unrolled(*args, **common, remat=remat, mixed_mode=mixed_mode, unroll=unroll)

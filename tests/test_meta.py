@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from alchemist_jax import meta
+from alchemist_jax import meta, models
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -236,6 +236,65 @@ def test_unrolled_variants_agree():
         # The same real proxy steps and reports, whichever way the gradient is taken.
         for key, ref in ref_aux.items():
             assert_trees_close(ref, aux[key], atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- val objective
+
+# The toy analogue of `rate.meta_loss=caption_gap`: the inputs x are the "caption" of the target
+# y, and the objective is the validation loss under the true x minus under a derangement of them.
+gap_loss = models.caption_gap_loss_fn(proxy_loss, fields=("x",))
+
+
+def test_shuffled_captions_is_a_derangement_fixed_by_the_key():
+    batch = {"x": jnp.arange(7.0)[:, None] * jnp.ones((1, 3)), "y": jnp.arange(7.0)}
+    key = jax.random.PRNGKey(3)
+    shuffled = models.shuffled_captions(batch, key, fields=("x",))
+    moved = np.asarray(shuffled["x"][:, 0]).astype(int)
+    assert sorted(moved) == list(range(7))  # a permutation of the rows
+    assert np.all(moved != np.arange(7))  # no row keeps its own caption
+    np.testing.assert_array_equal(shuffled["y"], batch["y"])  # only the caption moves
+    again = models.shuffled_captions(batch, key, fields=("x",))
+    np.testing.assert_array_equal(again["x"], shuffled["x"])
+
+
+@pytest.mark.parametrize("variant", ["plain", "mixed", "lookahead"])
+def test_val_loss_fn_caption_gap_matches_finite_differences(variant):
+    """meta_gradient(val_loss_fn=gap): the meta-loss is the gap's mean at the proxy after the
+    steps, and its gradient matches fourth-order finite differences in float64."""
+    k_steps = 1 if variant == "lookahead" else 2
+    rater, proxy, train, val, rng = make_problem(k_steps, seed=1)
+    options = {"plain": {}, "mixed": {"mixed_mode": True}}.get(
+        variant, {"mode": "lookahead", "lookahead_lr": 0.1}
+    )
+    fn = jitted("adam", val_loss_fn=gap_loss, **options)
+    opt_state = warm_opt_state("adam", proxy)
+    grads, aux = fn(rater, proxy, opt_state, train, val, rng)
+    if variant != "lookahead":  # the meta-loss is the gap at the returned proxy
+        val_key = jax.random.fold_in(rng, k_steps)
+        direct = gap_loss(aux["proxy_params"], val, val_key)
+        np.testing.assert_allclose(aux["val_losses"], direct, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(aux["meta_loss"], jnp.mean(direct), rtol=0, atol=1e-12)
+    for i in range(3):
+        d = random_like(rater, 200 + i)
+        meta_loss = lambda t: float(
+            fn(shifted(rater, d, t), proxy, opt_state, train, val, rng)[1]["meta_loss"]
+        )
+        fd = directional_fd(meta_loss)
+        rel = abs(tree_dot(grads, d) - fd) / abs(fd)
+        assert rel <= 1e-6, (variant, i, tree_dot(grads, d), fd, rel)
+
+
+def test_val_loss_fn_defaults_to_loss_fn_and_leaves_the_proxy_steps_alone():
+    rater, proxy, train, val, rng = make_problem(2)
+    opt_state = warm_opt_state("adam", proxy)
+    default = jitted("adam")(rater, proxy, opt_state, train, val, rng)
+    explicit = jitted("adam", val_loss_fn=proxy_loss)(rater, proxy, opt_state, train, val, rng)
+    gap = jitted("adam", val_loss_fn=gap_loss)(rater, proxy, opt_state, train, val, rng)
+    assert_trees_close(default[0], explicit[0], atol=0.0)
+    # Another objective changes the meta-gradient, never the real proxy steps or the weights.
+    for key in ("proxy_params", "inner_opt_state", "weights", "inner_losses"):
+        assert_trees_close(default[1][key], gap[1][key], atol=0.0)
+    assert tree_max_abs_diff(default[0], gap[0]) > 1e-3 * tree_max_abs(default[0])
 
 
 def test_nested_group_count_is_the_divisor_closest_to_sqrt_k():

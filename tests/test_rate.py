@@ -169,3 +169,43 @@ def test_penalty_mode_with_warm_start_and_extra_proxy_steps(tmp_path):
     # 16 validation samples per meta-step over a 32-sample validation set: half an epoch each.
     assert [r["penalty_lambda"] for r in rows] == pytest.approx([1.0, 0.985, 0.97])
     assert np.isfinite(final["meta_loss"]) and "auroc/all" in final
+
+
+def test_caption_gap_meta_loss_is_true_minus_shuffled_captions(tmp_path):
+    """rate.meta_loss=caption_gap: the validation objective is the proxy loss (no caption
+    dropout) under the true captions minus under a derangement of the batch's captions, paired
+    draws; a rating run with it logs that gap as its meta-loss."""
+    import jax
+
+    from alchemist_jax import config as config_lib
+    from alchemist_jax import models
+    from alchemist_jax.data import prepare_splits
+    from alchemist_jax.runtime.parallel import model_inputs
+
+    assert set(config_lib.META_LOSSES) == {"plain", "caption_gap"}
+    cfg = load_config("configs/demo.yaml", TINY + ["rate.meta_loss=caption_gap", "rate.steps=2"])
+    validation = prepare_splits(cfg.data).validation
+    batch = model_inputs({k: np.stack([validation[i][k] for i in range(8)]) for k in validation[0]})
+    graph, params, rest = models.init_proxy(
+        cfg.model, batch, jax.random.key(0), cfg.data.max_text_length
+    )
+    assert rating.meta_loss_fn("plain", graph, rest, cfg.model) is None  # meta's default
+    gap = rating.meta_loss_fn("caption_gap", graph, rest, cfg.model)
+    with pytest.raises(ValueError, match="unknown rate.meta_loss 'cfg'"):
+        rating.meta_loss_fn("cfg", graph, rest, cfg.model)
+    key = jax.random.key(1)
+    loss = models.proxy_loss_fn(graph, rest, 0.0)
+    shuffled = models.shuffled_captions(batch, jax.random.fold_in(key, models._PERMUTATION_SALT))
+    assert not np.array_equal(shuffled["tokens"], batch["tokens"])
+    np.testing.assert_array_equal(shuffled["image"], batch["image"])
+    # float32 losses of O(1): the same computation up to fusion order, ~1e-6.
+    np.testing.assert_allclose(
+        gap(params, batch, key),
+        loss(params, batch, key) - loss(params, shuffled, key),
+        rtol=0,
+        atol=1e-5,
+    )
+
+    final = rating.run(cfg, tmp_path)
+    assert np.isfinite(final["meta_loss"]) and "auroc/caption_swap" in final
+    assert "meta_loss: caption_gap" in (tmp_path / "config.yaml").read_text()

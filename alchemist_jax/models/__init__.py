@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -46,6 +47,9 @@ __all__ = [
     "init_proxy",
     "init_rater",
     "proxy_loss_fn",
+    "CAPTION_FIELDS",
+    "shuffled_captions",
+    "caption_gap_loss_fn",
     "rater_weight_fn",
     "rater_score_fn",
     "count_params",
@@ -190,6 +194,56 @@ def proxy_loss_fn(
         return flow_matching_loss(nnx.merge(graphdef, params, rest), batch, rng, caption_dropout)
 
     return loss_fn
+
+
+CAPTION_FIELDS = ("tokens", "token_mask", "text_embedding")  # a batch's caption, row-aligned
+_PERMUTATION_SALT = 0x5EED  # the shuffle's key: fold_in(rng, salt), independent of the draws
+
+
+def shuffled_captions(batch: dict, rng: jax.Array, fields=CAPTION_FIELDS) -> dict:
+    """`batch` with its captions (`fields` present in it) moved to other rows by a random
+    derangement.
+
+    With `order` = a random permutation of the B rows (from `rng`), row order[i] gets the caption
+    of row order[(i + 1) % B]: one B-cycle, so for B >= 2 no row keeps its own caption (rows
+    with equal captions may still get an equal one). Images and every other field stay.
+
+    Args:
+      batch: (B, ...) arrays with `tokens` (+ `token_mask`) and/or `text_embedding`.
+      rng: a PRNG key; same key, same shuffle.
+      fields: the row-aligned fields that make up the condition (default `CAPTION_FIELDS`).
+    Returns:
+      a new dict, same shapes and dtypes.
+    """
+    fields = [key for key in fields if key in batch]
+    if not fields:
+        raise ValueError("the batch has no caption (`tokens` or `text_embedding`) to shuffle")
+    rows = jnp.shape(batch[fields[0]])[0]
+    order = jax.random.permutation(rng, rows)
+    source = jnp.zeros_like(order).at[order].set(jnp.roll(order, -1))
+    return {**batch, **{key: jnp.take(batch[key], source, axis=0) for key in fields}}
+
+
+def caption_gap_loss_fn(
+    loss_fn: Callable[[Params, dict, jax.Array], jax.Array], fields=CAPTION_FIELDS
+) -> Callable[[Params, dict, jax.Array], jax.Array]:
+    """`gap_fn(params, batch, rng) -> (B,)`: ℓ_i(true captions) − ℓ_i(shuffled captions).
+
+    Both terms use the same `rng` (the same flow times, noise and caption dropout: a paired
+    difference); the shuffle (`shuffled_captions`) uses fold_in(rng, salt), so it is fixed for a
+    fixed key (one meta-step's validation key). The mean is negative when the model uses the
+    caption; as a meta-loss (`meta.meta_gradient(val_loss_fn=...)`, `rate.meta_loss=caption_gap`)
+    it rewards training samples that make the true caption predict the image better than a wrong
+    one: image–text fit, which the plain validation loss does not see. Pass a `loss_fn` without
+    caption dropout (a dropped row contributes 0). Costs two loss evaluations per call.
+    `fields`: the batch fields shuffled together (`shuffled_captions`).
+    """
+
+    def gap_fn(params: Params, batch: dict, rng: jax.Array) -> jax.Array:
+        shuffled = shuffled_captions(batch, jax.random.fold_in(rng, _PERMUTATION_SALT), fields)
+        return loss_fn(params, batch, rng) - loss_fn(params, shuffled, rng)
+
+    return gap_fn
 
 
 def rater_weight_fn(
