@@ -75,6 +75,7 @@ IMAGE_TOO_LARGE = "image too large"
 UNSUPPORTED_MODE = "unsupported image mode"
 NULL_IMAGE_PATH = "null image path"
 NULL_CAPTION = "null caption"
+NULL_LABEL = "null label"
 EMPTY_CAPTION = "empty caption"
 NON_UTF8_CAPTION = "non-UTF-8 caption"
 MISSING_CAPTION_FILE = "missing caption file"
@@ -394,6 +395,13 @@ class ManifestSource(_CheckedSource):
             if config.id_column is None
             else self._column(table, config.id_column, "id_column", pa.types.is_integer, "integers")
         )
+        self._row_labels = (
+            None
+            if config.label_column is None
+            else self._column(
+                table, config.label_column, "label_column", pa.types.is_integer, "integers"
+            )
+        )
         self._duplicate_rows = _later_duplicates(self._row_ids)
         self._check_rows(table.num_rows, report_dir)
 
@@ -451,6 +459,8 @@ class ManifestSource(_CheckedSource):
         path = self._row_path(row)
         if self._paths is not None and path is None:
             raise _Rejected(NULL_IMAGE_PATH)
+        if self._row_labels is not None and self._row_labels[row] is None:
+            raise _Rejected(NULL_LABEL)
         caption = None if self._captions is None else _caption_text(self._captions[row])
         for column in self._precomputed_columns:
             column.check(row)
@@ -468,6 +478,19 @@ class ManifestSource(_CheckedSource):
     def _precomputed(self, row: int) -> dict[str, np.ndarray]:
         return {column.name: column.read(row) for column in self._precomputed_columns}
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = super().__getitem__(index)
+        if self._row_labels is not None:
+            example["label"] = np.int64(self._row_labels[self._kept[index].row])
+        return example
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """int64 (N,): the `data.manifest.label_column` value of each kept row, or None."""
+        if self._row_labels is None:
+            return None
+        return np.array([self._row_labels[kept.row] for kept in self._kept], np.int64)
+
 
 def _read_manifest(path: Path, config: ManifestConfig) -> pa.Table:
     """Reads a Parquet or CSV manifest; CSV captions as binary, image paths as strings."""
@@ -482,8 +505,9 @@ def _read_manifest(path: Path, config: ManifestConfig) -> pa.Table:
         if kind == "Parquet":
             return pq.read_table(path)
         column_types = {config.image_column: pa.string(), config.caption_column: pa.binary()}
-        if config.id_column is not None:
-            column_types[config.id_column] = pa.int64()
+        for column in (config.id_column, config.label_column):
+            if column is not None:
+                column_types[column] = pa.int64()
         return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=column_types))
     except (pa.ArrowException, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

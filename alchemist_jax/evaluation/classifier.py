@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,21 +272,19 @@ def classifier_cache_root() -> Path:
     return cache_dir() / "classifiers"
 
 
-def classifier_key(training: Source, cfg: config_lib.Config) -> str:
+def classifier_key(training: Source, cfg: config_lib.Config, variant: str = "") -> str:
     """The cache key of the classifier trained on `training` under `cfg`: a hash of the recipe
-    version, the source name, ids and labels, resolution, channels, classifier steps and seed."""
-    digest = hashlib.sha256(
-        json.dumps(
-            [
-                RECIPE_VERSION,
-                training.name,
-                cfg.data.resolution,
-                cfg.data.channels,
-                cfg.evaluate.classifier_steps,
-                cfg.evaluate.seed,
-            ]
-        ).encode()
-    )
+    version, the source name, ids and labels, resolution, channels, classifier steps and seed
+    (and `variant`, when given: how latents became images)."""
+    settings = [
+        RECIPE_VERSION,
+        training.name,
+        cfg.data.resolution,
+        cfg.data.channels,
+        cfg.evaluate.classifier_steps,
+        cfg.evaluate.seed,
+    ]
+    digest = hashlib.sha256(json.dumps(settings + ([variant] if variant else [])).encode())
     digest.update(np.ascontiguousarray(training.ids, np.int64).tobytes())
     digest.update(np.ascontiguousarray(training.labels, np.int64).tobytes())
     return digest.hexdigest()[:20]
@@ -325,7 +324,13 @@ def load_classifier(directory: Path) -> Classifier:
     return Classifier(graphdef, params, metadata)
 
 
-def feature_classifier(cfg: config_lib.Config, test_data: ArraySource | None = None) -> Classifier:
+def feature_classifier(
+    cfg: config_lib.Config,
+    test_data: ArraySource | None = None,
+    *,
+    to_images: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
+    variant: str = "",
+) -> Classifier:
     """The feature classifier of `cfg`: loaded from the cache, else trained for
     `evaluate.classifier_steps` steps on the clean validation split and cached.
 
@@ -333,6 +338,9 @@ def feature_classifier(cfg: config_lib.Config, test_data: ArraySource | None = N
       cfg: `data` (which validation split; resolution, channels) and `evaluate`
         (classifier_steps, seed; the test set its accuracy is measured on when trained).
       test_data: the preprocessed test set (`load_test_data(cfg)`) if already loaded.
+      to_images: preprocessed fields (N, ...) -> images (N, H, W, C) in [-1, 1] (latent
+        datasets: the VAE decoder of `evaluate.vae_path`); None: the `image` field.
+      variant: part of the cache key, naming what `to_images` does (e.g. the VAE folder).
     Returns:
       The classifier; its `metadata` holds the training set, steps, the final training loss and
       `test_accuracy` (None when the test set has no labels).
@@ -345,18 +353,22 @@ def feature_classifier(cfg: config_lib.Config, test_data: ArraySource | None = N
             "evaluate needs labelled clean data for FCD/alignment; the validation set "
             f"{validation.name} has no labels (set data.validation_source to a labelled set)"
         )
-    directory = classifier_cache_root() / classifier_key(validation, cfg)
+    directory = classifier_cache_root() / classifier_key(validation, cfg, variant)
     if (directory / "metadata.json").exists():
         return load_classifier(directory)
     started = time.perf_counter()
     train = source_arrays(
         preprocess.materialize(validation, preprocess.Preprocessor.for_config(cfg.data))
     )
+    if to_images is not None:
+        train["image"] = to_images(train)
     graphdef, params, loss = train_classifier(
         train["image"], train["label"], cfg.evaluate.classifier_steps, cfg.evaluate.seed
     )
     classifier = Classifier(graphdef, params, {})
     test = source_arrays(load_test_data(cfg) if test_data is None else test_data)
+    if to_images is not None:
+        test["image"] = to_images(test)
     test_accuracy = classifier.accuracy(test["image"], test["label"]) if "label" in test else None
     metadata = {
         "recipe_version": RECIPE_VERSION,

@@ -9,6 +9,13 @@
   samples     a PNG grid: `evaluate.grid_captions` distinct captions (one per class where
               possible) x `evaluate.grid_samples` samples, the caption text as row label
 
+On a latent test set (`alchemist-jax encode`) generated and test latents are decoded to pixels
+by the VAE of `evaluate.vae_path` for every metric but the test loss (without it: the test loss
+only, the others null with the reason). With `evaluate.clip_path` (a local HF CLIP folder) it
+also reports `clip_fd`, the Fréchet distance of generated and test images in CLIP image
+features, and `clip_score`, the mean cosine similarity of each generated image with its caption
+(`evaluation.pixels`).
+
 Generation: `models.sample` (Euler, classifier-free guidance) jitted once, batches padded to a
 fixed size. Outputs: `metrics.json` and `samples.png` in the output folder, written atomically.
 
@@ -36,8 +43,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from alchemist_jax import config as config_lib
 from alchemist_jax import models, training
+from alchemist_jax.data import load_test
 from alchemist_jax.data.sources import ArraySource
 from alchemist_jax.data.tokenizer import Tokenizer
+from alchemist_jax.evaluation import pixels as pixels_lib
 from alchemist_jax.evaluation.classifier import (
     Classifier,
     UnlabeledDataError,
@@ -46,7 +55,7 @@ from alchemist_jax.evaluation.classifier import (
     source_arrays,
 )
 from alchemist_jax.runtime import parallel, progress
-from alchemist_jax.runtime.io import atomic_write_bytes
+from alchemist_jax.runtime.io import atomic_write_bytes, pool_positions
 
 log = logging.getLogger("alchemist_jax.evaluation")
 
@@ -314,17 +323,24 @@ def write_sample_grid(
     test: dict[str, np.ndarray],
     eval_cfg: config_lib.EvaluateConfig,
     batch_size: int,
+    *,
+    decoder: pixels_lib.Decoder | None = None,
+    captions: list[str] | None = None,
 ) -> None:
     """Generates `eval_cfg.grid_samples` images for each of `eval_cfg.grid_captions` distinct
     test captions (`grid_rows`) and writes their grid (`sample_grid`) to `path` as PNG.
 
     Args:
       test: the test set's fields (`source_arrays`): `image` (N, H, W, C), `tokens`,
-        `token_mask` and optionally `label`.
+        `token_mask` and optionally `label`; or `latent` (N, h, w, c) with `text_embedding`
+        (N, L, D) (a latent test set: `decoder` and `captions` are needed).
+      decoder: latents -> images, for a latent test set.
+      captions: the N caption texts (None: decoded from `tokens`).
     """
-    if "tokens" not in test:
-        raise ValueError("the sample grid needs tokenized captions (`tokens`) in the test set")
-    rows = grid_rows(test.get("label"), test["tokens"], eval_cfg.grid_captions)
+    keys = test.get("tokens", test.get("text_embedding"))
+    if keys is None:
+        raise ValueError("the sample grid needs captions (`tokens` or `text_embedding`)")
+    rows = grid_rows(test.get("label"), keys, eval_cfg.grid_captions)
     repeated = {
         k: np.repeat(test[k][rows], eval_cfg.grid_samples, axis=0)
         for k in parallel.CAPTION_INPUTS
@@ -333,16 +349,20 @@ def write_sample_grid(
     images = generate_images(
         trained,
         repeated,
-        test["image"].shape[1:],
+        models.visual_input(test).shape[1:],
         eval_cfg.seed + 1,
         eval_cfg.sample_steps,
         eval_cfg.guidance_scale,
         batch_size,
         desc="sample grid",
     )
+    if decoder is not None:
+        images = decoder(images)
     grid = sample_grid(
         images.reshape(len(rows), eval_cfg.grid_samples, *images.shape[1:]),
-        caption_texts(test["tokens"][rows], test["token_mask"][rows]),
+        [captions[i] for i in rows]
+        if captions is not None
+        else caption_texts(test["tokens"][rows], test["token_mask"][rows]),
     )
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
@@ -392,11 +412,40 @@ def try_feature_classifier(
     cfg: config_lib.Config, test_data: ArraySource | None = None
 ) -> tuple[Classifier | None, str | None]:
     """(`feature_classifier(cfg, test_data)`, None), or (None, the reason) when the clean data
-    has no labels."""
+    has no labels, or holds latents and `evaluate.vae_path` is unset (with it, the classifier
+    is trained on the decoded validation latents)."""
+    test_data = load_test_data(cfg) if test_data is None else test_data
     try:
-        return feature_classifier(cfg, test_data), None
+        if "latent" not in test_data.extra:
+            return feature_classifier(cfg, test_data), None
+        if cfg.evaluate.vae_path is None:
+            return None, pixels_lib.NEEDS_VAE
+        decoder = pixels_lib.Decoder(cfg.evaluate.vae_path)
+        return feature_classifier(
+            cfg,
+            test_data,
+            to_images=lambda arrays: decoder(arrays["latent"]),
+            variant=f"vae:{Path(cfg.evaluate.vae_path).resolve()}",
+        ), None
     except UnlabeledDataError as error:
         return None, str(error)
+
+
+CLIP_METRICS = ("clip_fd", "clip_score")
+
+
+def test_captions(
+    cfg: config_lib.Config, test_data: ArraySource, real: dict[str, np.ndarray]
+) -> list[str] | None:
+    """The caption text of every test example: decoded from `tokens` when the test set was
+    tokenized, else read from the test source (latent datasets keep `caption`); None when it
+    has none."""
+    if "tokens" in real:
+        return caption_texts(real["tokens"], real["token_mask"])
+    raw = load_test(cfg.data, cfg.evaluate.test_source)
+    positions = pool_positions(test_data.ids, raw.ids, f"test set {raw.name}")
+    captions = [raw[int(i)].get("caption") for i in positions]
+    return None if any(c is None for c in captions) else [str(c) for c in captions]
 
 
 def evaluate_model(
@@ -431,10 +480,10 @@ def evaluate_model(
     if len(test_data) < 2:
         raise ValueError(f"evaluate needs at least 2 test examples, got {len(test_data)}")
     real = source_arrays(test_data)
-    if "latent" in real or "image" not in real:
-        raise ValueError(
-            "evaluate needs test images in pixels (the test set holds latents or no images)"
-        )
+    latent = "latent" in real
+    if not latent and "image" not in real:
+        raise ValueError("evaluate needs test images or latents (the test set holds neither)")
+    decoder = pixels_lib.Decoder(eval_cfg.vae_path) if latent and eval_cfg.vae_path else None
     out_dir = Path(out_dir)
     batch_size = eval_batch_size(len(test_data))
     metrics: dict[str, Any] = {
@@ -447,22 +496,60 @@ def evaluate_model(
         "guidance_scale": eval_cfg.guidance_scale,
         "loss_draws": eval_cfg.loss_draws,
     }
-    if classifier is None:
-        metrics["unavailable"] = dict.fromkeys(
-            CLASSIFIER_METRICS, classifier_missing or "no feature classifier was given"
+    if eval_cfg.clip_path is not None:
+        metrics.update(dict.fromkeys(CLIP_METRICS))
+    if latent and decoder is None:
+        wanted = (*CLASSIFIER_METRICS, *(CLIP_METRICS if eval_cfg.clip_path else ()))
+        metrics["unavailable"] = dict.fromkeys((*wanted, "samples.png"), pixels_lib.NEEDS_VAE)
+        log.warning("evaluate: test loss only; %s", pixels_lib.NEEDS_VAE)
+        atomic_write_bytes(
+            out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode()
         )
-    else:
+        return metrics
+    images = decoder(real["latent"]) if latent else real["image"]
+    captions = test_captions(cfg, test_data, real) if latent or eval_cfg.clip_path else None
+    unavailable: dict[str, str] = {}
+    generated = None
+    if classifier is not None or eval_cfg.clip_path is not None:
         generated = generate_images(
             trained,
             real,
-            real["image"].shape[1:],
+            models.visual_input(real).shape[1:],
             eval_cfg.seed,
             eval_cfg.sample_steps,
             eval_cfg.guidance_scale,
             batch_size,
         )
-        metrics.update(score_samples(classifier, real["image"], generated, real.get("label")))
-    write_sample_grid(out_dir / "samples.png", trained, real, eval_cfg, batch_size)
+        if decoder is not None:
+            generated = decoder(generated)
+    if classifier is None:
+        unavailable.update(
+            dict.fromkeys(
+                CLASSIFIER_METRICS, classifier_missing or "no feature classifier was given"
+            )
+        )
+    else:
+        scores = score_samples(classifier, images, generated, real.get("label"))
+        unavailable.update(scores.pop("unavailable", {}))
+        metrics.update(scores)
+    if eval_cfg.clip_path is not None:
+        judge = pixels_lib.ClipJudge(eval_cfg.clip_path)
+        metrics["clip_fd"] = fcd(judge.features(images), judge.features(generated))
+        if captions is None:
+            unavailable["clip_score"] = "the test set has no captions"
+        else:
+            metrics["clip_score"] = float(np.mean(judge.scores(generated, captions)))
+    if unavailable:
+        metrics["unavailable"] = unavailable
+    write_sample_grid(
+        out_dir / "samples.png",
+        trained,
+        real,
+        eval_cfg,
+        batch_size,
+        decoder=decoder,
+        captions=captions,
+    )
     atomic_write_bytes(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics
 
