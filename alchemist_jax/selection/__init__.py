@@ -12,9 +12,13 @@ One job per module:
 
   policies  the selection policies (pure): `select`, `resolve_params`, `allocate`,
             `cdf_acceptance`; the policy dispatch keyed by `config.POLICIES`
-  fusion    several scorers -> one fused score, collapse of duplicates, the summary (pure)
-  clusters  the ranking clusters of the pool (label / caption / k-means over caption vectors;
-            `tfidf`, `kmeans`); the grouping dispatch keyed by `config.GROUPINGS`
+  fusion    several scorers -> one fused score, label-free reliability weights
+            (`reliability_weights`), collapse of duplicates, the summary (pure)
+  ranking   how much of each cluster's score offset is style: `shrunk_offsets` (empirical
+            Bayes, leave one out, capped), `robust_z` (pure)
+  clusters  the ranking clusters of the pool (label / caption / k-means over normalised caption
+            vectors with a minimum size; `tfidf`, `kmeans`); the dispatch keyed by
+            `config.GROUPINGS`
   command   ratings and dedup files joined on the pool (`ranking_scores`, `select_for_source`),
             `read_ratings`, `write_selection` and the command `run`
 
@@ -34,7 +38,14 @@ from alchemist_jax.selection.command import (
     select_for_source,
     write_selection,
 )
-from alchemist_jax.selection.fusion import HISTOGRAM_BINS, best_of_duplicates, fuse, summarize
+from alchemist_jax.selection.fusion import (
+    HISTOGRAM_BINS,
+    best_of_duplicates,
+    fuse,
+    reliability,
+    reliability_weights,
+    summarize,
+)
 from alchemist_jax.selection.policies import (
     PARAMETER_DEFAULTS,
     POLICY_PARAMETERS,
@@ -43,9 +54,11 @@ from alchemist_jax.selection.policies import (
     resolve_params,
     select,
 )
+from alchemist_jax.selection.ranking import Offsets, robust_z, shrunk_offsets
 
 __all__ = [
     "HISTOGRAM_BINS",
+    "Offsets",
     "PARAMETER_DEFAULTS",
     "PARQUET_METADATA_KEY",
     "POLICY_PARAMETERS",
@@ -61,11 +74,15 @@ __all__ = [
     "rank_percentiles",
     "ranking_scores",
     "read_ratings",
+    "reliability",
+    "reliability_weights",
     "resolve_grouping",
     "resolve_params",
+    "robust_z",
     "run",
     "select",
     "select_for_source",
+    "shrunk_offsets",
     "summarize",
     "tfidf",
     "write_selection",
