@@ -471,3 +471,58 @@ def test_loss_scorer_trains_its_proxy_on_the_validation_set(tmp_path):
         load_config("configs/demo.yaml", TINY + ["score.scorer=loss", *extra])
     )
     assert changed("train.learning_rate=0.5") != changed() == changed("score.early_steps=7")
+
+
+# ----------------------------------------------------------------------------------------------
+# clip_score: the full caption
+# ----------------------------------------------------------------------------------------------
+
+
+def test_clip_score_scores_the_full_caption_not_the_pools_cut_tokens(tmp_path):
+    """With data.max_text_length=4 the pool's token ids keep 2 words of each caption; CLIP must
+    still see the whole caption, tokenized by its own tokenizer to its context length (77)."""
+    from test_clip import (
+        _cosine,
+        reference_image_embeds,
+        reference_pixels,
+        reference_text_embeds,
+        write_checkpoint,
+    )
+
+    from alchemist_jax.data import load_splits
+    from alchemist_jax.data.tokenizer import Tokenizer
+    from alchemist_jax.models import clip
+
+    config, w = write_checkpoint(tmp_path / "clip")
+    cfg = load_config(
+        "configs/demo.yaml",
+        TINY
+        + [
+            "data.max_text_length=4",
+            "score.scorer=clip_score",
+            f"score.clip_path={tmp_path / 'clip'}",
+            "score.batch_size=40",  # 96 samples: the last batch is padded
+        ],
+    )
+    out = tmp_path / "ratings.parquet"
+    scoring.run(cfg, out)
+    scores = pq.read_table(out).column("score").to_numpy()
+
+    raw = load_splits(cfg.data).train
+    captions = [raw[i]["caption"] for i in range(len(raw))]
+    checkpoint = clip.load_clip(tmp_path / "clip")
+    full = checkpoint.tokenize(captions)
+    pool = prepare_splits(cfg.data).pool
+    cut_text = Tokenizer(4).decode(pool.extra["tokens"], pool.extra["token_mask"])
+    cut = checkpoint.tokenize(cut_text)
+    # Every caption is longer than the pool's 2 text tokens (start and end take the other 2).
+    assert np.all((full != full[:, -1:]).sum(1) > (cut != cut[:, -1:]).sum(1))
+
+    images = np.stack([raw[i]["image"] for i in range(len(raw))]) / 255.0
+    pixels = reference_pixels(images, 16, clip.OPENAI_IMAGE_MEAN, clip.OPENAI_IMAGE_STD)
+    image_embeds = reference_image_embeds(w, config, pixels)
+    expected = _cosine(image_embeds, reference_text_embeds(w, config, full))
+    truncated = _cosine(image_embeds, reference_text_embeds(w, config, cut))
+    # float32 towers against the float64 reference: ~1e-6 (tests/test_clip.py uses 1e-5).
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-5)
+    assert np.max(np.abs(truncated - expected)) > 1e-2  # the cut captions score differently

@@ -22,14 +22,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from alchemist_jax import alignment, models, training
 from alchemist_jax import config as config_lib
 from alchemist_jax.config import PROXY_SCORERS
+from alchemist_jax.data import load_splits
 from alchemist_jax.data.sources import ArraySource
-from alchemist_jax.data.tokenizer import Tokenizer
 from alchemist_jax.models import clip
 from alchemist_jax.runtime.parallel import model_inputs
 from alchemist_jax.scoring.driver import ScoreBatch, pool_columns
@@ -135,11 +136,37 @@ def proxy_scorer(kind: str) -> Callable[[ScoringInputs], ScoreBatch]:
     return factory
 
 
+def pool_captions(cfg: config_lib.Config, pool: ArraySource) -> dict[int, str]:
+    """id -> the full caption text of every sample of the preprocessed `pool`, read from the
+    source of `cfg.data` (defects included: a swapped caption is the swapped text). The
+    preprocessed pool keeps only token ids cut at `data.max_text_length`.
+
+    Raises:
+      ValueError: the source has no captions, or other ids than `pool`.
+    """
+    source = load_splits(cfg.data).train
+    if isinstance(source, ArraySource) and source.captions is not None:
+        ids, texts = source.ids, source.captions
+    else:  # example by example (a manifest decodes its images once more)
+        pairs = [
+            (example["id"], example.get("caption"))
+            for example in map(source.__getitem__, range(len(source)))
+        ]
+        ids = np.array([pair[0] for pair in pairs], np.int64)
+        texts = [pair[1] for pair in pairs]
+    if any(text is None for text in texts):
+        raise ValueError(f"score.scorer=clip_score needs a caption for every sample of {pool.name}")
+    if not np.array_equal(ids, pool.ids):
+        raise ValueError(f"the captions of {source.name} are not those of {pool.name} (other ids)")
+    return dict(zip(pool.ids.tolist(), texts))
+
+
 def clip_scorer(inputs: ScoringInputs) -> ScoreBatch:
     """score_batch of the CLIP checkpoint in `score.clip_path`: the cosine similarity (B,) of
-    each image with its caption. CLIP sees the pool's preprocessed images (`clip.clip_pixels`);
-    the captions are decoded from the pool's tokens and tokenized again by the checkpoint's
-    tokenizer, to its own context length."""
+    each image with its caption. CLIP sees the pool's preprocessed images (`clip.clip_pixels`)
+    and each sample's full caption text (`pool_captions`, looked up by id), tokenized by the
+    checkpoint's own tokenizer to its own context length (77 for OpenAI CLIP): a caption longer
+    than `data.max_text_length` is scored whole, not cut to the pool's token ids."""
     example = inputs.pool[0]
     if "image" not in example or "tokens" not in example:
         raise ValueError(
@@ -147,12 +174,13 @@ def clip_scorer(inputs: ScoringInputs) -> ScoreBatch:
             f"{inputs.pool.name} has {', '.join(sorted(example))}"
         )
     checkpoint = clip.load_clip(inputs.cfg.score.clip_path)
-    captions = Tokenizer(inputs.cfg.data.max_text_length)
+    captions = pool_captions(inputs.cfg, inputs.pool)
+    padding = captions[int(inputs.pool.ids[0])]  # for padding rows (id -1; scores discarded)
     score = clip.clip_score_fn(checkpoint)
 
     def score_batch(batch):
-        tokens = checkpoint.tokenize(captions.decode(batch["tokens"], batch["token_mask"]))
-        return score(checkpoint.params, batch["image"], tokens)
+        texts = [captions.get(int(i), padding) for i in batch["id"]]
+        return score(checkpoint.params, batch["image"], checkpoint.tokenize(texts))
 
     return score_batch
 
