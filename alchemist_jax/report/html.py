@@ -125,7 +125,10 @@ def _samples_section(run: RunFolder) -> str | None:
             run.pool,
             [sheets.position[int(i)] for i in chosen],
             run.out / filename,
-            title=f"{title} samples by {name}",
+            # The pruned sheet is the headline selection's (selections/alchemist.parquet).
+            title="pruned by the alchemist selection"
+            if title == "pruned"
+            else f"{title} samples by {name}",
             notes=[sheets.notes[int(i)] for i in chosen],
         )
         parts.append(f"<h3>{title}</h3>" + _figure(filename))
