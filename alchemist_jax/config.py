@@ -130,7 +130,7 @@ class ModelConfig:
     `preset` names a size (see `alchemist_jax.models.PRESETS`); any field set here overrides it.
     """
 
-    preset: Literal["tiny", "small", "base"] = "tiny"
+    preset: Literal["tiny", "small", "base", "xl"] = "tiny"
     patch_size: int | None = None
     width: int | None = None  # transformer width D
     depth: int | None = None  # DiT blocks
@@ -398,6 +398,38 @@ class PipelineConfig:
     penalty_steps: int | None = None  # steps of the `release` (penalty) rater; None: rate.steps
 
 
+# The named axes of the device mesh (what each one splits: runtime/parallel.py, docs/SCALING.md).
+MESH_AXES = ("data", "fsdp", "population", "tensor")
+MeshAxis = Literal[MESH_AXES]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis -> the mesh axes it is split over (MaxText style). The models name their
+    parameters' dimensions (models/sharding.py); an array's dimension takes, in order, the axes of
+    its rule that an earlier dimension of that array did not take and whose sizes divide it."""
+
+    batch: tuple[MeshAxis, ...] = ("data", "fsdp")  # batch rows (activations, inputs)
+    population: tuple[MeshAxis, ...] = ("population",)  # the stacked rating proxies
+    embed: tuple[MeshAxis, ...] = ("fsdp",)  # model width D: FSDP splits every state along it
+    mlp: tuple[MeshAxis, ...] = ("tensor", "fsdp")  # MLP / modulation hidden features
+    heads: tuple[MeshAxis, ...] = ("tensor", "fsdp")  # attention features H * Dh
+    vocab: tuple[MeshAxis, ...] = ("tensor", "fsdp")  # token-table rows
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh every step runs on: sizes of its axes, their product the device count;
+    one size may be -1 (the devices left over). Axis types are Auto (runtime/parallel.py says why).
+    """
+
+    data: int = -1  # batch split, states replicated
+    fsdp: int = 1  # batch split, parameters and optimizer states split (FSDP)
+    population: int = 1  # rating proxies split (must divide rate.population); rows elsewhere
+    tensor: int = 1  # MLP hidden features and attention heads split
+    rules: ShardingRules = ShardingRules()
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Root configuration of an alchemist_jax run."""
@@ -413,6 +445,7 @@ class Config:
     evaluate: EvaluateConfig = EvaluateConfig()
     encode: EncodeConfig = EncodeConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    mesh: MeshConfig = MeshConfig()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,6 +658,8 @@ FRACTION = _range(0, 1, high_open=True)  # [0, 1)
 PROPER_FRACTION = _range(0, 1, low_open=True, high_open=True)  # (0, 1)
 SHARE = _range(0, 1, low_open=True)  # (0, 1]
 
+MESH_SIZE = (lambda value: value == -1 or value >= 1, ">= 1, or -1 (the remaining devices)")
+
 # Dotted key -> allowed range. Every number of the schema is here but seeds (any integer) and lists
 # (checked by `validate`); None values (unset optional keys) are not checked.
 RANGES: dict[str, tuple[Any, str]] = {
@@ -723,7 +758,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "encode.image_size": _range(8),
     "pipeline.keep": SHARE,
     "pipeline.penalty_steps": AT_LEAST_1,
-    "select.min_cluster_size": AT_LEAST_1,
+    **{f"mesh.{axis}": MESH_SIZE for axis in MESH_AXES},
 }
 
 
@@ -753,6 +788,10 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"rate.meta_every ({r.meta_every}) must be >= rate.inner_steps ({r.inner_steps})"
         )
+    sizes = [getattr(config.mesh, axis) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        named = ", ".join(f"mesh.{a}={n}" for a, n in zip(MESH_AXES, sizes, strict=True))
+        raise ConfigError(f"at most one mesh size may be -1 (the remaining devices): {named}")
     t = config.train
     if t.warmup_steps >= t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}")

@@ -79,10 +79,12 @@ class RatingProgram:
     reset_proxy: Callable[[dict, jax.Array], dict]
     score: Callable[[Any, dict], jax.Array]
     state_sharding: Any
-    train_sharding: NamedSharding  # (P, S, B, ...) batches: B split over the data axis
-    val_sharding: NamedSharding  # (B, ...) batches
+    train_sharding: NamedSharding  # (P, S, B, ...) batches: P and B split (mesh.rules)
+    val_sharding: NamedSharding  # (B, ...) batches: B split over the batch axes
 
 
+# State entries stacked over the population of proxies (leading axis P).
+POPULATION_STATE = ("proxy", "proxy_opt", "warm_proxy")
 # metrics.jsonl keys drawn in curves.png, one panel per group.
 CURVE_PANELS = (("meta_loss", "proxy_loss"), ("weight_entropy", "weight_ess"), ("auroc/",))
 
@@ -118,6 +120,17 @@ def build_program(
     rate_cfg = cfg.rate
     population = rate_cfg.population
     key = jax.random.key(rate_cfg.seed)
+    # The proxies' leading axis P is split over the mesh axes of the `population` rule, each
+    # proxy's batch rows over those of `batch` (config mesh.rules); the vmaps over proxies say so
+    # with `spmd_axis_name`, so that sharding constraints inside them keep P split.
+    rules = cfg.mesh.rules
+    population_axes = parallel.axes_of(parallel.POPULATION, mesh, rules) or None
+    rows = NamedSharding(mesh, parallel.logical_spec((None, parallel.BATCH), mesh, rules))
+
+    def split_rows(batches: dict) -> dict:
+        """(S, B, ...) batches of one proxy, constrained to rows split over the batch axes."""
+        return jax.lax.with_sharding_constraint(batches, rows)
+
     proxy_graph, _, proxy_rest = models.init_proxy(
         cfg.model, example_batch, key, cfg.data.max_text_length
     )
@@ -166,7 +179,7 @@ def build_program(
                 state["rater"],
                 proxy,
                 proxy_opt,
-                batches,
+                split_rows(batches),
                 val_batch,
                 proxy_key,
                 rater_fn=rater_fn,
@@ -181,7 +194,7 @@ def build_program(
                 penalty_lambda=penalty_lambda,
             )
 
-        grads, aux = jax.vmap(one_proxy)(
+        grads, aux = jax.vmap(one_proxy, spmd_axis_name=population_axes)(
             state["proxy"], state["proxy_opt"], train_batches, jax.random.split(k, population)
         )
         return jax.tree.map(lambda g: g.mean(axis=0), grads), aux
@@ -237,11 +250,11 @@ def build_program(
 
             steps = jax.tree.leaves(proxy_batches)[0].shape[0]
             (proxy, proxy_opt), _ = jax.lax.scan(
-                step, (proxy, proxy_opt), (proxy_batches, jnp.arange(steps))
+                step, (proxy, proxy_opt), (split_rows(proxy_batches), jnp.arange(steps))
             )
             return proxy, proxy_opt
 
-        proxy, proxy_opt = jax.vmap(one_proxy)(
+        proxy, proxy_opt = jax.vmap(one_proxy, spmd_axis_name=population_axes)(
             state["proxy"], state["proxy_opt"], batches, jax.random.split(k, population)
         )
         ok = numerics.all_finite(proxy)  # diverged proxies are not kept
@@ -253,25 +266,37 @@ def build_program(
         return {**state, **updated}, ok
 
     def reset_proxy(state: dict, index: jax.Array) -> dict:
-        """Restarts proxy `index` from its warm-start point with a fresh optimizer state."""
-        pick = lambda tree: jax.tree.map(lambda x: x[index], tree)  # noqa: E731
-        fresh = pick(state["warm_proxy"])
-        fresh_opt = inner_opt.init(fresh)
-        put = lambda stacked, one: jax.tree.map(  # noqa: E731
-            lambda s, o: s.at[index].set(o), stacked, one
-        )
+        """Restarts proxy `index` from its warm-start point with a fresh optimizer state.
+
+        A select along the population axis (no gather or dynamic slice of it): with P split over
+        devices each device rewrites its own proxies or none, and nothing moves between them."""
+        chosen = jnp.arange(population) == index  # (P,)
+
+        def put(fresh, current):  # (P, ...) each
+            return jnp.where(chosen.reshape((-1,) + (1,) * (current.ndim - 1)), fresh, current)
+
+        fresh_opt = jax.vmap(inner_opt.init)(state["warm_proxy"])
         return {
             **state,
-            "proxy": put(state["proxy"], fresh),
-            "proxy_opt": put(state["proxy_opt"], fresh_opt),
+            "proxy": jax.tree.map(put, state["warm_proxy"], state["proxy"]),
+            "proxy_opt": jax.tree.map(put, fresh_opt, state["proxy_opt"]),
         }
 
+    # Every state entry split by its parameters' logical axes (FSDP: parameters and optimizer
+    # states alike); the stacked proxies' leading axis by the `population` rule.
     replicated = NamedSharding(mesh, P())
     state_shape = jax.eval_shape(init_state, key)
-    state_sharding = jax.tree.map(lambda _: replicated, state_shape)
+    state_sharding = {
+        name: parallel.logical_shardings(
+            value, mesh, rules, leading=(parallel.POPULATION,) if name in POPULATION_STATE else ()
+        )
+        for name, value in state_shape.items()
+    }
     rater_sharding = state_sharding["rater"]
-    train_sharding = NamedSharding(mesh, P(None, None, "data"))
-    val_sharding = NamedSharding(mesh, P("data"))
+    train_sharding = NamedSharding(
+        mesh, parallel.logical_spec((parallel.POPULATION, None, parallel.BATCH), mesh, rules)
+    )
+    val_sharding = NamedSharding(mesh, parallel.logical_spec((parallel.BATCH,), mesh, rules))
     return RatingProgram(
         init_state=jax.jit(init_state, out_shardings=state_sharding),
         meta_gradient=jax.jit(
@@ -298,7 +323,9 @@ def build_program(
             out_shardings=state_sharding,
             donate_argnums=(0,),
         ),
-        score=jax.jit(score_fn, in_shardings=(replicated, val_sharding), out_shardings=replicated),
+        score=jax.jit(
+            score_fn, in_shardings=(rater_sharding, val_sharding), out_shardings=replicated
+        ),
         state_sharding=state_sharding,
         train_sharding=train_sharding,
         val_sharding=val_sharding,
@@ -392,8 +419,16 @@ def run(
         meta-step was saved first.
       numerics.NonFiniteError: `rate.max_bad_steps` consecutive meta-steps were non-finite.
     """
+    mesh = parallel.make_mesh(cfg.mesh)
     parallel.check_batch_split(
-        {"data.batch_size": cfg.data.batch_size, "rate.val_batch_size": cfg.rate.val_batch_size}
+        {"data.batch_size": cfg.data.batch_size, "rate.val_batch_size": cfg.rate.val_batch_size},
+        mesh,
+        parallel.axes_of(parallel.BATCH, mesh, cfg.mesh.rules),
+    )
+    parallel.check_batch_split(
+        {"rate.population": cfg.rate.population},
+        mesh,
+        parallel.axes_of(parallel.POPULATION, mesh, cfg.mesh.rules),
     )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -418,7 +453,6 @@ def run(
     )
     _check_batches_fit(cfg, len(data.pool), len(data.validation))
     batches = _Batches(data, cfg)
-    mesh = parallel.make_mesh()
     example = model_inputs(data.pool[0])
     example = {k: np.stack([v] * cfg.data.batch_size) for k, v in example.items()}
     program = build_program(cfg, example, mesh)

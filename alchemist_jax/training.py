@@ -6,9 +6,9 @@ whole pool; how well it then does on held-out data is the benchmark's measure of
             stream, or, with sampling weights, batches drawn with replacement with probability
             proportional to the weights (a pure function of (seed, batch position))
   model     the same DiT as the rating proxies (`models.init_proxy`), caption dropout for CFG
-  step      one pure function jitted once on the mesh: batch split over `data`, state replicated
-            and donated; AdamW (linear warmup, cosine decay to 10% of the peak), global-norm
-            clipping
+  step      one pure function jitted once on the mesh: batch rows split, parameters and AdamW
+            moments split by their logical axes (`mesh` section: FSDP), state donated; AdamW
+            (linear warmup, cosine decay to 10% of the peak), global-norm clipping
   loop      progress bar, metrics.jsonl (+ TensorBoard): training loss every 10 steps and the
             validation loss at fixed (t, noise) draws every `train.eval_every` steps; orbax
             checkpoints of the state and the data position, from which a rerun of the same
@@ -131,6 +131,7 @@ def _jitted_program(
     max_text_length: int,
     inputs: InputSpec,
     mesh: jax.sharding.Mesh,
+    rules: config_lib.ShardingRules | None = None,
 ) -> tuple[Callable, Callable]:
     """`init(key) -> (graphdef, state, rest)` and `train_step(state, rest, batch) -> (state,
     loss, finite)` of a `train_cfg.steps`-step run, jitted once per configuration, input shapes and
@@ -149,7 +150,7 @@ def _jitted_program(
         }
         return graphdef, state, rest
 
-    graphdef = jax.eval_shape(init, jax.random.key(0))[0]
+    graphdef, state_shape, rest_shape = jax.eval_shape(init, jax.random.key(0))
 
     def train_step(state: dict, rest: nnx.State, batch: dict) -> tuple[dict, jax.Array, jax.Array]:
         loss_fn = models.proxy_loss_fn(graphdef, rest, model_cfg.caption_dropout)
@@ -166,13 +167,20 @@ def _jitted_program(
         )
         return {"step": state["step"] + 1, **kept, "rng": jax.random.key_data(rng)}, loss, ok
 
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    # Parameters, AdamW moments and the frozen rest split by their logical axes (FSDP: mesh.rules);
+    # batch rows over `parallel.row_axes`.
+    replicated = NamedSharding(mesh, P())
+    state_sharding = {
+        name: parallel.logical_shardings(value, mesh, rules) for name, value in state_shape.items()
+    }
+    rest_sharding = parallel.logical_shardings(rest_shape, mesh, rules)
+    batch_sharding = NamedSharding(mesh, P(parallel.row_axes(mesh, rules)))
     return (
-        jax.jit(init, out_shardings=replicated),
+        jax.jit(init, out_shardings=(replicated, state_sharding, rest_sharding)),
         jax.jit(
             train_step,
-            in_shardings=(replicated, replicated, batch_sharding),
-            out_shardings=(replicated, replicated, replicated),
+            in_shardings=(state_sharding, rest_sharding, batch_sharding),
+            out_shardings=(state_sharding, replicated, replicated),
             donate_argnums=(0,),
         ),
     )
@@ -189,6 +197,7 @@ def build_program(
         cfg.data.max_text_length,
         inputs,
         mesh,
+        cfg.mesh.rules,
     )
     graphdef, state, rest = init(jax.random.key(seed))
     return TrainProgram(
@@ -196,7 +205,7 @@ def build_program(
         rest,
         state,
         lambda state, batch: train_step(state, rest, batch),
-        NamedSharding(mesh, P("data")),
+        NamedSharding(mesh, P(parallel.row_axes(mesh, cfg.mesh.rules))),
     )
 
 
@@ -241,7 +250,7 @@ def validation_loss(
     same seed, models are compared at the same draws.
 
     Args:
-      trained: the model, its arrays on `parallel.make_mesh()` (as `train_model` and
+      trained: the model, its arrays on the mesh of the config (as `train_model` and
         `load_trained` return them).
       data: preprocessed examples (`preprocess.materialize`).
       batch_size: rows per jitted evaluation step; divisible by the device count.
@@ -253,7 +262,9 @@ def validation_loss(
         raise ValueError(f"batch_size={batch_size} must be divisible by the {devices} devices")
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
-    batch_sharding = NamedSharding(parallel.make_mesh(), P(parallel.DATA_AXIS))
+    # Rows over every device of the model's own mesh (one mesh for parameters and batch).
+    mesh = jax.tree.leaves(trained.params)[0].sharding.mesh
+    batch_sharding = NamedSharding(mesh, P(mesh.axis_names))
     total = 0.0
     for batch in pipeline.eval_iterator(data, batch_size, shard_index=0, shard_count=1):
         inputs = jax.device_put(
@@ -393,14 +404,17 @@ def train_model(
     """
     train_cfg = cfg.train
     run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(train_cfg, steps=steps, seed=seed))
-    parallel.check_batch_split({"train.batch_size": train_cfg.batch_size})
+    mesh = parallel.make_mesh(cfg.mesh)
+    parallel.check_batch_split(
+        {"train.batch_size": train_cfg.batch_size}, mesh, parallel.row_axes(mesh, cfg.mesh.rules)
+    )
     batch_size = train_cfg.batch_size
     if batch_size > len(train_data):
         raise ValueError(
             f"train.batch_size={batch_size} is more than the {len(train_data)} training samples"
         )
     inputs = input_spec(train_data[0])
-    program = build_program(run_cfg, inputs, parallel.make_mesh(), steps, seed)
+    program = build_program(run_cfg, inputs, mesh, steps, seed)
     if workdir is not None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -565,7 +579,7 @@ def load_trained(cfg: config_lib.Config, workdir: str | Path) -> Trained:
             f"{workdir / 'config.yaml'} has another model section than the config given"
         )
     inputs = tuple((name, tuple(shape), dtype) for name, shape, dtype in info["inputs"])
-    program = build_program(cfg, inputs, parallel.make_mesh(), info["steps"], info["seed"])
+    program = build_program(cfg, inputs, parallel.make_mesh(cfg.mesh), info["steps"], info["seed"])
     state, _ = checkpoints.restore(manager, program.initial_state, step)
     return Trained(program.graphdef, state["params"], program.rest)
 

@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 # Architecture sizes. tiny: the built-in demo on 2 CPU cores (28x28x1 images, 7x7 patches of 4);
-# small: DiT-S-like; base: DiT-B with a CLIP ViT-B/32-sized text encoder.
+# small: DiT-S-like; base: DiT-B with a CLIP ViT-B/32-sized text encoder; xl: DiT-XL/2.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         patch_size=4,
@@ -93,6 +93,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         text_width=512,
         text_depth=12,
         text_heads=8,
+    ),
+    # DiT-XL/2 (675M) with a CLIP ViT-L/14-sized text encoder (123M): a population of these
+    # proxies with their Adam states does not fit one accelerator without FSDP
+    # (tools/aot_memory.py, docs/BENCHMARKS.md).
+    "xl": dict(
+        patch_size=2,
+        width=1152,
+        depth=28,
+        heads=16,
+        mlp_ratio=4.0,
+        text_width=768,
+        text_depth=12,
+        text_heads=12,
     ),
 }
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alchemist_jax.models.sharding import axes, linear
 from alchemist_jax.models.text_encoder import Attention, Mlp, TextEncoder, masked_mean
 
 _TIME_FREQUENCIES = 256  # size of the sinusoidal timestep features
@@ -101,12 +102,16 @@ def _plain_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(width, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
 
 
-def _zero_linear(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
+def _zero_linear(
+    in_features: int, out_features: int, rngs: nnx.Rngs, names: tuple[str | None, str | None]
+) -> nnx.Linear:
+    """A Linear that starts at zero; `names`: logical axes of its (in, out) kernel."""
     return nnx.Linear(
         in_features,
         out_features,
         kernel_init=nnx.initializers.zeros,
         bias_init=nnx.initializers.zeros,
+        **linear(*names),
         rngs=rngs,
     )
 
@@ -125,7 +130,7 @@ class DiTBlock(nnx.Module):
         self.cross_attn = Attention(width, heads, rngs=rngs)
         self.norm_mlp = _plain_norm(width, rngs)
         self.mlp = Mlp(width, int(width * mlp_ratio), rngs=rngs)
-        self.modulation = _zero_linear(width, 9 * width, rngs)
+        self.modulation = _zero_linear(width, 9 * width, rngs, ("embed", "mlp"))
 
     def __call__(
         self, x: jax.Array, c: jax.Array, context: jax.Array, context_mask: jax.Array
@@ -147,8 +152,8 @@ class FinalLayer(nnx.Module):
 
     def __init__(self, width: int, out_features: int, *, rngs: nnx.Rngs):
         self.norm = _plain_norm(width, rngs)
-        self.modulation = _zero_linear(width, 2 * width, rngs)
-        self.linear = _zero_linear(width, out_features, rngs)
+        self.modulation = _zero_linear(width, 2 * width, rngs, ("embed", "mlp"))
+        self.linear = _zero_linear(width, out_features, rngs, ("embed", None))
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         """x: (B, N, D), c: (B, D) -> (B, N, out_features)."""
@@ -208,19 +213,34 @@ class DiT(nnx.Module):
         else:
             self.text_encoder = None
             caption_width = text_embedding_dim
-        self.text_proj = nnx.Linear(caption_width, width, rngs=rngs)
-        self.pooled_proj = nnx.Linear(caption_width, width, rngs=rngs)
+        self.text_proj = nnx.Linear(caption_width, width, **linear("mlp", "embed"), rngs=rngs)
+        self.pooled_proj = nnx.Linear(caption_width, width, **linear("mlp", "embed"), rngs=rngs)
         self.null_tokens = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (text_length, width))
+            nnx.initializers.normal(0.02)(rngs.params(), (text_length, width)),
+            **axes(None, "embed"),
         )
-        self.null_pooled = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (width,)))
-        self.patch_embed = nnx.Linear(patch_size * patch_size * channels, width, rngs=rngs)
+        self.null_pooled = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (width,)), **axes("embed")
+        )
+        self.patch_embed = nnx.Linear(
+            patch_size * patch_size * channels, width, **linear(None, "embed"), rngs=rngs
+        )
         self.time_mlp = nnx.Sequential(
             nnx.Linear(
-                _TIME_FREQUENCIES, width, kernel_init=nnx.initializers.normal(0.02), rngs=rngs
+                _TIME_FREQUENCIES,
+                width,
+                kernel_init=nnx.initializers.normal(0.02),
+                **linear(None, "mlp"),
+                rngs=rngs,
             ),
             jax.nn.silu,
-            nnx.Linear(width, width, kernel_init=nnx.initializers.normal(0.02), rngs=rngs),
+            nnx.Linear(
+                width,
+                width,
+                kernel_init=nnx.initializers.normal(0.02),
+                **linear("mlp", "embed"),
+                rngs=rngs,
+            ),
         )
         self.blocks = nnx.List([DiTBlock(width, heads, mlp_ratio, rngs=rngs) for _ in range(depth)])
         self.final = FinalLayer(width, patch_size * patch_size * channels, rngs=rngs)

@@ -23,7 +23,13 @@ from flax import nnx
 
 from alchemist_jax.data.tokenizer import VOCAB_SIZE
 from alchemist_jax.models.dit import caption_features, visual_input
+from alchemist_jax.models.sharding import axes, linear
 from alchemist_jax.models.text_encoder import masked_mean
+
+
+def _conv_axes(outputs: str) -> dict:
+    """Logical axes of a 3x3 conv: kernel (3, 3, Cin, Cout) split along Cout only."""
+    return {"kernel_metadata": axes(None, None, None, outputs), "bias_metadata": axes(outputs)}
 
 
 class Rater(nnx.Module):
@@ -50,32 +56,39 @@ class Rater(nnx.Module):
         rngs: nnx.Rngs,
         vocab_size: int = VOCAB_SIZE,
     ):
-        self.conv1 = nnx.Conv(channels, width // 4, (3, 3), strides=2, rngs=rngs)
-        self.conv2 = nnx.Conv(width // 4, width // 2, (3, 3), strides=2, rngs=rngs)
-        self.image_proj = nnx.Linear(width // 2, width, rngs=rngs)
+        self.conv1 = nnx.Conv(
+            channels, width // 4, (3, 3), strides=2, **_conv_axes("mlp"), rngs=rngs
+        )
+        self.conv2 = nnx.Conv(
+            width // 4, width // 2, (3, 3), strides=2, **_conv_axes("mlp"), rngs=rngs
+        )
+        self.image_proj = nnx.Linear(width // 2, width, **linear("mlp", "embed"), rngs=rngs)
         if text_embedding_dim is None:
             self.token_embedding = nnx.Param(
-                nnx.initializers.normal(1.0)(rngs.params(), (vocab_size, width))
+                nnx.initializers.normal(1.0)(rngs.params(), (vocab_size, width)),
+                **axes("vocab", "embed"),
             )
             caption_width = width
         else:
             self.token_embedding = None
             caption_width = text_embedding_dim
-        self.text_proj = nnx.Linear(caption_width, width, rngs=rngs)
+        self.text_proj = nnx.Linear(caption_width, width, **linear("mlp", "embed"), rngs=rngs)
         # No bias on the last layer: the weights are softmax(u / temperature), which does not
         # change when every u moves by one constant, so that bias would get a zero meta-gradient
         # in every mode (only float round-off, which Adam would turn into drift) and would only
         # shift every stored score by the same amount. Rankings do not see it either.
         self.instance_head = nnx.Sequential(
-            nnx.Linear(3 * width, hidden, rngs=rngs),
+            nnx.Linear(3 * width, hidden, **linear("embed", "mlp"), rngs=rngs),
             jax.nn.silu,
-            nnx.Linear(hidden, 1, use_bias=False, rngs=rngs),
+            nnx.Linear(hidden, 1, use_bias=False, **linear("mlp", None), rngs=rngs),
         )
         if batch_head:
             self.batch_head = nnx.Sequential(
-                nnx.Linear(6 * width, hidden, rngs=rngs),
+                nnx.Linear(6 * width, hidden, **linear("embed", "mlp"), rngs=rngs),
                 jax.nn.silu,
-                nnx.Linear(hidden, 1, kernel_init=nnx.initializers.zeros, rngs=rngs),
+                nnx.Linear(
+                    hidden, 1, kernel_init=nnx.initializers.zeros, **linear("mlp", None), rngs=rngs
+                ),
             )
         else:
             self.batch_head = None

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alchemist_jax.data.tokenizer import VOCAB_SIZE
+from alchemist_jax.models.sharding import axes, linear
 
 
 def dot_product_attention(
@@ -50,10 +51,10 @@ class Attention(nnx.Module):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
-        self.query = nnx.Linear(width, width, rngs=rngs)
-        self.key = nnx.Linear(width, width, rngs=rngs)
-        self.value = nnx.Linear(width, width, rngs=rngs)
-        self.out = nnx.Linear(width, width, rngs=rngs)
+        self.query = nnx.Linear(width, width, **linear("embed", "heads"), rngs=rngs)
+        self.key = nnx.Linear(width, width, **linear("embed", "heads"), rngs=rngs)
+        self.value = nnx.Linear(width, width, **linear("embed", "heads"), rngs=rngs)
+        self.out = nnx.Linear(width, width, **linear("heads", "embed"), rngs=rngs)
 
     def __call__(
         self, x: jax.Array, mask: jax.Array | None = None, context: jax.Array | None = None
@@ -78,20 +79,27 @@ class Mlp(nnx.Module):
     """Linear -> GELU (tanh) -> Linear, (..., width) -> (..., width)."""
 
     def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(width, hidden, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, width, rngs=rngs)
+        self.fc1 = nnx.Linear(width, hidden, **linear("embed", "mlp"), rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, width, **linear("mlp", "embed"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+def _norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """CLIP's LayerNorm (eps 1e-5), scale and bias (D,) along `embed`."""
+    return nnx.LayerNorm(
+        width, epsilon=1e-5, scale_metadata=axes("embed"), bias_metadata=axes("embed"), rngs=rngs
+    )
 
 
 class TextBlock(nnx.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs):
-        self.norm1 = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs)
+        self.norm1 = _norm(width, rngs)
         self.attn = Attention(width, heads, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs)
+        self.norm2 = _norm(width, rngs)
         self.mlp = Mlp(width, 4 * width, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -135,13 +143,15 @@ class TextEncoder(nnx.Module):
     ):
         self.max_length = max_length
         self.token_embedding = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (vocab_size, width))
+            nnx.initializers.normal(0.02)(rngs.params(), (vocab_size, width)),
+            **axes("vocab", "embed"),
         )
         self.position_embedding = nnx.Param(
-            nnx.initializers.normal(0.01)(rngs.params(), (max_length, width))
+            nnx.initializers.normal(0.01)(rngs.params(), (max_length, width)),
+            **axes(None, "embed"),
         )
         self.blocks = nnx.List([TextBlock(width, heads, rngs=rngs) for _ in range(depth)])
-        self.final_norm = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs)
+        self.final_norm = _norm(width, rngs)
 
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Encodes token ids.
