@@ -18,7 +18,8 @@ the kills are spent, then the last rerun completes (a kill while resuming is cov
 
 Checks after completion (`compare`): every Parquet file byte-equal to the uninterrupted run's,
 every orbax checkpoint's latest step equal array for array (and its JSON run state), JSON
-outputs equal (timings left out), metrics.jsonl equal without a repeated (step, key), and no
+outputs equal (timings left out; a ratings file may differ only by the rating run's folder
+name in its metadata), metrics.jsonl equal without a repeated (step, key), and no
 temporary file left visible (`*.tmp-*`, `*orbax*tmp*`, scoring chunk folders).
 
 Disk full (`disk_full`): a small tmpfs (`mount -t tmpfs`, needs root) holding a previous complete
@@ -272,16 +273,40 @@ def _without_timings(value):
 
 def _checkpoint_arrays(folder: Path) -> tuple[int, list[np.ndarray], dict]:
     """(latest step, the state's arrays in tree order, the JSON run state) of an orbax folder."""
+    import logging
+
     import jax
     import orbax.checkpoint as ocp
 
     from alchemist_jax.runtime import checkpoints
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
 
     step = checkpoints.latest_step(folder)
     manager = checkpoints.manager(folder, read_only=True)
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     arrays = [np.asarray(x) for x in jax.tree.leaves(state["state"])]
     return step, arrays, checkpoints.restore_run_state(manager, step)
+
+
+def _same_parquet(path: Path, other: Path, reference: Path, candidate: Path) -> bool:
+    """Byte-equal files, or (ratings of a rating run record its checkpoint folder in their
+    metadata) equal once the candidate's folder name is replaced by the reference's: the same
+    columns, bit for bit, and the same metadata."""
+    if path.read_bytes() == other.read_bytes():
+        return True
+    import pyarrow.parquet as pq
+
+    first, second = pq.read_table(path), pq.read_table(other)
+    meta = {
+        k: v.replace(str(candidate).encode(), str(reference).encode())
+        for k, v in (second.schema.metadata or {}).items()
+    }
+    return (
+        first.replace_schema_metadata(None).equals(second.replace_schema_metadata(None))
+        and (first.schema.metadata or {}) == meta
+        and meta != (second.schema.metadata or {})  # only the folder name differed
+    )
 
 
 def compare(reference: Path, candidate: Path) -> list[str]:
@@ -315,7 +340,7 @@ def compare(reference: Path, candidate: Path) -> list[str]:
         if not other.exists():
             problems.append(f"{relative}: missing")
         elif path.suffix == ".parquet":
-            if path.read_bytes() != other.read_bytes():
+            if not _same_parquet(path, other, reference, candidate):
                 problems.append(f"{relative}: bytes differ")
         elif path.suffix == ".json":
             if _without_timings(json.loads(path.read_text())) != _without_timings(
@@ -490,18 +515,20 @@ def table(rows: list[dict], full: list[dict], args: argparse.Namespace) -> str:
         "random log lines (+ a random delay up to "
         f"{args.max_delay} s), rerun to completion, compared with an uninterrupted run: Parquet "
         "outputs byte-equal, checkpoints array-equal, JSON outputs equal, metrics.jsonl "
-        "without a repeated (step, key), no temporary file visible.",
+        "without a repeated (step, key), no temporary file visible. Seconds: wall time of the "
+        "uninterrupted run plus the chain of killed runs, on a shared machine (for scale only).",
         "",
-        "| command | kills delivered | runs | log lines (uninterrupted) | outputs equal, "
-        "nothing left | seconds |",
-        "|---|---|---|---|---|---|",
+        "| command | kill points (log line, delay s) | kills delivered | runs | log lines "
+        "(uninterrupted) | outputs equal, nothing left | seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         verdict = "yes" if row["ok"] else "NO: " + "; ".join(row["problems"][:3])
         early = f" ({row['finished_early']} finished first)" if row["finished_early"] else ""
         out.append(
-            f"| `{row['command']}` | {row['kills']}{early} | {row['runs']} | {row['log_lines']} "
-            f"| {verdict} | {row['seconds']} |"
+            f"| `{row['command']}` | {' '.join(f'{a}+{d:g}' for a, d in sorted(row['points']))} "
+            f"| {row['kills']}{early} | {row['runs']} | {row['log_lines']} | {verdict} "
+            f"| {row['seconds']} |"
         )
     if full:
         out += [
