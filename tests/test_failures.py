@@ -349,7 +349,7 @@ def test_an_all_bad_manifest_is_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert "no usable samples: all 4 rows are bad" in err[0]
+    assert "no usable samples: all 4 rows are bad samples" in err[0]
 
 
 def test_a_failed_first_run_does_not_bind_its_config(tmp_path):
@@ -411,7 +411,11 @@ def test_progress_off_a_terminal_is_periodic_lines(monkeypatch, caplog):
     assert lines[-1].startswith("probe: 3/3 step") and not any("\r" in m for m in lines)
 
 
-def test_backend_chatter_is_below_the_log_level():
+def test_backend_chatter_is_below_the_log_level(monkeypatch):
+    root, ours = logging.getLogger(), logging.getLogger("alchemist_jax")
+    monkeypatch.setattr(root, "level", root.level)  # restored after the test
+    monkeypatch.setattr(ours, "level", ours.level)
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
     cli._configure_logging()
     assert logging.getLogger("jax._src.xla_bridge").getEffectiveLevel() >= logging.WARNING
     assert logging.getLogger("alchemist_jax.rating").getEffectiveLevel() == logging.INFO

@@ -273,14 +273,6 @@ class _CheckedSource(Source):
             atomic_write_parquet(report, self._bad_samples)
             message += f"; see {report}"
         logger.log(logging.WARNING if num_bad else logging.INFO, message)
-        if not self._kept:
-            detail = (
-                f"all {num_rows} rows are bad"
-                + (f" (listed in {report})" if report_dir is not None else "")
-                if num_rows
-                else "it has no rows"
-            )
-            raise ValueError(f"{self.name}: no usable samples: {detail}")
 
     def __len__(self) -> int:
         return len(self._kept)

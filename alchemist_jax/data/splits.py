@@ -56,14 +56,16 @@ def load_splits(config: DataConfig, report_dir: str | Path | None = None) -> Spl
     `report_dir/bad_samples.parquet`, the validation source's in
     `report_dir/validation/bad_samples.parquet`) when given."""
     report_dir = None if report_dir is None else Path(report_dir)
-    pool = load(config.source, config.split, config=config, report_dir=report_dir)
+    pool = _usable(load(config.source, config.split, config=config, report_dir=report_dir))
     if config.validation_source is not None:
         # Its own report folder: the pool's bad_samples.parquet must not be overwritten.
-        validation = load(
-            config.validation_source,
-            "validation",
-            config=config,
-            report_dir=None if report_dir is None else report_dir / "validation",
+        validation = _usable(
+            load(
+                config.validation_source,
+                "validation",
+                config=config,
+                report_dir=None if report_dir is None else report_dir / "validation",
+            )
         )
     elif has_split(config.source, "validation"):
         validation = load(config.source, "validation", config=config)
@@ -119,6 +121,20 @@ def prepare_splits(config: DataConfig, report_dir: str | Path | None = None) -> 
         splits.defects,
         splits.caption_classes,
     )
+
+
+def _usable(source: Source) -> Source:
+    """`source`, unless it has no examples (an empty or all-bad manifest): then one line naming
+    it, and how many rows were skipped as bad."""
+    if len(source) == 0:
+        bad = getattr(source, "bad_samples", None)
+        detail = (
+            f"all {bad.num_rows} rows are bad samples"
+            if bad is not None and bad.num_rows
+            else ("it has no rows")
+        )
+        raise ValueError(f"{source.name}: no usable samples: {detail}")
+    return source
 
 
 def load_test(config: DataConfig, test_source: str | None = None) -> Source:
