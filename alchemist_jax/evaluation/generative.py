@@ -412,11 +412,10 @@ def try_feature_classifier(
     cfg: config_lib.Config, test_data: ArraySource | None = None
 ) -> tuple[Classifier | None, str | None]:
     """(`feature_classifier(cfg, test_data)`, None), or (None, the reason) when the clean data
-    has no labels, or holds latents and `evaluate.vae_path` is unset (with it, the classifier
-    is trained on the decoded validation latents)."""
-    test_data = load_test_data(cfg) if test_data is None else test_data
+    has no labels, or `test_data` holds latents and `evaluate.vae_path` is unset (with it, the
+    classifier is trained on the decoded validation latents; pass `test_data` for latents)."""
     try:
-        if "latent" not in test_data.extra:
+        if test_data is None or "latent" not in test_data.extra:
             return feature_classifier(cfg, test_data), None
         if cfg.evaluate.vae_path is None:
             return None, pixels_lib.NEEDS_VAE
