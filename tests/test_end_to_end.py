@@ -121,10 +121,9 @@ def test_pipeline_config_errors(tmp_path):
     )
     with pytest.raises(ConfigError, match="`oracle` needs injected defects"):
         pipeline.run(cfg, tmp_path / "other")
-    cfg = load_config("configs/demo.yaml", TINY + ["select.weights=[1.0, 2.0, 3.0]"])
     with pytest.raises(
         ConfigError,
         match=r"select.weights has 3 values, but arm 'alchemist' "
         r"fuses 2 ratings \(exact, alignment\)",
     ):
-        pipeline.run(cfg, tmp_path / "third")
+        load_config("configs/demo.yaml", TINY + ["select.weights=[1.0, 2.0, 3.0]"])
