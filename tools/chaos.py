@@ -297,7 +297,10 @@ def _same_parquet(path: Path, other: Path, reference: Path, candidate: Path) -> 
         return True
     import pyarrow.parquet as pq
 
-    first, second = pq.read_table(path), pq.read_table(other)
+    try:
+        first, second = pq.read_table(path), pq.read_table(other)
+    except (OSError, ValueError):  # not Parquet (pyarrow.ArrowInvalid is a ValueError)
+        return False
     meta = {
         k: v.replace(str(candidate).encode(), str(reference).encode())
         for k, v in (second.schema.metadata or {}).items()
