@@ -451,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ALCHEMIST_DEBUG"):
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, OSError) and error.strerror and not error.filename:
+            message = error.strerror  # "cannot write PATH: No space left on device", no [Errno]
         print(f"alchemist-jax {args.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a step loop
