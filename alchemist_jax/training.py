@@ -263,7 +263,8 @@ def validation_loss(
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     # Rows over every device of the model's own mesh (one mesh for parameters and batch).
-    mesh = jax.tree.leaves(trained.params)[0].sharding.mesh
+    mesh = getattr(jax.tree.leaves(trained.params)[0].sharding, "mesh", None)
+    mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else parallel.make_mesh()
     batch_sharding = NamedSharding(mesh, P(mesh.axis_names))
     total = 0.0
     for batch in pipeline.eval_iterator(data, batch_size, shard_index=0, shard_count=1):

@@ -8,11 +8,11 @@ Writes OUT.npz with, per step, the quantities the math defines:
   score           the rater's scores of the validation batch
   train/loss      the downstream loss of the first train step, train/mu/... AdamW's first moment
                   after it (= 0.1 x the clipped gradient; the warmup's learning rate is 0 there)
-  next/...        with --restore: metrics of the meta-gradient of the restored state
+  next/...        metrics of the meta-gradient of the saved (--save) or restored state
   restored/...    with --restore: every leaf of the restored state (and restored2/... on 2 devices)
 Asserts the shardings of the outputs (PartitionSpecs below) and that `reset_proxy` compiles
-without any collective. With --save: saves the rating state after one meta-step to DIR and the
-metrics of the meta-gradient of that state (next/...).
+without any collective. With --save: saves the rating state after the proxy step and a reset to
+DIR, and the metrics of the meta-gradient of that state (next/...).
 """
 
 import os
@@ -98,10 +98,11 @@ results |= flat("proxy", stepped["proxy"])
 results["score"] = np.asarray(program.score(state["rater"], val))
 
 # Resetting a proxy is a select along the population axis: nothing is gathered or exchanged.
-reset_hlo = program.reset_proxy.lower(state, jnp.int32(1)).compile().as_text()
+reset_proxy = program.reset_proxy.lower(state, jnp.int32(1)).compile()
+reset_hlo = reset_proxy.as_text()
 collectives = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 assert not any(op in reset_hlo for op in collectives), "reset_proxy moves data between devices"
-reset = program.reset_proxy(stepped, jnp.int32(1))
+reset = reset_proxy(stepped, jnp.int32(1))
 assert spec(reset["proxy"]["blocks"][0]["mlp"]["fc1"]["kernel"]) == spec(proxy_kernel)
 np.testing.assert_array_equal(
     np.asarray(reset["proxy"]["final"]["linear"]["kernel"])[1],
@@ -124,12 +125,11 @@ results["train/loss"] = np.asarray(loss)
 results |= flat("train/mu", moments)
 
 # ---- checkpoints: 8 devices -> 2 and 1 -----------------------------------------------------
-if save_dir:
-    state, _ = program.meta_step(state, train, val, np.float32(1.0))
+if save_dir:  # the state after the proxy step and the reset (no further compile)
     manager = checkpoints.manager(save_dir)
-    checkpoints.save(manager, 1, state, {"devices": devices})
-    results |= flat("saved", state)
-    _, next_metrics = program.meta_gradient(state, train, val, np.float32(1.0))
+    checkpoints.save(manager, 1, reset, {"devices": devices})
+    results |= flat("saved", reset)
+    _, next_metrics = program.meta_gradient(reset, train, val, np.float32(1.0))
     results |= {f"next/{k}": v for k, v in flat("", next_metrics).items()}
 if restore_dir:
     manager = checkpoints.manager(restore_dir, read_only=True)

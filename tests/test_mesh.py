@@ -4,8 +4,9 @@ between meshes.
 
 Each mesh runs in its own process (`tests/mesh_programs.py`: the fake device count must be set
 before jax loads), computing every step at once: (data, fsdp, population) = (2, 2, 2) first (it
-saves a checkpoint after one meta-step), then (8, 1, 1), (4, 2, 1) (restores the checkpoint on
-its 8 devices and on 2 of them) and 1 device (restores it there) side by side. The helper
+saves a checkpoint of its state after a proxy step and a reset), then (8, 1, 1), (4, 2, 1)
+(restores the checkpoint on its 8 devices and on 2 of them) and 1 device (restores it there)
+side by side. The helper
 asserts the PartitionSpecs of the states, batches and outputs, and that `reset_proxy` compiles
 to no collective (resetting a proxy gathers nothing); a failed assertion fails its process.
 
