@@ -5,8 +5,10 @@
     summary = summarize(scores, ids, selected, groups, names, {"drop": 0.25})
 
 Fusion (several ratings files and a dedup file, METHOD.md §8): each file's scores become rank
-percentiles within the ranking clusters (`runtime.stats.rank_normalize`), combined as a weighted
-geometric mean (`select.weights`, one per file; equal by default) into the fused score in (0, 1).
+percentiles (`runtime.stats.rank_normalize`; within the ranking clusters for
+`select.ranking=within`, over the pool of the offset-free scores for `shrunk`), combined as a
+weighted geometric mean (`select.weights`, one per file; else the reliability weights below, or
+equal ones) into the fused score in (0, 1).
 Duplicates are then collapsed: of each dedup group only the member with the highest fused score
 (ties: the smallest id) stays eligible (`best_of_duplicates`).
 

@@ -4,8 +4,9 @@
 
 Scores are higher = better. Within a group of n samples, samples are ranked best first (ties
 broken by id) and the rank percentile of the sample at rank r (0-based) is u = r / n, in [0, 1),
-0 = best. Every policy runs inside each group (caption class, exact caption or k-means cluster of
-caption embeddings, `selection.clusters`; one group = global ranking) and every group keeps its
+0 = best. Every policy runs inside each group (caption class, caption or k-means cluster of
+caption embeddings, `selection.clusters`; one group = global ranking; the command passes the
+clusters only for `select.ranking=within`, see `selection.ranking`) and every group keeps its
 share of the pool: the round(keep * N) samples are allocated to the groups in proportion to their
 sizes by the largest remainder method (ties to the earlier group), so the total is exact.
 Policies (the names of `config.POLICIES`; METHOD.md §4, §8):
