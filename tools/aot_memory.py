@@ -79,9 +79,7 @@ def measure(preset: str, mesh_sizes, population: int, inner: int, batch: int) ->
     mesh = parallel.make_mesh(cfg.mesh)
     start = time.perf_counter()
     program = rating.build_program(cfg, example, mesh)
-    state = abstract(
-        jax.eval_shape(program.init_state, jax.random.key(0)), program.state_sharding
-    )
+    state = abstract(jax.eval_shape(program.init_state, jax.random.key(0)), program.state_sharding)
     proxies = models.count_params(state["proxy"]) // population
     train = {
         k: jax.ShapeDtypeStruct(
