@@ -198,13 +198,6 @@ PROXY_SCORERS = ("loss", "el2n", "grand")  # scores from a proxy DiT the scorer 
 HEURISTIC_SCORERS = ("clarity", "edge_density", "low_frequency")  # pure functions of the image
 SCORERS = ("rater", *PROXY_SCORERS, *HEURISTIC_SCORERS, "clip_score", "alignment")
 GROUPINGS = ("auto", "label", "caption", "kmeans", "none")
-POLICIES = (
-    "filter",
-    "shift_gsample",
-    "gsample",
-    "topk",
-    "bottomk",
-    "random",
 # How cluster offsets enter the ranking (selection/ranking.py): shrunk = each cluster's mean offset
 # removed only as far as its size and spread make it style (empirical Bayes, capped), then one
 # ranking of the whole pool; within = a ranking and a proportional budget per cluster; global =
@@ -213,6 +206,13 @@ RANKINGS = ("shrunk", "within", "global")
 # Weights of several ratings files when select.weights is empty: reliability = estimated from
 # each scorer's scores without labels (selection/fusion.py); equal = 1 each.
 FUSIONS = ("reliability", "equal")
+POLICIES = (
+    "filter",
+    "shift_gsample",
+    "gsample",
+    "topk",
+    "bottomk",
+    "random",
     "block",
     "threshold",
     "weighted",
@@ -251,6 +251,9 @@ class SelectConfig:
     keep: float = 0.5  # R: fraction of the pool kept (exactly round(R * N) ids)
     group_by: Literal[GROUPINGS] = "auto"  # ranking clusters
     clusters: int = 20  # kmeans: number of clusters of caption embeddings
+    min_cluster_size: int = 20  # kmeans / auto: smaller clusters are merged into their nearest
+    ranking: Literal[RANKINGS] = "shrunk"  # cluster offsets: shrunk | within | global (RANKINGS)
+    fusion: Literal[FUSIONS] = "reliability"  # weights when `weights` is empty (FUSIONS)
     drop: float = 0.25  # filter: lowest-scored fraction dropped before the random fill
     head: float | None = None  # shift_gsample: top fraction dropped; None: min(.25, .95 - R)
     mu: float = 0.54  # (shift_)gsample: mean rank percentile of the Gaussian (0 = best)
@@ -258,9 +261,6 @@ class SelectConfig:
     start: float = 0.0  # block: rank percentile where the window starts
     threshold: float | None = None  # threshold: keep scores >= it (None: the keep quantile)
     temperature: float = 1.0  # weighted / cdf_accept: sharpness of the score-based sampling
-    min_cluster_size: int = 20  # kmeans / auto: smaller clusters are merged into their nearest
-    ranking: Literal[RANKINGS] = "shrunk"  # cluster offsets: shrunk | within | global (RANKINGS)
-    fusion: Literal[FUSIONS] = "reliability"  # weights when `weights` is empty (FUSIONS)
     weights: tuple[float, ...] = ()  # fusion: weight of each ratings file, in order; (): equal
     seed: int = 0
 
@@ -716,6 +716,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "score.alignment_t_min": FRACTION,
     "select.keep": SHARE,
     "select.clusters": AT_LEAST_1,
+    "select.min_cluster_size": AT_LEAST_1,
     "select.drop": FRACTION,
     "select.head": FRACTION,
     "select.mu": _range(0, 1),
