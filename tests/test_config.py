@@ -125,7 +125,7 @@ def test_every_number_has_a_range():
         ("select.drop=0.6", "select.drop=0.6 leaves 0.4 of the pool to choose from"),
         ("select.weights=[1, -1]", "select.weights must be >= 0 with a positive sum"),
         ("pipeline.arms=[alchemy]", "config key 'pipeline.arms[0]' must be one of 'alchemist'"),
-    ("score.scorer=clip_score", "score.scorer=clip_score needs score.clip_path=DIR"),
+        ("score.scorer=clip_score", "score.scorer=clip_score needs score.clip_path=DIR"),
         (
             "rate.steps=!!python/object:os.system x",
             "override 'rate.steps=!!python/object:os.system",
