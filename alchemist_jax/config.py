@@ -770,16 +770,33 @@ def _lookup(config: Config, dotted: str) -> Any:
     return node
 
 
+def _check_range(dotted: str, value: Any) -> None:
+    inside, text = RANGES[dotted]
+    if value is not None and (not math.isfinite(value) or not inside(value)):
+        raise ConfigError(f"config key {dotted!r} must be {text}, got {value!r}")
+
+
+def check_section(section: Any, name: str) -> None:
+    """The `RANGES` of one section, for library callers that build a section's dataclass
+    directly (e.g. `check_section(DedupConfig(window=0), "dedup")`) rather than load a config.
+
+    Raises:
+      ConfigError: as `validate`.
+    """
+    prefix = name + "."
+    for dotted in RANGES:
+        if dotted.startswith(prefix) and dotted.count(".") == 1:
+            _check_range(dotted, getattr(section, dotted[len(prefix) :]))
+
+
 def validate(config: Config) -> None:
     """Checks every range of `RANGES` and the settings that must agree with each other.
 
     Raises:
       ConfigError: one line naming the key (or keys) and what is allowed.
     """
-    for dotted, (inside, text) in RANGES.items():
-        value = _lookup(config, dotted)
-        if value is not None and (not math.isfinite(value) or not inside(value)):
-            raise ConfigError(f"config key {dotted!r} must be {text}, got {value!r}")
+    for dotted in RANGES:
+        _check_range(dotted, _lookup(config, dotted))
     r = config.rate
     if r.mode == "lookahead" and r.inner_steps != 1:
         raise ConfigError(f"rate.mode=lookahead needs rate.inner_steps=1 (got {r.inner_steps})")

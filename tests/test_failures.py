@@ -376,6 +376,31 @@ def test_disk_full_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch)
     ]
 
 
+def test_disk_full_during_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch):
+    manager = checkpoints.manager(tmp_path / "ck")
+    checkpoints.save(manager, 1, {"w": np.ones(3, np.float32)}, {})
+
+    def full(step, args=None):  # orbax got as far as its temporary folder
+        (tmp_path / "ck" / f"{step}.orbax-checkpoint-tmp-1").mkdir()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager, "save", full)
+    with pytest.raises(OSError, match=r"cannot write checkpoint 2 in .*ck: No space left"):
+        checkpoints.save(manager, 2, {"w": np.zeros(3, np.float32)}, {})
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1"]
+    assert checkpoints.latest_step(tmp_path / "ck") == 1
+
+
+def test_dedup_ranges_come_from_the_config(tmp_path):
+    from alchemist_jax import dedup
+    from alchemist_jax.config import ConfigError, DedupConfig
+
+    with pytest.raises(ConfigError, match="config key 'dedup.window' must be >= 1, got 0"):
+        dedup.check_config(DedupConfig(window=0))
+    dedup.check_config(DedupConfig())
+
+
 def test_silent_hold_out_is_announced(tmp_path, caplog):
     pool = _manifest(tmp_path / "data", "pool", list(range(24)))
     cfg = load_config(

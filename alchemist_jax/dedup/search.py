@@ -256,25 +256,6 @@ def find_groups(
 
 
 def check_config(cfg: config_lib.DedupConfig) -> None:
-    """Raises ValueError naming the `dedup.*` key whose value is out of range."""
-    checks = {
-        "max_hamming": 0 <= cfg.max_hamming <= HASH_BITS,
-        "min_cosine": 0 < cfg.min_cosine <= 1,
-        "min_aligned_cosine": 0 < cfg.min_aligned_cosine <= 1,
-        "max_shift": cfg.max_shift >= 0,
-        "border": cfg.border >= 0,
-        "align_size": cfg.align_size >= 4,
-        "align_blur": cfg.align_blur >= 0,
-        "bands": 1 <= cfg.bands <= HASH_BITS,
-        "projection_tables": cfg.projection_tables >= 0,
-        "window": cfg.window >= 1,
-        "embedding_size": cfg.embedding_size >= 1,
-        "blur": cfg.blur >= 0,
-        "batch_size": cfg.batch_size >= 1,
-    }
-    for key, ok in checks.items():
-        if not ok:
-            raise ValueError(
-                f"dedup.{key}={getattr(cfg, key)!r} is out of range "
-                "(see alchemist_jax/config.py DedupConfig)"
-            )
+    """The `dedup.*` ranges of `config.RANGES` (one place), for callers that build a DedupConfig
+    directly; ConfigError naming the key."""
+    config_lib.check_section(cfg, "dedup")
