@@ -123,6 +123,16 @@ class DataConfig:
     corrupt: CorruptConfig = CorruptConfig()
 
 
+# Rematerialisation of each scanned model block (models/stacked.py maps the names to
+# jax.checkpoint_policies): none = keep its residuals, full = nothing saveable (recompute the
+# block in the backward pass), dots = keep matmul outputs without batch dimensions.
+BLOCK_REMAT = ("none", "full", "dots")
+# Compute dtype of a model's layers. float32: compute in the parameters' dtype (float32, or
+# float64 under x64). bfloat16: matmuls and activations in bfloat16 with float32 parameters
+# (master weights, hence float32 optimizer states) and float32 outputs (velocity, rater scores).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The T2I diffusion model (a DiT) used as proxy and downstream model.
@@ -141,6 +151,8 @@ class ModelConfig:
     text_heads: int | None = None
     text_trainable: bool = True  # False: the text encoder is frozen at its initialisation
     caption_dropout: float = 0.1  # drop the caption with this probability (for CFG)
+    block_remat: Literal[BLOCK_REMAT] = "none"  # per scanned block (DiT and its text encoder)
+    compute_dtype: Literal[COMPUTE_DTYPES] = "float32"  # COMPUTE_DTYPES above
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +163,7 @@ class RaterConfig:
     hidden: int = 256  # hidden width of the heads
     temperature: float = 1.0  # w = B * softmax(u / temperature) * b
     batch_head: bool = False  # the paper's group MLP on batch mean/variance -> b
+    compute_dtype: Literal[COMPUTE_DTYPES] = "float32"  # COMPUTE_DTYPES; weights in float32
 
 
 # The rater's meta-loss (the validation objective its meta-gradient minimises; rating.py builds
@@ -415,6 +428,7 @@ class ShardingRules:
     mlp: tuple[MeshAxis, ...] = ("tensor", "fsdp")  # MLP / modulation hidden features
     heads: tuple[MeshAxis, ...] = ("tensor", "fsdp")  # attention features H * Dh
     vocab: tuple[MeshAxis, ...] = ("tensor", "fsdp")  # token-table rows
+    layers: tuple[MeshAxis, ...] = ()  # stacked blocks (scan over layers): replicated
 
 
 @dataclasses.dataclass(frozen=True)

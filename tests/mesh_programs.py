@@ -84,11 +84,13 @@ results: dict[str, np.ndarray] = {}
 # ---- rating: meta-gradient, a proxy step, scores, reset --------------------------------------
 program = rating.build_program(cfg, example, mesh)
 state = program.init_state(jax.random.key(0))
-proxy_kernel = state["proxy"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+proxy_kernel = state["proxy"]["blocks"]["mlp"]["fc1"]["kernel"]
 assert proxy_kernel.sharding.mesh == mesh
-assert spec(proxy_kernel) == P("population", "fsdp", "tensor"), spec(proxy_kernel)
-mu = state["proxy_opt"][0].mu["blocks"][0]["mlp"]["fc1"]["kernel"]
-assert spec(mu) == P("population", "fsdp", "tensor"), spec(mu)  # FSDP shards Adam's moments too
+# The DiT's blocks are stacked along `layers`, which the default rules replicate.
+assert spec(proxy_kernel) == P("population", None, "fsdp", "tensor"), spec(proxy_kernel)
+mu = state["proxy_opt"][0].mu["blocks"]["mlp"]["fc1"]["kernel"]
+# FSDP shards Adam's moments too.
+assert spec(mu) == P("population", None, "fsdp", "tensor"), spec(mu)
 rater_proj = state["rater"]["image_proj"]["kernel"]
 assert spec(rater_proj) == P(("tensor", "fsdp")), spec(rater_proj)
 assert program.train_sharding.spec == P("population", None, ("data", "fsdp"))
@@ -100,7 +102,7 @@ results |= flat("grad", grads) | {f"metric/{k}": v for k, v in flat("", grad_met
 
 stepped, ok = program.proxy_steps(jax.tree.map(jnp.copy, state), one_step, True)
 assert bool(ok)
-assert spec(stepped["proxy"]["blocks"][0]["mlp"]["fc1"]["kernel"]) == spec(proxy_kernel)
+assert spec(stepped["proxy"]["blocks"]["mlp"]["fc1"]["kernel"]) == spec(proxy_kernel)
 results |= flat("proxy", stepped["proxy"])
 results["score"] = np.asarray(program.score(state["rater"], val))
 
@@ -110,7 +112,7 @@ reset_hlo = reset_proxy.as_text()
 collectives = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 assert not any(op in reset_hlo for op in collectives), "reset_proxy moves data between devices"
 reset = reset_proxy(stepped, jnp.int32(1))
-assert spec(reset["proxy"]["blocks"][0]["mlp"]["fc1"]["kernel"]) == spec(proxy_kernel)
+assert spec(reset["proxy"]["blocks"]["mlp"]["fc1"]["kernel"]) == spec(proxy_kernel)
 np.testing.assert_array_equal(
     np.asarray(reset["proxy"]["final"]["linear"]["kernel"])[1],
     np.asarray(state["warm_proxy"]["final"]["linear"]["kernel"])[1],
@@ -120,14 +122,14 @@ np.testing.assert_array_equal(
 inputs = training.input_spec({k: v[0] for k, v in example.items()})
 train_program = training.build_program(cfg, inputs, mesh, steps=20, seed=0)
 train_state = train_program.initial_state
-kernel = train_state["params"]["blocks"][0]["mlp"]["fc1"]["kernel"]
-assert spec(kernel) == P("fsdp", "tensor"), spec(kernel)
+kernel = train_state["params"]["blocks"]["mlp"]["fc1"]["kernel"]
+assert spec(kernel) == P(None, "fsdp", "tensor"), spec(kernel)
 assert train_program.batch_sharding.spec == P(("data", "fsdp", "population"))
 batch = jax.device_put(example, train_program.batch_sharding)
 train_state, loss, ok = train_program.train_step(train_state, batch)
 assert bool(ok)
 moments = train_state["opt"][1][0].mu
-assert spec(moments["blocks"][0]["mlp"]["fc1"]["kernel"]) == P("fsdp", "tensor")
+assert spec(moments["blocks"]["mlp"]["fc1"]["kernel"]) == P(None, "fsdp", "tensor")
 results["train/loss"] = np.asarray(loss)
 results |= flat("train/mu", moments)
 
@@ -142,7 +144,7 @@ if restore_dir:
     manager = checkpoints.manager(restore_dir, read_only=True)
     restored, run_state = checkpoints.restore(manager, program.init_state(jax.random.key(1)))
     assert run_state["devices"] == 8
-    kernel = restored["proxy"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+    kernel = restored["proxy"]["blocks"]["mlp"]["fc1"]["kernel"]
     assert kernel.sharding.mesh == mesh and spec(kernel) == spec(proxy_kernel)
     results |= flat("restored", restored)
     _, next_metrics = program.meta_gradient(restored, train, val, np.float32(1.0))
@@ -158,7 +160,7 @@ if restore_dir:
             program.init_state(jax.random.key(1)),
         )
         restored2, _ = checkpoints.restore(manager, like)
-        kernel = restored2["proxy"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+        kernel = restored2["proxy"]["blocks"]["mlp"]["fc1"]["kernel"]
         assert len(kernel.sharding.device_set) == 2
         results |= flat("restored2", restored2)
 

@@ -162,9 +162,22 @@ T_MID = jnp.full((B,), 0.4)
 
 
 def test_resolve_model_config_fills_from_preset_and_overrides():
-    resolved = resolve_model_config(ModelConfig(preset="base", depth=3, text_trainable=False))
-    assert resolved == {**PRESETS["base"], "depth": 3, "text_trainable": False}
-    assert resolve_model_config(ModelConfig()) == {**PRESETS["tiny"], "text_trainable": True}
+    resolved = resolve_model_config(
+        ModelConfig(preset="base", depth=3, text_trainable=False, compute_dtype="bfloat16")
+    )
+    assert resolved == {
+        **PRESETS["base"],
+        "depth": 3,
+        "text_trainable": False,
+        "block_remat": "none",
+        "dtype": jnp.bfloat16,
+    }
+    assert resolve_model_config(ModelConfig()) == {
+        **PRESETS["tiny"],
+        "text_trainable": True,
+        "block_remat": "none",
+        "dtype": None,  # float32: compute in the parameters' dtype
+    }
 
 
 def test_tiny_preset_parameter_counts():
@@ -212,13 +225,17 @@ def test_adaln_zero_init_output_is_zero_and_blocks_are_identity(proxy, apply):
     x = jax.random.normal(keys[0], (B, 4, 32))
     c = jax.random.normal(keys[1], (B, 32))
     context = jax.random.normal(keys[2], (B, L, 32))
+    # The blocks are stacked (depth, ...) along `layers`: block i is slice i of every parameter.
+    block_def, stack = nnx.split(nnx.merge(graphdef, params, rest).blocks)
+    assert {leaf.shape[0] for leaf in jax.tree.leaves(stack)} == {SMALL.depth}
     outputs = jit(
-        lambda params: [
-            block(x, c, context, batch["token_mask"])
-            for block in nnx.merge(graphdef, params, rest).blocks
+        lambda stack: [
+            nnx.merge(block_def, jax.tree.map(lambda a: a[i], stack))(
+                x, c, context, batch["token_mask"]
+            )
+            for i in range(SMALL.depth)
         ]
-    )(params)
-    assert len(outputs) == SMALL.depth
+    )(stack)
     for out in outputs:
         np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
 

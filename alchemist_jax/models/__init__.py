@@ -44,6 +44,7 @@ __all__ = [
     "Rater",
     "PRESETS",
     "resolve_model_config",
+    "compute_dtype",
     "init_proxy",
     "init_rater",
     "proxy_loss_fn",
@@ -111,12 +112,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 Params = nnx.State  # the `nnx.Param` part of a split module: the pytree that is differentiated
 
+# `config.COMPUTE_DTYPES` -> the models' `dtype`: float32 computes in the parameters' dtype (None,
+# so that float64 parameters under x64 compute in float64), bfloat16 in bfloat16.
+_COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> jnp.dtype | None:
+    """The `dtype` argument of the models for a `config.COMPUTE_DTYPES` name."""
+    if name not in _COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute dtype {name!r}; valid: {', '.join(_COMPUTE_DTYPES)}")
+    return _COMPUTE_DTYPES[name]
+
 
 def resolve_model_config(cfg: ModelConfig) -> dict[str, Any]:
     """The DiT architecture: the preset's sizes, overridden by every field of `cfg` that is set.
 
     Returns a dict with patch_size, width, depth, heads, mlp_ratio, text_width, text_depth,
-    text_heads and text_trainable (keyword arguments of `DiT`).
+    text_heads, text_trainable, block_remat and dtype (keyword arguments of `DiT`).
     """
     resolved = dict(PRESETS[cfg.preset])
     for name in resolved:
@@ -124,6 +136,8 @@ def resolve_model_config(cfg: ModelConfig) -> dict[str, Any]:
         if value is not None:
             resolved[name] = value
     resolved["text_trainable"] = cfg.text_trainable
+    resolved["block_remat"] = cfg.block_remat
+    resolved["dtype"] = compute_dtype(cfg.compute_dtype)
     return resolved
 
 
@@ -144,7 +158,8 @@ def init_proxy(
     """Builds a DiT for batches shaped like `example_batch` and splits it.
 
     Args:
-      model_cfg: preset and overrides (`resolve_model_config`).
+      model_cfg: preset and overrides, block remat and compute dtype (`resolve_model_config`);
+        the parameters are float32 whatever the compute dtype.
       example_batch: fixes the input channels (`latent` if present, else `image`) and the caption
         kind (precomputed `text_embedding`, else `tokens`).
       rng: a PRNG key for the initial parameters.
@@ -181,7 +196,8 @@ def init_rater(
 
     `max_text_length` is accepted for symmetry with `init_proxy`: the rater pools captions with a
     masked mean (no position table), so it accepts any caption length. The temperature of
-    `rater_cfg` is not part of the module (pass it to `rater_weight_fn`).
+    `rater_cfg` is not part of the module (pass it to `rater_weight_fn`); its compute dtype is
+    (float32 parameters, bfloat16 or parameter-dtype compute, float32 or parameter-dtype scores).
     Returns:
       (graphdef, params, rest) as in `init_proxy`.
     """
@@ -192,6 +208,7 @@ def init_rater(
         hidden=rater_cfg.hidden,
         text_embedding_dim=_text_embedding_dim(example_batch),
         batch_head=rater_cfg.batch_head,
+        dtype=compute_dtype(rater_cfg.compute_dtype),
         rngs=nnx.Rngs(rng),
     )
     return nnx.split(model, nnx.Param, ...)

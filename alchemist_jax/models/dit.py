@@ -1,7 +1,15 @@
 """A text-conditioned Diffusion Transformer (DiT) that predicts a rectified-flow velocity.
 
 x_t (B, H, W, C) -> patches of p x p -> tokens (B, N, D), N = (H/p)(W/p), plus a fixed 2-D sin-cos
-position embedding -> N blocks -> final layer -> unpatchify -> v_pred (B, H, W, C).
+position embedding -> depth blocks -> final layer -> unpatchify -> v_pred (B, H, W, C). The blocks
+are one stacked module applied by a scan (`models.stacked`), so compile time does not grow with
+depth; `block_remat` checkpoints each of them.
+
+Precision (`dtype`, `config.COMPUTE_DTYPES`): None computes in the parameters' dtype (float32, or
+float64 under x64). bfloat16: every layer computes in bfloat16 (its inputs and parameters cast)
+and the residual stream is bfloat16, while parameters stay float32 (master weights) and v_pred is
+cast back to float32 before any loss; the timestep features are computed before the cast (angles
+up to 1000 rad need float32) and softmax and LayerNorm statistics run in float32.
 
 Conditioning: c = MLP(sinusoidal(t)) + Linear(pooled text) (B, D) drives adaLN-Zero modulation
 (shift, scale, gate) of every sub-layer; the token features of the caption (B, L, D) are the keys
@@ -27,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from alchemist_jax.models.sharding import axes, linear
+from alchemist_jax.models.stacked import scan_blocks, stack_blocks
 from alchemist_jax.models.text_encoder import Attention, Mlp, TextEncoder, masked_mean
 
 _TIME_FREQUENCIES = 256  # size of the sinusoidal timestep features
@@ -97,20 +106,28 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale) + shift
 
 
-def _plain_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """LayerNorm without its own scale and bias (adaLN supplies them)."""
-    return nnx.LayerNorm(width, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
+def _plain_norm(width: int, dtype: jnp.dtype | None, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm without its own scale and bias (adaLN supplies them), output in `dtype`."""
+    return nnx.LayerNorm(
+        width, epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype, rngs=rngs
+    )
 
 
 def _zero_linear(
-    in_features: int, out_features: int, rngs: nnx.Rngs, names: tuple[str | None, str | None]
+    in_features: int,
+    out_features: int,
+    dtype: jnp.dtype | None,
+    rngs: nnx.Rngs,
+    names: tuple[str | None, str | None],
 ) -> nnx.Linear:
-    """A Linear that starts at zero; `names`: logical axes of its (in, out) kernel."""
+    """A Linear that starts at zero, computing in `dtype`; `names`: logical axes of its
+    (in, out) kernel."""
     return nnx.Linear(
         in_features,
         out_features,
         kernel_init=nnx.initializers.zeros,
         bias_init=nnx.initializers.zeros,
+        dtype=dtype,
         **linear(*names),
         rngs=rngs,
     )
@@ -121,16 +138,19 @@ class DiTBlock(nnx.Module):
 
     Each sub-layer is x + gate * f(LN(x) * (1 + scale) + shift), with (shift, scale, gate) from a
     zero-initialised Linear of SiLU(c): the block is exactly the identity at initialisation.
+    `dtype`: compute dtype of its layers (module docstring).
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, *, rngs: nnx.Rngs):
-        self.norm_self = _plain_norm(width, rngs)
-        self.self_attn = Attention(width, heads, rngs=rngs)
-        self.norm_cross = _plain_norm(width, rngs)
-        self.cross_attn = Attention(width, heads, rngs=rngs)
-        self.norm_mlp = _plain_norm(width, rngs)
-        self.mlp = Mlp(width, int(width * mlp_ratio), rngs=rngs)
-        self.modulation = _zero_linear(width, 9 * width, rngs, ("embed", "mlp"))
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: float, *, dtype: jnp.dtype | None, rngs: nnx.Rngs
+    ):
+        self.norm_self = _plain_norm(width, dtype, rngs)
+        self.self_attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+        self.norm_cross = _plain_norm(width, dtype, rngs)
+        self.cross_attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+        self.norm_mlp = _plain_norm(width, dtype, rngs)
+        self.mlp = Mlp(width, int(width * mlp_ratio), dtype=dtype, rngs=rngs)
+        self.modulation = _zero_linear(width, 9 * width, dtype, rngs, ("embed", "mlp"))
 
     def __call__(
         self, x: jax.Array, c: jax.Array, context: jax.Array, context_mask: jax.Array
@@ -150,10 +170,10 @@ class DiTBlock(nnx.Module):
 class FinalLayer(nnx.Module):
     """adaLN-modulated LayerNorm, then a zero-initialised Linear to p*p*C values per patch."""
 
-    def __init__(self, width: int, out_features: int, *, rngs: nnx.Rngs):
-        self.norm = _plain_norm(width, rngs)
-        self.modulation = _zero_linear(width, 2 * width, rngs, ("embed", "mlp"))
-        self.linear = _zero_linear(width, out_features, rngs, ("embed", None))
+    def __init__(self, width: int, out_features: int, *, dtype: jnp.dtype | None, rngs: nnx.Rngs):
+        self.norm = _plain_norm(width, dtype, rngs)
+        self.modulation = _zero_linear(width, 2 * width, dtype, rngs, ("embed", "mlp"))
+        self.linear = _zero_linear(width, out_features, dtype, rngs, ("embed", None))
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         """x: (B, N, D), c: (B, D) -> (B, N, out_features)."""
@@ -168,7 +188,7 @@ class DiT(nnx.Module):
       channels: C of the input (image or latent) channels.
       patch_size: p; H and W of the input must be divisible by p.
       width: transformer width D (divisible by `heads` and by 4).
-      depth: number of DiT blocks.
+      depth: number of DiT blocks (stacked along `layers`, applied by a scan).
       heads: attention heads.
       mlp_ratio: MLP hidden size / D.
       text_length: L, the longest caption (token ids or precomputed embedding rows) accepted; the
@@ -180,6 +200,9 @@ class DiT(nnx.Module):
       text_embedding_dim: None: captions are token ids encoded by the model's own `TextEncoder`.
         An int Dt: captions are precomputed `text_embedding` (B, L, Dt) rows; no text encoder is
         built and a Linear projects them to D.
+      block_remat: checkpointing of each block, the text encoder's too (`config.BLOCK_REMAT`).
+      dtype: compute dtype (module docstring); None: the parameters' dtype. Parameters are
+        created in float32 either way.
     """
 
     def __init__(
@@ -197,6 +220,8 @@ class DiT(nnx.Module):
         text_heads: int,
         text_trainable: bool = True,
         text_embedding_dim: int | None = None,
+        block_remat: str = "none",
+        dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
         if width % 4:
@@ -205,16 +230,28 @@ class DiT(nnx.Module):
         self.width = width
         self.text_length = text_length
         self.text_trainable = text_trainable
+        self.block_remat = block_remat
+        self.dtype = dtype
         if text_embedding_dim is None:
             self.text_encoder = TextEncoder(
-                text_width, text_depth, text_heads, text_length, rngs=rngs
+                text_width,
+                text_depth,
+                text_heads,
+                text_length,
+                block_remat=block_remat,
+                dtype=dtype,
+                rngs=rngs,
             )
             caption_width = text_width
         else:
             self.text_encoder = None
             caption_width = text_embedding_dim
-        self.text_proj = nnx.Linear(caption_width, width, **linear("mlp", "embed"), rngs=rngs)
-        self.pooled_proj = nnx.Linear(caption_width, width, **linear("mlp", "embed"), rngs=rngs)
+        self.text_proj = nnx.Linear(
+            caption_width, width, dtype=dtype, **linear("mlp", "embed"), rngs=rngs
+        )
+        self.pooled_proj = nnx.Linear(
+            caption_width, width, dtype=dtype, **linear("mlp", "embed"), rngs=rngs
+        )
         self.null_tokens = nnx.Param(
             nnx.initializers.normal(0.02)(rngs.params(), (text_length, width)),
             **axes(None, "embed"),
@@ -223,13 +260,18 @@ class DiT(nnx.Module):
             nnx.initializers.normal(0.02)(rngs.params(), (width,)), **axes("embed")
         )
         self.patch_embed = nnx.Linear(
-            patch_size * patch_size * channels, width, **linear(None, "embed"), rngs=rngs
+            patch_size * patch_size * channels,
+            width,
+            dtype=dtype,
+            **linear(None, "embed"),
+            rngs=rngs,
         )
         self.time_mlp = nnx.Sequential(
             nnx.Linear(
                 _TIME_FREQUENCIES,
                 width,
                 kernel_init=nnx.initializers.normal(0.02),
+                dtype=dtype,
                 **linear(None, "mlp"),
                 rngs=rngs,
             ),
@@ -238,12 +280,15 @@ class DiT(nnx.Module):
                 width,
                 width,
                 kernel_init=nnx.initializers.normal(0.02),
+                dtype=dtype,
                 **linear("mlp", "embed"),
                 rngs=rngs,
             ),
         )
-        self.blocks = nnx.List([DiTBlock(width, heads, mlp_ratio, rngs=rngs) for _ in range(depth)])
-        self.final = FinalLayer(width, patch_size * patch_size * channels, rngs=rngs)
+        self.blocks = stack_blocks(
+            lambda rngs: DiTBlock(width, heads, mlp_ratio, dtype=dtype, rngs=rngs), depth, rngs
+        )
+        self.final = FinalLayer(width, patch_size * patch_size * channels, dtype=dtype, rngs=rngs)
 
     def encode_caption(
         self, batch: dict, drop_text: jax.Array
@@ -276,11 +321,14 @@ class DiT(nnx.Module):
             raise ValueError(
                 f"caption length {length} exceeds the model's text_length {self.text_length}"
             )
+        # The null caption in the projections' (compute) dtype.
+        features = self.text_proj(features)
         context = jnp.where(
-            drop_text[:, None, None], self.null_tokens[:length], self.text_proj(features)
+            drop_text[:, None, None], self.null_tokens[:length].astype(features.dtype), features
         )
         context_mask = mask | drop_text[:, None]
-        pooled = jnp.where(drop_text[:, None], self.null_pooled[...], self.pooled_proj(pooled))
+        pooled = self.pooled_proj(pooled)
+        pooled = jnp.where(drop_text[:, None], self.null_pooled[...].astype(pooled.dtype), pooled)
         return context, context_mask, pooled
 
     def __call__(
@@ -294,7 +342,7 @@ class DiT(nnx.Module):
           batch: the caption fields (see `encode_caption`).
           drop_text: bool (B,), True rows are conditioned on the null caption; None: no row.
         Returns:
-          v_pred: (B, H, W, C).
+          v_pred: (B, H, W, C); float32 when the model computes in bfloat16.
         """
         b, h, w, c = x_t.shape
         p = self.patch_size
@@ -311,7 +359,7 @@ class DiT(nnx.Module):
         cond = (
             self.time_mlp(timestep_embedding(jnp.asarray(t, x_t.dtype), _TIME_FREQUENCIES)) + pooled
         )
-        for block in self.blocks:
-            x = block(x, cond, context, context_mask)
+        x = scan_blocks(self.blocks, x, cond, context, context_mask, remat=self.block_remat)
         out = self.final(x, cond).reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        return out.reshape(b, h, w, c)
+        out = out.reshape(b, h, w, c)
+        return out if self.dtype is None else out.astype(jnp.float32)

@@ -13,6 +13,10 @@ h = [f, e, f * e] (B, 3 Dr) feed:
     b = 2 * sigmoid(z) in (0, 2), with the last layer zero-initialised so b = 1 at initialisation.
 Training weights: w = B * softmax(u / temperature) * b, so w > 0 and sum(w) = B * b (B without the
 batch head): the weighted mean loss keeps the scale of the plain mean loss.
+
+Precision (`dtype`, `config.COMPUTE_DTYPES`): None computes in the parameters' dtype; bfloat16
+runs the convolutions and Linears in bfloat16 with float32 parameters, and casts u and z to
+float32 before the softmax and the sigmoid (the batch statistics are taken in float32 too).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Rater(nnx.Module):
         vocabulary). An int Dt: captions are precomputed `text_embedding` (B, L, Dt).
       batch_head: build the batch head (b); without it b = 1.
       vocab_size: token vocabulary (CLIP: 49,408).
+      dtype: compute dtype (module docstring); None: the parameters' dtype.
     """
 
     def __init__(
@@ -55,14 +60,15 @@ class Rater(nnx.Module):
         batch_head: bool = False,
         rngs: nnx.Rngs,
         vocab_size: int = VOCAB_SIZE,
+        dtype: jnp.dtype | None = None,
     ):
-        self.conv1 = nnx.Conv(
-            channels, width // 4, (3, 3), strides=2, **_conv_axes("mlp"), rngs=rngs
+        self.dtype = dtype
+        conv = dict(kernel_size=(3, 3), strides=2, dtype=dtype, **_conv_axes("mlp"), rngs=rngs)
+        self.conv1 = nnx.Conv(channels, width // 4, **conv)
+        self.conv2 = nnx.Conv(width // 4, width // 2, **conv)
+        self.image_proj = nnx.Linear(
+            width // 2, width, dtype=dtype, **linear("mlp", "embed"), rngs=rngs
         )
-        self.conv2 = nnx.Conv(
-            width // 4, width // 2, (3, 3), strides=2, **_conv_axes("mlp"), rngs=rngs
-        )
-        self.image_proj = nnx.Linear(width // 2, width, **linear("mlp", "embed"), rngs=rngs)
         if text_embedding_dim is None:
             self.token_embedding = nnx.Param(
                 nnx.initializers.normal(1.0)(rngs.params(), (vocab_size, width)),
@@ -72,22 +78,29 @@ class Rater(nnx.Module):
         else:
             self.token_embedding = None
             caption_width = text_embedding_dim
-        self.text_proj = nnx.Linear(caption_width, width, **linear("mlp", "embed"), rngs=rngs)
+        self.text_proj = nnx.Linear(
+            caption_width, width, dtype=dtype, **linear("mlp", "embed"), rngs=rngs
+        )
         # No bias on the last layer: the weights are softmax(u / temperature), which does not
         # change when every u moves by one constant, so that bias would get a zero meta-gradient
         # in every mode (only float round-off, which Adam would turn into drift) and would only
         # shift every stored score by the same amount. Rankings do not see it either.
         self.instance_head = nnx.Sequential(
-            nnx.Linear(3 * width, hidden, **linear("embed", "mlp"), rngs=rngs),
+            nnx.Linear(3 * width, hidden, dtype=dtype, **linear("embed", "mlp"), rngs=rngs),
             jax.nn.silu,
-            nnx.Linear(hidden, 1, use_bias=False, **linear("mlp", None), rngs=rngs),
+            nnx.Linear(hidden, 1, use_bias=False, dtype=dtype, **linear("mlp", None), rngs=rngs),
         )
         if batch_head:
             self.batch_head = nnx.Sequential(
-                nnx.Linear(6 * width, hidden, **linear("embed", "mlp"), rngs=rngs),
+                nnx.Linear(6 * width, hidden, dtype=dtype, **linear("embed", "mlp"), rngs=rngs),
                 jax.nn.silu,
                 nnx.Linear(
-                    hidden, 1, kernel_init=nnx.initializers.zeros, **linear("mlp", None), rngs=rngs
+                    hidden,
+                    1,
+                    kernel_init=nnx.initializers.zeros,
+                    dtype=dtype,
+                    **linear("mlp", None),
+                    rngs=rngs,
                 ),
             )
         else:
@@ -103,16 +116,21 @@ class Rater(nnx.Module):
         e = self.text_proj(masked_mean(captions, mask))
         return jnp.concatenate([f, e, f * e], axis=-1)
 
+    def _output(self, x: jax.Array) -> jax.Array:
+        """x in float32 when the rater computes in bfloat16, else unchanged."""
+        return x if self.dtype is None else x.astype(jnp.float32)
+
     def scores(self, batch: dict) -> jax.Array:
         """Instance logits u: (B,), unbounded; independent of the other rows of the batch."""
-        return self.instance_head(self.features(batch))[:, 0]
+        return self._output(self.instance_head(self.features(batch))[:, 0])
 
     def weights(self, batch: dict, temperature: float) -> jax.Array:
         """Training weights w = B * softmax(u / temperature) * b: (B,), positive, sum B * b."""
         h = self.features(batch)
-        u = self.instance_head(h)[:, 0]
+        u = self._output(self.instance_head(h)[:, 0])
         w = u.shape[0] * jax.nn.softmax(u / temperature)
         if self.batch_head is None:
             return w
+        h = self._output(h)
         stats = jnp.concatenate([h.mean(axis=0), h.var(axis=0)])
-        return w * 2 * jax.nn.sigmoid(self.batch_head(stats)[0])
+        return w * 2 * jax.nn.sigmoid(self._output(self.batch_head(stats)[0]))

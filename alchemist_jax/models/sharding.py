@@ -9,6 +9,9 @@ is, the config says where it goes):
   mlp     hidden features: MLP hidden layers, adaLN modulation outputs, projections' inputs
   heads   attention features H * Dh (query / key / value outputs, output-projection input)
   vocab   rows of a token table (CLIP vocabulary)
+  layers  the leading axis of a stack of identical blocks (`models.stacked`: created by
+          `nnx.vmap`, applied by `nnx.scan`); the default rules replicate it (every device
+          holds every layer of the slice of the other dimensions it owns)
   None    a dimension that is never split (conv windows, patch pixels, position rows)
 
 The names ride on the `nnx.Param` as its `out_sharding` metadata (`kernel_metadata=` /
@@ -24,7 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
-LOGICAL_AXES = ("embed", "mlp", "heads", "vocab")
+LAYERS = "layers"
+LOGICAL_AXES = ("embed", "mlp", "heads", "vocab", LAYERS)
 
 
 def axes(*names: str | None) -> dict[str, Any]:
