@@ -7,8 +7,12 @@ inputs (`jax.ShapeDtypeStruct`s carrying the program's shardings), compiled, and
 batches this device holds), outputs, aliased (donated) bytes and XLA temporaries. Peak per
 device ~ arguments + outputs - aliased + temporaries.
 
+It also compiles the meta-step of one preset (default `base`) at two depths (default 4 and 12)
+on the first mesh, side by side in the same run: the DiT's blocks are one scanned module
+(`models.stacked`), so the compile time should not grow with depth.
+
     .venv/bin/python tools/aot_memory.py                          # xl, writes docs/BENCHMARKS.md
-    .venv/bin/python tools/aot_memory.py --preset small --no-write
+    .venv/bin/python tools/aot_memory.py --preset small --no-write --depths ""
 
 Inputs: SD-VAE latents (B, 32, 32, 4) (256 x 256 images) and precomputed CLIP-L text embeddings
 (B, 77, 768), so the proxy is the DiT alone (no text encoder in it), P proxies of K inner steps.
@@ -17,6 +21,7 @@ Inputs: SD-VAE latents (B, 32, 32, 4) (256 x 256 images) and precomputed CLIP-L 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 import time
@@ -55,13 +60,17 @@ def abstract(tree, shardings):
     )
 
 
-def measure(preset: str, mesh_sizes, population: int, inner: int, batch: int) -> dict:
-    """Compiles the meta-step of `preset` on `mesh_sizes`; the per-device sizes in bytes."""
+def measure(
+    preset: str, mesh_sizes, population: int, inner: int, batch: int, depth: int | None = None
+) -> dict:
+    """Compiles the meta-step of `preset` (with `depth` DiT blocks, None: the preset's) on
+    `mesh_sizes`; the per-device sizes in bytes, and the seconds of lowering + compiling."""
     data, fsdp, pop = mesh_sizes
     cfg = load_config(
         None,
         [
             f"model.preset={preset}",
+            f"model.depth={'null' if depth is None else depth}",
             f"rate.population={population}",
             f"rate.inner_steps={inner}",
             f"data.batch_size={batch}",
@@ -77,7 +86,6 @@ def measure(preset: str, mesh_sizes, population: int, inner: int, batch: int) ->
         "token_mask": np.ones((batch, 77), bool),
     }
     mesh = parallel.make_mesh(cfg.mesh)
-    start = time.perf_counter()
     program = rating.build_program(cfg, example, mesh)
     state = abstract(jax.eval_shape(program.init_state, jax.random.key(0)), program.state_sharding)
     proxies = models.count_params(state["proxy"]) // population
@@ -91,7 +99,9 @@ def measure(preset: str, mesh_sizes, population: int, inner: int, batch: int) ->
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=program.val_sharding)
         for k, v in example.items()
     }
+    start = time.perf_counter()
     compiled = program.meta_step.lower(state, train, val, np.float32(1.0)).compile()
+    seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     sizes = {
         "arguments": memory.argument_size_in_bytes,
@@ -100,7 +110,7 @@ def measure(preset: str, mesh_sizes, population: int, inner: int, batch: int) ->
         "temporaries": memory.temp_size_in_bytes,
     }
     sizes["peak"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
-    return {**sizes, "proxy_params": proxies, "seconds": time.perf_counter() - start}
+    return {**sizes, "proxy_params": proxies, "seconds": seconds}
 
 
 def main() -> None:
@@ -110,9 +120,23 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8, help="rows per proxy and inner step")
     parser.add_argument("--meshes", default=";".join(",".join(map(str, m)) for m in MESHES))
+    parser.add_argument("--depth-preset", default="base", help="preset of the depth comparison")
+    parser.add_argument(
+        "--depths", default="4,12", help="DiT depths to compile side by side ('': skip)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     meshes = [tuple(int(n) for n in m.split(",")) for m in args.meshes.split(";")]
+    depths = [int(d) for d in args.depths.split(",") if d]
+    compile_seconds = {}
+    for depth in depths:
+        result = measure(
+            args.depth_preset, meshes[0], args.population, args.inner_steps, args.batch, depth
+        )
+        compile_seconds[depth] = result["seconds"]
+        print(
+            f"{args.depth_preset} depth {depth}: compiled in {result['seconds']:.1f} s", flush=True
+        )
     rows = []
     for mesh in meshes:
         result = measure(args.preset, mesh, args.population, args.inner_steps, args.batch)
@@ -127,14 +151,18 @@ def main() -> None:
     lines = [
         HEADING,
         "",
-        f"Preset `{args.preset}` ({params / 1e6:.0f}M parameters per proxy DiT), "
-        f"population P={args.population}, K={args.inner_steps} unrolled inner steps, "
-        f"{args.batch} rows per proxy and step, latents 32x32x4 and precomputed 77x768 text "
-        "embeddings, float32, remat `full`. The meta-step compiled for 8 fake CPU devices; "
-        "bytes are the compiler's per-device sizes (`compiled.memory_analysis()`); peak = "
-        "arguments + outputs - aliased (donated state) + temporaries. Command: "
+        f"Measured {datetime.date.today().isoformat()}, jax {jax.__version__}, on the shared "
+        f"2-core CPU of the session. Preset `{args.preset}` ({params / 1e6:.0f}M parameters "
+        f"per proxy DiT, its blocks scanned), population P={args.population}, "
+        f"K={args.inner_steps} unrolled inner steps, {args.batch} rows per proxy and step, "
+        "latents 32x32x4 and precomputed 77x768 text embeddings, float32, meta-step remat "
+        "`full`, no block remat. The meta-step compiled for 8 fake CPU devices; the numbers "
+        "are the compiler's per-device bytes (`compiled.memory_analysis()`), nothing ran; peak "
+        "= arguments + outputs - aliased (donated state) + temporaries. Compile s: lowering + "
+        "XLA compile of the meta-step. Command: "
         f"`.venv/bin/python tools/aot_memory.py --preset {args.preset} --population "
-        f"{args.population} --inner-steps {args.inner_steps} --batch {args.batch}`.",
+        f"{args.population} --inner-steps {args.inner_steps} --batch {args.batch} --meshes "
+        f"'{args.meshes}' --depth-preset {args.depth_preset} --depths '{args.depths}'`.",
         "",
         "| mesh (data, fsdp, population) | FSDP | arguments GiB | temporaries GiB | "
         "peak GiB / device | compile s |",
@@ -152,6 +180,14 @@ def main() -> None:
         "copies (all P of them on a pure `data` mesh, P/8 with `population`=8); FSDP splits "
         "every one of those arrays 8 ways.",
     ]
+    if compile_seconds:
+        lines += [
+            "",
+            f"Compile time against depth (`{args.depth_preset}` meta-step, mesh {meshes[0]}, "
+            "same run): "
+            + ", ".join(f"depth {d}: {s:.0f} s" for d, s in compile_seconds.items())
+            + ".",
+        ]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
