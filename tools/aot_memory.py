@@ -61,16 +61,24 @@ def abstract(tree, shardings):
 
 
 def measure(
-    preset: str, mesh_sizes, population: int, inner: int, batch: int, depth: int | None = None
+    preset: str,
+    mesh_sizes,
+    population: int,
+    inner: int,
+    batch: int,
+    depth: int | None = None,
+    block_remat: str = "none",
 ) -> dict:
-    """Compiles the meta-step of `preset` (with `depth` DiT blocks, None: the preset's) on
-    `mesh_sizes`; the per-device sizes in bytes, and the seconds of lowering + compiling."""
+    """Compiles the meta-step of `preset` (with `depth` DiT blocks, None: the preset's; each block
+    checkpointed by `block_remat`) on `mesh_sizes`; the per-device sizes in bytes, and the
+    seconds of lowering + compiling."""
     data, fsdp, pop = mesh_sizes
     cfg = load_config(
         None,
         [
             f"model.preset={preset}",
             f"model.depth={'null' if depth is None else depth}",
+            f"model.block_remat={block_remat}",
             f"rate.population={population}",
             f"rate.inner_steps={inner}",
             f"data.batch_size={batch}",
@@ -124,6 +132,11 @@ def main() -> None:
     parser.add_argument(
         "--depths", default="4,12", help="DiT depths to compile side by side ('': skip)"
     )
+    parser.add_argument(
+        "--block-remat",
+        default="none",
+        help="model.block_remat of the memory table (not none: a section of its own)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     meshes = [tuple(int(n) for n in m.split(",")) for m in args.meshes.split(";")]
@@ -139,7 +152,14 @@ def main() -> None:
         )
     rows = []
     for mesh in meshes:
-        result = measure(args.preset, mesh, args.population, args.inner_steps, args.batch)
+        result = measure(
+            args.preset,
+            mesh,
+            args.population,
+            args.inner_steps,
+            args.batch,
+            block_remat=args.block_remat,
+        )
         rows.append((mesh, result))
         print(
             f"mesh {mesh}: peak {result['peak'] / GIB:.2f} GiB per device "
@@ -148,21 +168,26 @@ def main() -> None:
             flush=True,
         )
     params = rows[0][1]["proxy_params"]
+    heading = HEADING
+    if args.block_remat != "none":
+        heading += f", `model.block_remat={args.block_remat}`"
     lines = [
-        HEADING,
+        heading,
         "",
         f"Measured {datetime.date.today().isoformat()}, jax {jax.__version__}, on the shared "
         f"2-core CPU of the session. Preset `{args.preset}` ({params / 1e6:.0f}M parameters "
         f"per proxy DiT, its blocks scanned), population P={args.population}, "
         f"K={args.inner_steps} unrolled inner steps, {args.batch} rows per proxy and step, "
         "latents 32x32x4 and precomputed 77x768 text embeddings, float32, meta-step remat "
-        "`full`, no block remat. The meta-step compiled for 8 fake CPU devices; the numbers "
+        f"`full`, block remat `{args.block_remat}` (`model.block_remat`). The meta-step "
+        "compiled for 8 fake CPU devices; the numbers "
         "are the compiler's per-device bytes (`compiled.memory_analysis()`), nothing ran; peak "
         "= arguments + outputs - aliased (donated state) + temporaries. Compile s: lowering + "
         "XLA compile of the meta-step. Command: "
         f"`.venv/bin/python tools/aot_memory.py --preset {args.preset} --population "
         f"{args.population} --inner-steps {args.inner_steps} --batch {args.batch} --meshes "
-        f"'{args.meshes}' --depth-preset {args.depth_preset} --depths '{args.depths}'`.",
+        f"'{args.meshes}' --depth-preset {args.depth_preset} --depths '{args.depths}' "
+        f"--block-remat {args.block_remat}`.",
         "",
         "| mesh (data, fsdp, population) | FSDP | arguments GiB | temporaries GiB | "
         "peak GiB / device | compile s |",
@@ -192,7 +217,7 @@ def main() -> None:
     print(text)
     if not args.no_write:
         write_section(
-            Path(__file__).parents[1] / "docs" / "BENCHMARKS.md", HEADING, text, "Benchmarks"
+            Path(__file__).parents[1] / "docs" / "BENCHMARKS.md", heading, text, "Benchmarks"
         )
 
 
