@@ -229,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="alchemist-jax",
         description="Meta-gradient data selection for text-to-image diffusion training.",
     )
+    several = parser.add_argument_group(
+        "several processes (one per host; docs/SCALING.md)",
+        "every process runs the same command; default: one process, or the environment "
+        "variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID",
+    )
+    several.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0's coordination service; 'auto' on a TPU pod or SLURM",
+    )
+    several.add_argument("--process-count", type=int, metavar="N", help="number of processes")
+    several.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fetch = commands.add_parser(
@@ -443,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     from alchemist_jax.runtime.preemption import EXIT_PREEMPTED, Preempted
 
     try:
+        from alchemist_jax.runtime import distributed
+
+        distributed.initialize(args.coordinator, args.process_count, args.process_id)
         args.run(args)
     except Preempted as stopped:
         print(f"alchemist-jax {args.command}: {stopped}", file=sys.stderr)

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from alchemist_jax import config as config_lib
 from alchemist_jax import meta, models
 from alchemist_jax.data import PreparedSplits, pipeline, prepare_splits
-from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.data.sources import Source
 from alchemist_jax.evaluation.defects import defect_auroc
 from alchemist_jax.runtime import checkpoints, numerics, parallel, preemption, progress, runlog
 from alchemist_jax.runtime.parallel import model_inputs
@@ -338,35 +338,55 @@ def build_program(
 
 
 class _Batches:
-    """Draws (P, S, B, ...) proxy batches and (B_val, ...) validation batches from grain
-    iterators whose positions go into checkpoints."""
+    """Draws this process's part of the (P, S, B, ...) proxy batches and (B_val, ...) validation
+    batches, as global arrays laid out for the steps; the grain iterators' positions go into
+    checkpoints.
 
-    def __init__(self, data: PreparedSplits, cfg: config_lib.Config):
+    Each inner step draws one global batch of P * B pool examples, laid out (P, B): proxy p
+    trains on positions p * B .. (p + 1) * B - 1. A process reads only the positions of the
+    proxies and rows its devices hold (`parallel.local_block` of the step's sharding), so the
+    batches, and the run, are the same on any number of processes."""
+
+    def __init__(self, data: PreparedSplits, cfg: config_lib.Config, program: RatingProgram):
         rate_cfg, batch = cfg.rate, cfg.data.batch_size
-        self.population = rate_cfg.population
+        self.population, self.batch, self.val_batch = (
+            rate_cfg.population,
+            batch,
+            rate_cfg.val_batch_size,
+        )
+        self.program = program
+        proxies, _, rows = parallel.local_block(program.train_sharding, (self.population, 1, batch))
+        self.local_shape = (proxies.stop - proxies.start, rows.stop - rows.start)
         self.train = pipeline.train_iterator(
             data.pool,
             batch * self.population,
             seed=cfg.data.seed,
+            rows=parallel.block_rows((proxies, rows), (self.population, batch)),
             read_threads=cfg.data.read_threads,
         )
         self.validation = pipeline.train_iterator(
             data.validation,
-            rate_cfg.val_batch_size,
+            self.val_batch,
             seed=cfg.data.seed + 1,
+            rows=_local_rows(program.val_sharding, self.val_batch),
             read_threads=cfg.data.read_threads,
         )
 
-    def proxy_batches(self, steps: int) -> dict[str, np.ndarray]:
+    def proxy_batches(self, steps: int) -> dict[str, jax.Array]:
         draws = [model_inputs(next(self.train)) for _ in range(steps)]
-        stacked = {k: np.stack([d[k] for d in draws]) for k in draws[0]}  # (S, P*B, ...)
-        return {
-            k: np.swapaxes(v.reshape(steps, self.population, -1, *v.shape[2:]), 0, 1)
+        stacked = {k: np.stack([d[k] for d in draws]) for k in draws[0]}  # (S, P_l*B_l, ...)
+        local = {
+            k: np.swapaxes(v.reshape(steps, *self.local_shape, *v.shape[2:]), 0, 1)
             for k, v in stacked.items()
         }
+        return parallel.global_batch(
+            local, self.program.train_sharding, (self.population, steps, self.batch)
+        )
 
-    def validation_batch(self) -> dict[str, np.ndarray]:
-        return model_inputs(next(self.validation))
+    def validation_batch(self) -> dict[str, jax.Array]:
+        return parallel.global_batch(
+            model_inputs(next(self.validation)), self.program.val_sharding, (self.val_batch,)
+        )
 
     def get_state(self) -> dict:
         return {"train": self.train.get_state(), "validation": self.validation.get_state()}
@@ -376,17 +396,26 @@ class _Batches:
         self.validation.set_state(state["validation"])
 
 
+def _local_rows(sharding: NamedSharding, batch_size: int) -> np.ndarray:
+    """The rows of a (batch_size, ...) batch laid out by `sharding` that this process holds."""
+    (rows,) = parallel.local_block(sharding, (batch_size,))
+    return np.arange(rows.start, rows.stop)
+
+
 def score_source(
-    program: RatingProgram, rater_params, source: ArraySource, batch_size: int
+    program: RatingProgram, rater_params, source: Source, batch_size: int
 ) -> np.ndarray:
-    """Batch-independent rater scores u (N,) float32 of every example of `source`, in order."""
+    """Batch-independent rater scores u (N,) float32 of every example of `source`, in order
+    (every process reads its rows of each batch and gets every score)."""
     scores = np.empty(len(source), np.float32)
-    position = 0
-    for batch in pipeline.eval_iterator(source, batch_size, shard_index=0, shard_count=1):
-        u = np.asarray(program.score(rater_params, model_inputs(batch)))
-        real = batch["mask"]
-        scores[position : position + real.sum()] = u[real]
-        position += int(real.sum())
+    rows = _local_rows(program.val_sharding, batch_size)
+    batches = pipeline.eval_iterator(source, batch_size, rows=rows)
+    for number, batch in enumerate(batches):
+        inputs = parallel.global_batch(model_inputs(batch), program.val_sharding, (batch_size,))
+        u = np.asarray(program.score(rater_params, inputs))
+        start = number * batch_size
+        real = min(batch_size, len(source) - start)
+        scores[start : start + real] = u[:real]
     return scores
 
 
@@ -452,10 +481,10 @@ def run(
         rate_cfg.steps,
     )
     _check_batches_fit(cfg, len(data.pool), len(data.validation))
-    batches = _Batches(data, cfg)
     example = model_inputs(data.pool[0])
     example = {k: np.stack([v] * cfg.data.batch_size) for k, v in example.items()}
     program = build_program(cfg, example, mesh)
+    batches = _Batches(data, cfg, program)
     guard = numerics.BadStepGuard(
         "rate",
         rate_cfg.max_bad_steps,

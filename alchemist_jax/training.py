@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 from alchemist_jax import config as config_lib
 from alchemist_jax import models
 from alchemist_jax.data import pipeline, prepare_splits
-from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.data.sources import ArraySource, Source
 from alchemist_jax.runtime import checkpoints, io, numerics, parallel, preemption, progress, runlog
 from alchemist_jax.runtime.parallel import model_inputs
 
@@ -262,21 +262,28 @@ def validation_loss(
         raise ValueError(f"batch_size={batch_size} must be divisible by the {devices} devices")
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
-    # Rows over every device of the model's own mesh (one mesh for parameters and batch).
+    # Rows over every device of the model's own mesh (one mesh for parameters and batch); each
+    # process reads its rows of every batch.
     mesh = getattr(jax.tree.leaves(trained.params)[0].sharding, "mesh", None)
     mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else parallel.make_mesh()
     batch_sharding = NamedSharding(mesh, P(mesh.axis_names))
+    (rows,) = parallel.local_block(batch_sharding, (batch_size,))
     total = 0.0
-    for batch in pipeline.eval_iterator(data, batch_size, shard_index=0, shard_count=1):
-        inputs = jax.device_put(
-            (model_inputs(batch), *models.split_ids(batch["id"]), batch["mask"]), batch_sharding
+    for batch in pipeline.eval_iterator(data, batch_size, rows=range(rows.start, rows.stop)):
+        id_low, id_high = models.split_ids(batch["id"])
+        local = {"id_low": id_low, "id_high": id_high, "mask": batch["mask"]}
+        inputs = parallel.global_batch(
+            {**model_inputs(batch), **local}, batch_sharding, (batch_size,)
         )
         total += float(
             _fixed_draw_loss_sum(
                 trained.graphdef,
                 trained.params,
                 trained.rest,
-                *inputs,
+                model_inputs(inputs),
+                inputs["id_low"],
+                inputs["id_high"],
+                inputs["mask"],
                 np.int32(seed),
                 np.int32(draws),
             )
@@ -304,11 +311,20 @@ def weighted_batch_indices(
 
 class WeightedBatches:
     """An endless iterator of batches of `source` drawn by `weighted_batch_indices` with
-    probabilities proportional to `weights` (N,) >= 0; same interface as the grain iterators
-    (`get_state` / `set_state`), its state is the batch position."""
+    probabilities proportional to `weights` (N,) >= 0: this process's `rows` of each global
+    batch of `batch_size`; same interface as the grain iterators (`get_state` / `set_state`),
+    its state is the batch position."""
 
-    def __init__(self, source: ArraySource, weights: np.ndarray, batch_size: int, seed: int):
+    def __init__(
+        self,
+        source: Source,
+        weights: np.ndarray,
+        batch_size: int,
+        seed: int,
+        rows: np.ndarray | None = None,
+    ):
         self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.rows = np.arange(batch_size) if rows is None else np.asarray(rows)
         self.probabilities = sampling_probabilities(weights, len(source))
         self.position = 0
 
@@ -317,6 +333,7 @@ class WeightedBatches:
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = weighted_batch_indices(self.probabilities, self.seed, self.position, self.batch_size)
+        rows = rows[self.rows]
         self.position += 1
         return pipeline.stack_examples([self.source[int(i)] for i in rows])
 
@@ -425,17 +442,15 @@ def train_model(
             RESUME_SECTIONS,
             resumable=checkpoints.latest_step(workdir / "checkpoints") is not None,
         )
+    # Each process reads its rows of every global batch (`parallel.local_block`).
+    (rows,) = parallel.local_block(program.batch_sharding, (batch_size,))
+    rows = np.arange(rows.start, rows.stop)
     if sampling_weights is None:
         batches = pipeline.train_iterator(
-            train_data,
-            batch_size,
-            seed=seed,
-            shard_index=0,
-            shard_count=1,
-            read_threads=cfg.data.read_threads,
+            train_data, batch_size, seed=seed, rows=rows, read_threads=cfg.data.read_threads
         )
     else:
-        batches = WeightedBatches(train_data, sampling_weights, batch_size, seed)
+        batches = WeightedBatches(train_data, sampling_weights, batch_size, seed, rows)
     # Saved with every checkpoint (as its JSON item) next to the data position: what
     # `load_trained` needs to rebuild the model, and what a resumed run must share.
     info = {
@@ -503,7 +518,9 @@ def train_model(
     steps_bar = progress.bar(range(start, end), desc=desc, unit="step", initial=start, total=steps)
     with preemption.guard() as stop:
         for step in steps_bar:
-            batch = jax.device_put(model_inputs(next(batches)), program.batch_sharding)
+            batch = parallel.global_batch(
+                model_inputs(next(batches)), program.batch_sharding, (batch_size,)
+            )
             state, loss, ok = program.train_step(state, batch)
             losses.append((loss, ok))
             done = step + 1

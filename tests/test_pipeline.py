@@ -75,22 +75,23 @@ def test_train_epochs_cover_every_example_once_and_reshuffle():
     assert not np.array_equal(epochs[0], np.sort(epochs[0]))
 
 
-def test_train_shards_are_disjoint_and_cover_the_source():
-    n = 100
-    shards = [
-        ids_of(
-            take(
-                train_iterator(
-                    make_source(n), 10, seed=0, transform=to_float, shard_index=index, shard_count=2
-                ),
-                5,
-            )
-        )
-        for index in range(2)
+def test_train_rows_of_processes_partition_the_global_batches():
+    """Two processes reading rows 0..4 and 5..9 of each global batch of 10 together see exactly
+    the batches one process reading all rows sees (the global order does not depend on the
+    process layout), in the same state after as many batches."""
+    source = make_source(100)
+    whole = take(train_iterator(source, 10, seed=0, transform=to_float), 15)
+    halves = [
+        take(train_iterator(source, 10, seed=0, rows=rows, transform=to_float), 15)
+        for rows in (range(0, 5), range(5, 10))
     ]
-    for index, ids in enumerate(shards):
-        np.testing.assert_array_equal(np.sort(ids), FIRST_ID + np.arange(index, n, 2))
-    assert not set(shards[0]) & set(shards[1])
+    for batch, first, second in zip(whole, *halves):
+        for key in batch:
+            np.testing.assert_array_equal(batch[key], np.concatenate([first[key], second[key]]))
+    strided = take(train_iterator(source, 10, seed=0, rows=[1, 4, 9], transform=to_float), 15)
+    np.testing.assert_array_equal(
+        ids_of(strided), np.stack([b["id"][[1, 4, 9]] for b in whole]).ravel()
+    )
 
 
 def test_train_default_transform_keeps_numeric_fields():
@@ -129,22 +130,20 @@ def test_eval_covers_every_example_once_in_order_with_padding(n, batch_size):
     np.testing.assert_allclose(last[~batches[-1]["mask"]], n - 1)
 
 
-def test_eval_shards_split_the_source_in_the_same_number_of_batches():
-    n, batch_size = 103, 17  # shards of 52 and 51 examples: 4 batches each
-    shards = [
-        list(
-            eval_iterator(
-                make_source(n), batch_size, transform=to_float, shard_index=index, shard_count=2
-            )
-        )
-        for index in range(2)
+def test_eval_rows_split_each_padded_global_batch():
+    n, batch_size = 103, 16  # 7 global batches, the last with 7 real rows and 9 padding rows
+    whole = list(eval_iterator(make_source(n), batch_size, transform=to_float))
+    parts = [
+        list(eval_iterator(make_source(n), batch_size, rows=rows, transform=to_float))
+        for rows in (range(0, 8), range(8, 16))
     ]
-    assert [len(batches) for batches in shards] == [4, 4]
-    for index, batches in enumerate(shards):
-        ids, mask = ids_of(batches), np.concatenate([b["mask"] for b in batches])
-        np.testing.assert_array_equal(ids[mask], FIRST_ID + np.arange(index, n, 2))
-        np.testing.assert_array_equal(ids[~mask], -1)
-        np.testing.assert_array_equal(mask, np.arange(4 * batch_size) < len(range(index, n, 2)))
+    assert [len(p) for p in parts] == [7, 7] and len(whole) == 7
+    for batch, first, second in zip(whole, *parts):
+        for key in batch:
+            np.testing.assert_array_equal(batch[key], np.concatenate([first[key], second[key]]))
+    mask = np.concatenate([b["mask"] for b in parts[1]])
+    np.testing.assert_array_equal(ids_of(parts[1])[~mask], -1)
+    assert mask.sum() == 6 * 8  # positions 8..15 exist in the 6 full batches only
 
 
 def test_eval_resumes_exactly_from_saved_state():
@@ -159,11 +158,13 @@ def test_eval_resumes_exactly_from_saved_state():
     assert len(expected) == 13 - 5
 
 
-def test_invalid_shard_or_batch_size_is_rejected():
-    with pytest.raises(ValueError, match="shard_index must be in"):
-        train_iterator(make_source(10), 2, seed=0, shard_index=2, shard_count=2)
+def test_invalid_rows_or_batch_size_are_rejected():
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 2\)"):
+        train_iterator(make_source(10), 2, seed=0, rows=[2])
+    with pytest.raises(ValueError, match="rows must be increasing"):
+        eval_iterator(make_source(10), 4, rows=[1, 1])
     with pytest.raises(ValueError, match="is empty"):
-        eval_iterator(make_source(1), 2, shard_index=1, shard_count=2)
+        eval_iterator(make_source(0), 2)
     with pytest.raises(ValueError, match="batch_size must be positive"):
         eval_iterator(make_source(10), 0)
     with pytest.raises(ValueError, match="batch_size must be positive"):

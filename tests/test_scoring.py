@@ -75,7 +75,7 @@ def test_batches_are_laid_out_like_eval_iterator_batches():
         extra={"latent": np.random.default_rng(0).normal(size=(11, 3))},
     )
     ours = list(pipeline.padded_batches(scoring.pool_columns(source, 0, 11), 4))
-    theirs = list(pipeline.eval_iterator(source, 4, shard_index=0, shard_count=1))
+    theirs = list(pipeline.eval_iterator(source, 4))
     assert len(ours) == len(theirs) == 3
     for a, b in zip(ours, theirs):
         assert sorted(a) == sorted(b) == ["id", "image", "label", "latent", "mask"]

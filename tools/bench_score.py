@@ -83,7 +83,7 @@ def main() -> None:
     on_device = [
         jax.device_put(model_inputs(batch))
         for batch in pipeline.eval_iterator(
-            pools[args.size], batch_size, shard_index=0, shard_count=1
+            pools[args.size], batch_size
         )
     ]
 

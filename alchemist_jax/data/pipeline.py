@@ -4,28 +4,33 @@ columns already in memory (scoring, dedup).
 
 Both take a `transform` (example dict -> dict of numpy arrays, e.g. decode the image to float32
 and tokenize the caption; None means `numeric_fields`, which keeps the numeric fields) and return
-a `grain.DatasetIterator` of batches: dicts of numpy arrays whose leading axis is the batch.
-Every batch carries `id` int64 (B,), the ids of its examples, whether or not the transform keeps
-it. `batch_size` is per process: with P processes the global batch is P * batch_size.
+an iterator of batches: dicts of numpy arrays whose leading axis is the batch. Every batch
+carries `id` int64, the ids of its examples, whether or not the transform keeps it.
 
-Sharding is per process: process `shard_index` of `shard_count` reads the source indices `i`
-with `i % shard_count == shard_index` (by default `jax.process_index()` of
-`jax.process_count()`).
+Global batches, read per process. `batch_size` is the GLOBAL batch: batch number s of a stream
+holds the examples at positions s * batch_size .. (s + 1) * batch_size - 1 of one global order
+(shuffled epochs for training, index order for evaluation), whatever the number of processes.
+`rows` (default: all) are the positions within each global batch that this process reads; it
+reads only those examples and yields (len(rows), ...) arrays, which
+`runtime.parallel.global_batch` assembles into the global array
+(`jax.make_array_from_process_local_data`). So a run on 2 processes sees exactly the batches of
+a run on 1, and `runtime.parallel.process_rows` gives each process its rows from the step's
+sharding.
 
 `read_threads` (default 0) sets grain's prefetch threads; see `_read_options`.
 
-The iterators resume exactly: `state = it.get_state()` after any number of batches, then
-`fresh.set_state(state)` on an iterator built with the same arguments yields the same next
-batches.
+The iterators resume exactly: `state = it.get_state()` (the number of global batches read,
+the same in every process) after any number of batches, then `fresh.set_state(state)` on an
+iterator built with the same arguments yields the same next batches.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 
 from alchemist_jax.data.sources import Source
@@ -43,78 +48,137 @@ def numeric_fields(example: Example) -> dict[str, np.ndarray]:
     return {key: array for key, array in arrays.items() if array.dtype.kind in "biuf"}
 
 
+class GlobalBatches:
+    """An iterator over this process's rows of consecutive global batches of a grain
+    `MapDataset` of examples (random access by global position), prefetched by grain.
+
+    Args:
+      examples: position -> transformed example (with `id`), at least as long as the stream.
+      batch_size: the global batch G.
+      rows: sorted positions in [0, G) this process reads.
+      batches: how many global batches the stream has (None: endless).
+      read_threads: grain prefetch threads.
+    State: {"batch": the number of global batches already yielded}.
+    """
+
+    def __init__(
+        self,
+        examples: grain.MapDataset,
+        batch_size: int,
+        rows: np.ndarray,
+        batches: int | None,
+        read_threads: int,
+    ):
+        self._examples, self._batch_size, self._rows = examples, batch_size, rows
+        self._batches = sys.maxsize // (2 * batch_size) if batches is None else batches
+        self._options = _read_options(read_threads)
+        self._start(0)
+
+    def _start(self, batch: int) -> None:
+        count, examples, size, rows = len(self._rows), self._examples, self._batch_size, self._rows
+
+        def local_example(position: int) -> dict[str, np.ndarray]:
+            return examples[(position // count) * size + int(rows[position % count])]
+
+        self._batch = batch
+        self._iterator = iter(
+            grain.MapDataset.range(batch * count, self._batches * count)
+            .map(local_example)
+            .to_iter_dataset(self._options)
+            .batch(count, batch_fn=stack_examples)
+        )
+
+    def __iter__(self) -> GlobalBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iterator)
+        self._batch += 1
+        return batch
+
+    def __len__(self) -> int:
+        return self._batches
+
+    def get_state(self) -> dict:
+        return {"batch": self._batch}
+
+    def set_state(self, state: dict) -> None:
+        self._start(int(state["batch"]))
+
+
 def train_iterator(
     source: Source,
     batch_size: int,
     *,
     seed: int,
+    rows: Sequence[int] | None = None,
     transform: Transform | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
     read_threads: int = 0,
-) -> grain.DatasetIterator:
-    """An endless iterator of training batches from this process's shard of `source`.
+) -> GlobalBatches:
+    """An endless iterator of training batches: `rows` of each global batch of `batch_size`.
 
-    The shard is shuffled with `seed` and repeated forever, reshuffled differently (but
-    deterministically) in every epoch. Batches hold exactly `batch_size` examples (per process);
-    when the shard size is not a multiple of `batch_size`, a batch can straddle two epochs.
+    The global order is the whole source shuffled with `seed` and repeated forever, reshuffled
+    differently (but deterministically) in every epoch; when the source size is not a multiple
+    of `batch_size`, a batch can straddle two epochs.
 
     Returns:
-      A `grain.DatasetIterator` of dicts: each field of `transform(example)` stacked to
-      (batch_size, ...), plus `id` int64 (batch_size,).
+      A `GlobalBatches` of dicts: each field of `transform(example)` stacked to (len(rows),
+      ...), plus `id` int64 (len(rows),).
     """
-    shard = _shard(source, *_process_shard(shard_index, shard_count))
-    dataset = (
-        shard.shuffle(seed=seed)  # shuffle before repeat: each epoch gets its own order
+    rows = _check_rows(rows, batch_size)
+    examples = (
+        _dataset(source)
+        .shuffle(seed=seed)  # shuffle before repeat: each epoch gets its own order
         .repeat()
         .map(_with_id(transform))
-        .to_iter_dataset(_read_options(read_threads))
-        .batch(batch_size, drop_remainder=True, batch_fn=stack_examples)
     )
-    return iter(dataset)
+    return GlobalBatches(examples, batch_size, rows, None, read_threads)
 
 
 def eval_iterator(
     source: Source,
     batch_size: int,
     *,
+    rows: Sequence[int] | None = None,
     transform: Transform | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
     read_threads: int = 0,
-) -> grain.DatasetIterator:
-    """One ordered pass over this process's shard of `source`, in batches of fixed shape.
+) -> GlobalBatches:
+    """One ordered pass over `source` in ceil(N / batch_size) global batches of fixed shape.
 
-    Every example of the shard appears exactly once, in index order. The rows are padded up to
-    ceil(ceil(N / shard_count) / batch_size) full batches, the same count in every process (so
-    multi-process evaluation stays in lockstep; with one process, ceil(N / batch_size)). A
-    padding row repeats the shard's last example with `id` -1 and `mask` False, so metrics can
-    be masked under jit.
+    Global position i is example i; the positions past the end pad the last batch: a padding row
+    repeats the source's last example with `id` -1 and `mask` False, so metrics can be masked
+    under jit. This process yields its `rows` of each global batch.
 
     Returns:
-      A `grain.DatasetIterator` of dicts: each field of `transform(example)` stacked to
-      (batch_size, ...), plus `id` int64 (batch_size,) and `mask` bool (batch_size,), True for
-      real examples.
+      A `GlobalBatches` of dicts: each field of `transform(example)` stacked to (len(rows),
+      ...), plus `id` int64 and `mask` bool (len(rows),), True for real examples.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    shard_index, shard_count = _process_shard(shard_index, shard_count)
-    shard = _shard(source, shard_index, shard_count).map(_with_id(transform))
-    longest_shard = -(-len(source) // shard_count)  # the length of shard 0
-    batch_count = -(-longest_shard // batch_size)
+    rows = _check_rows(rows, batch_size)
+    examples = _dataset(source).map(_with_id(transform))
+    count = len(examples)
 
     def row(position: int) -> dict[str, np.ndarray]:
-        real = position < len(shard)
-        example = shard[min(position, len(shard) - 1)]
+        real = position < count
+        example = examples[min(position, count - 1)]
         return {**example, "id": example["id"] if real else np.int64(-1), "mask": np.bool_(real)}
 
-    dataset = (
-        grain.MapDataset.range(batch_count * batch_size)
-        .map(row)
-        .to_iter_dataset(_read_options(read_threads))
-        .batch(batch_size, batch_fn=stack_examples)
-    )
-    return iter(dataset)
+    batches = -(-count // batch_size)
+    padded = grain.MapDataset.range(batches * batch_size).map(row)
+    return GlobalBatches(padded, batch_size, rows, batches, read_threads)
+
+
+def _check_rows(rows: Sequence[int] | None, batch_size: int) -> np.ndarray:
+    """`rows` as sorted unique int64 positions in [0, batch_size) (None: all of them)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if rows is None:
+        return np.arange(batch_size)
+    rows = np.asarray(rows, np.int64)
+    if rows.ndim != 1 or not len(rows) or np.any(np.diff(rows) <= 0):
+        raise ValueError(f"rows must be increasing positions in the batch, got {rows}")
+    if rows[0] < 0 or rows[-1] >= batch_size:
+        raise ValueError(f"rows must lie in [0, {batch_size}), got {rows[0]}..{rows[-1]}")
+    return rows
 
 
 def _read_options(read_threads: int) -> grain.ReadOptions:
@@ -128,21 +192,11 @@ def _read_options(read_threads: int) -> grain.ReadOptions:
     )
 
 
-def _process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
-    """(shard_index, shard_count), defaulting to this process's index and the process count."""
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
-    return shard_index, shard_count
-
-
-def _shard(source: Source, shard_index: int, shard_count: int) -> grain.MapDataset:
-    """The indices `i % shard_count == shard_index` of `source`, as a grain MapDataset."""
-    shard = grain.MapDataset.source(source)[shard_index::shard_count]
-    if len(shard) == 0:
-        raise ValueError(f"shard {shard_index} of {shard_count} of {source!r} is empty")
-    return shard
+def _dataset(source: Source) -> grain.MapDataset:
+    """`source` as a grain MapDataset (random access)."""
+    if len(source) == 0:
+        raise ValueError(f"{source!r} is empty")
+    return grain.MapDataset.source(source)
 
 
 def _with_id(transform: Transform | None) -> Callable[[Example], dict[str, np.ndarray]]:

@@ -249,7 +249,7 @@ def train_classifier(
 
 def source_arrays(source: Source) -> dict[str, np.ndarray]:
     """Every numeric field of every example of `source`, stacked: (N, ...) per field."""
-    batch = next(pipeline.eval_iterator(source, len(source), shard_index=0, shard_count=1))
+    batch = next(pipeline.eval_iterator(source, len(source)))
     batch.pop("mask")
     return batch
 

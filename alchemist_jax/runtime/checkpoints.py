@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from alchemist_jax.runtime import numerics
+from alchemist_jax.runtime import distributed, numerics
 
 STATE = "state"
 RUN_STATE = "run_state"
@@ -39,10 +39,14 @@ def manager(
 
 
 def latest_step(directory: Path) -> int | None:
-    """The latest checkpointed step in `directory`, or None (no folder, no checkpoint)."""
-    if not Path(directory).is_dir():
-        return None
-    return manager(directory, read_only=True).latest_step()
+    """The latest checkpointed step in `directory`, or None (no folder, no checkpoint).
+
+    Every process of a multi-process run must call it (it waits for the others afterwards): a
+    process that found no folder must not see one that another creates right after, since
+    opening an orbax manager is a collective step of all processes."""
+    step = manager(directory, read_only=True).latest_step() if Path(directory).is_dir() else None
+    distributed.barrier(f"latest_step {Path(directory).absolute()}")
+    return step
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state: Any, run_state: dict) -> None:

@@ -11,10 +11,10 @@ The mesh has four named axes (`MESH_AXES`), sized by the config's `mesh` section
   tensor      hidden features of MLPs and attention heads split (optional, default 1)
 
 Parameters name their dimensions with logical axes (`models.sharding`: embed, mlp, heads,
-vocab); a rules table (`config.ShardingRules`, MaxText style) maps each logical name to mesh
-axes, and `logical_shardings` turns an abstract state into `NamedSharding`s. A dimension takes
-the axes of its rule that the same array has not used yet and whose product divides its size
-(so small layers of the tiny model replicate where a split would not divide).
+vocab, layers); a rules table (`config.ShardingRules`, MaxText style) maps each logical name to
+mesh axes, and `logical_shardings` turns an abstract state into `NamedSharding`s. A dimension
+takes the axes of its rule that the same array has not used yet and whose product divides its
+size (so small layers of the tiny model replicate where a split would not divide).
 
 Axis types are Auto, deliberately: the steps are written as whole-array math (vmap of
 meta-gradients through scans of optimizer steps, weighted means over the batch). Under Explicit
@@ -52,6 +52,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "mlp": (TENSOR_AXIS, FSDP_AXIS),
     "heads": (TENSOR_AXIS, FSDP_AXIS),
     "vocab": (TENSOR_AXIS, FSDP_AXIS),
+    "layers": (),  # stacked blocks: every device holds every layer (of its slice)
 }
 # The caption fields of a batch (token ids + mask, or precomputed text embeddings).
 CAPTION_INPUTS = ("tokens", "token_mask", "text_embedding")
@@ -103,6 +104,12 @@ def make_mesh(
         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
         devices=devices,
     )
+
+
+def local_mesh() -> jax.sharding.Mesh:
+    """This process's devices alone, all on `data` (the other axes of size 1): the mesh of
+    work each process does on its own share (the scoring pass's chunks)."""
+    return make_mesh(None, jax.local_devices())
 
 
 def rules_table(rules: Any = None) -> dict[str, tuple[str, ...]]:
@@ -223,3 +230,56 @@ def check_batch_split(
     for key, size in sizes.items():
         if size % ways:
             raise ValueError(f"{key}={size} must be divisible by the {ways} {over}")
+
+
+def local_block(sharding: jax.sharding.Sharding, shape: Sequence[int]) -> tuple[slice, ...]:
+    """The block of a global array of `shape` laid out by `sharding` that this process's
+    devices hold: per dimension, the range [start, stop) their shards cover.
+
+    Raises:
+      ValueError: the process's shards of a dimension are not one contiguous range (a mesh
+        whose device order interleaves processes); names the dimension.
+    """
+    shards = sharding.addressable_devices_indices_map(tuple(shape)).values()
+    block = []
+    for dim, size in enumerate(shape):
+        spans = {range(size)[index[dim]] for index in shards}
+        start, stop = min(s.start for s in spans), max(s.stop for s in spans)
+        if sum(len(s) for s in spans) != stop - start:
+            raise ValueError(
+                f"the devices of process {jax.process_index()} hold a non-contiguous part of "
+                f"dimension {dim} of {tuple(shape)} ({sharding}); order the mesh's devices "
+                "so that each process's devices are adjacent"
+            )
+        block.append(slice(start, stop))
+    return tuple(block)
+
+
+def block_rows(block: Sequence[slice], shape: Sequence[int]) -> np.ndarray:
+    """The flat (row-major) positions of the elements of `block` in an array of `shape`:
+    e.g. the rows of a global draw of P * B examples, laid out (P, B), that this process reads
+    when it holds proxies block[0] and batch rows block[1]."""
+    grids = np.meshgrid(*[np.arange(s.start, s.stop) for s in block], indexing="ij")
+    return np.ravel_multi_index(tuple(g.ravel() for g in grids), tuple(shape))
+
+
+def global_batch(
+    local: dict[str, np.ndarray], sharding: jax.sharding.Sharding, leading: Sequence[int]
+) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows (`jax.make_array_from_process_local_data`).
+
+    Args:
+      local: fields (this process's block of the leading dims, ...): what it read.
+      sharding: the step's sharding of the batch.
+      leading: the global sizes of the leading dims that are split over processes (e.g. (B,)
+        or (P, S, B)); the trailing dims are whole on every process.
+    Returns:
+      The same fields as global `jax.Array`s (leading, ...) laid out by `sharding`; with one
+      process the same as `jax.device_put(local, sharding)`.
+    """
+    return {
+        key: jax.make_array_from_process_local_data(
+            sharding, value, (*leading, *np.shape(value)[len(leading) :])
+        )
+        for key, value in local.items()
+    }

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from alchemist_jax.runtime.io import atomic_save_figure, atomic_write_bytes
@@ -16,17 +17,22 @@ METRICS_FILE = "metrics.jsonl"
 
 class MetricsLog:
     """Metrics to `workdir/metrics.jsonl` (appended; a resumed run continues it) and
-    `workdir/tensorboard`."""
+    `workdir/tensorboard`. In a multi-process run only process 0 writes (every process logs the
+    same global values); the others' `write` does nothing."""
 
     def __init__(self, workdir: Path):
-        from tensorboardX import SummaryWriter
-
         self.path = Path(workdir) / METRICS_FILE
-        self.writer = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        self.writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Appends one line; a non-finite value is written as null (JSON has no NaN) and left
         out of TensorBoard."""
+        if self.writer is None:
+            return
         values = {k: float(v) if math.isfinite(float(v)) else None for k, v in metrics.items()}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}, allow_nan=False) + "\n")
@@ -35,7 +41,8 @@ class MetricsLog:
                 self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def last(self) -> dict[str, float]:
         """The last metrics written (empty if none)."""
@@ -77,9 +84,9 @@ def series(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def forget_after(path: Path, step: int) -> None:
     """Drops the lines past `step` (written after the checkpoint a run resumes from), and a
-    partial line a killed run may have left."""
+    partial line a killed run may have left. Process 0's job in a multi-process run."""
     path = Path(path)
-    if not path.exists():
+    if jax.process_index() != 0 or not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
@@ -100,7 +107,9 @@ def plot_curves(
 ) -> None:
     """One PNG with a panel per group of keys, each curve over the step. A key ending in "/"
     stands for every logged key with that prefix (e.g. "auroc/"); keys absent from the log are
-    left out and empty panels dropped."""
+    left out and empty panels dropped. Process 0's job in a multi-process run."""
+    if jax.process_index() != 0:
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -9,6 +9,12 @@ Parquet schema, then removes the chunk folder. Every scorer scores each row on i
 scores do not depend on the batch size, and a resumed run writes the same file as an
 uninterrupted one.
 
+Several processes (`runtime.distributed`): chunk i is scored by process i % process_count, each
+on its own devices (the batch rows split over them, `parallel.local_mesh`), and written by it;
+when every process is done, process 0 joins the chunks (all processes must see the output's
+folder: a shared filesystem), so the file is the one a single process writes. No chunk is
+scored twice, and a rerun skips the chunks any process finished.
+
 Failure paths: a chunk (or the pool) with NaN / Inf scores is not written unless
 `allow_nonfinite` (`score.allow_nonfinite`): one line names the scorer, how many and an example
 id. SIGTERM / SIGINT stop the pass at the next chunk boundary (the finished chunks are kept) with
@@ -23,12 +29,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import pyarrow as pa
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from alchemist_jax.data.pipeline import padded_batches
 from alchemist_jax.data.sources import ArraySource
-from alchemist_jax.runtime import io, preemption, progress
+from alchemist_jax.runtime import distributed, io, parallel, preemption, progress
 
 log = logging.getLogger("alchemist_jax.scoring")
 
@@ -96,6 +105,11 @@ def score_pool(
         )
     if len(source) == 0:
         raise ValueError(f"{source.name} is empty: there is nothing to score")
+    if batch_size % jax.local_device_count():
+        raise ValueError(
+            f"score.batch_size={batch_size} must be divisible by the "
+            f"{jax.local_device_count()} devices of each process"
+        )
     out = Path(out)
     ids = source.ids
     done = finished_scores(out, ids, metadata)
@@ -119,14 +133,16 @@ def score_pool(
         initial=sum(len(p) for p in parts if p is not None),
     )
     scorer = metadata.get("scorer", desc)
+    process, processes = jax.process_index(), jax.process_count()
+    rows_sharding = NamedSharding(parallel.local_mesh(), P(parallel.MESH_AXES))
     with preemption.guard() as stop:
         for index, start in enumerate(starts):
-            if parts[index] is None:
+            if parts[index] is None and index % processes == process:
                 rows = pool_columns(source, start, start + chunk_size)
                 # Every batch is dispatched before the first result is read back (async
                 # dispatch).
                 pending = [
-                    (score_batch(batch), batch["mask"])
+                    (score_batch(_on_devices(batch, rows_sharding)), batch["mask"])
                     for batch in padded_batches(rows, batch_size)
                 ]
                 parts[index] = _collect(pending, bar)
@@ -142,12 +158,38 @@ def score_pool(
                     "to resume"
                 )
     bar.close()
-    scores = np.concatenate(parts)
-    if not allow_nonfinite:
-        check_finite(scores, ids, scorer, out)
-    io.atomic_write_parquet(out, ratings_table(ids, scores, metadata))
-    shutil.rmtree(folder)
+    distributed.barrier(f"scored {out}")
+    if distributed.is_leader():
+        parts = [
+            part
+            if part is not None
+            else finished_scores(path, ids[start : start + chunk_size], metadata)
+            for part, path, start in zip(parts, paths, starts)
+        ]
+        missing = [str(path) for part, path in zip(parts, paths) if part is None]
+        if missing:
+            raise ValueError(
+                f"{desc}: chunks missing or unreadable after every process finished: "
+                + ", ".join(missing[:3])
+            )
+        scores = np.concatenate(parts)
+        if not allow_nonfinite:
+            check_finite(scores, ids, scorer, out)
+        io.atomic_write_parquet(out, ratings_table(ids, scores, metadata))
+        shutil.rmtree(folder)
+    distributed.barrier(f"joined {out}")
+    if not distributed.is_leader():
+        scores = finished_scores(out, ids, metadata)
     return scores
+
+
+def _on_devices(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, Any]:
+    """The numeric fields of `batch` on this process's devices, rows split over them (the
+    batch size must divide by the local device count); `id` and `mask` stay on the host."""
+    return {
+        key: value if key in ("id", "mask") else jax.device_put(value, sharding)
+        for key, value in batch.items()
+    }
 
 
 def check_finite(scores: np.ndarray, ids: np.ndarray, scorer: str, path: Path) -> None:

@@ -73,8 +73,9 @@ def open_rating_run(workdir: Path, data_cfg: config_lib.DataConfig) -> RatingRun
 
 def restore_rater(run: RatingRun, like: nnx.State) -> nnx.State:
     """The EMA rater parameters (`state["rater_ema"]`) of the latest checkpoint of `run`, shaped
-    like `like`; nothing else of the rating state (proxies, optimizer states) is read."""
-    replicated = NamedSharding(parallel.make_mesh(), P())
+    like `like`, replicated on this process's devices; nothing else of the rating state (proxies,
+    optimizer states) is read."""
+    replicated = NamedSharding(parallel.local_mesh(), P())
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), like
     )
@@ -97,5 +98,13 @@ def rater_scorer(run: RatingRun, example: dict[str, np.ndarray]) -> ScoreBatch:
     """score_batch of the EMA rater of `run`: the instance logits u (B,) (`Rater.scores`).
     `example` is one example of the pool (fixes the input shapes)."""
     graphdef, ema, rest = ema_rater(run, example)
-    score = jax.jit(models.rater_score_fn(graphdef, rest))
+    # The scoring pass's explicit layout: parameters replicated on this process's devices, the
+    # batch rows and the scores split over them (`driver.score_pool`).
+    mesh = parallel.local_mesh()
+    rows = NamedSharding(mesh, P(parallel.MESH_AXES))
+    score = jax.jit(
+        models.rater_score_fn(graphdef, rest),
+        in_shardings=(NamedSharding(mesh, P()), rows),
+        out_shardings=rows,
+    )
     return lambda b: score(ema, model_inputs(b))
