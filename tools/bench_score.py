@@ -82,9 +82,7 @@ def main() -> None:
     # The forward pass alone: the same N samples in the same batches, already on the device.
     on_device = [
         jax.device_put(model_inputs(batch))
-        for batch in pipeline.eval_iterator(
-            pools[args.size], batch_size
-        )
+        for batch in pipeline.eval_iterator(pools[args.size], batch_size)
     ]
 
     def forward() -> float:
