@@ -117,6 +117,10 @@ class DataConfig:
     batch_size: int = 64
     seed: int = 0
     read_threads: int = 0  # grain prefetch threads; 0 suits in-memory data, raise for files
+    # Splits with at most this many samples are preprocessed into host memory once (fast
+    # epochs); larger ones are streamed: read and preprocessed per batch (memory independent of
+    # the pool's size; raise data.read_threads for them).
+    in_memory_limit: int = 100_000
     pool: PoolConfig = PoolConfig()
     shapes: ShapesConfig = ShapesConfig()
     manifest: ManifestConfig = ManifestConfig()
@@ -682,6 +686,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.max_text_length": _range(2),
     "data.batch_size": AT_LEAST_1,
     "data.read_threads": AT_LEAST_0,
+    "data.in_memory_limit": AT_LEAST_0,
     "data.pool.train_size": AT_LEAST_1,
     "data.pool.validation_size": AT_LEAST_1,
     "data.pool.test_size": AT_LEAST_1,

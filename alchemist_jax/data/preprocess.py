@@ -13,13 +13,15 @@ dict of numpy arrays only (strings stay behind), ready to be stacked into a batc
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from alchemist_jax.config import DataConfig
-from alchemist_jax.data.sources import ArraySource, Source
+from alchemist_jax.data.sources import FINGERPRINT_SAMPLE, ArraySource, Source, Subset
 from alchemist_jax.data.tokenizer import Tokenizer
 from alchemist_jax.runtime import progress
 
@@ -122,3 +124,58 @@ def materialize(source: Source, preprocessor: Preprocessor, chunk: int = 4096) -
     arrays = {key: np.concatenate(parts) for key, parts in fields.items()}
     ids, labels = arrays.pop("id"), arrays.pop("label", None)
     return ArraySource(f"{source.name}+preprocessed", ids, None, None, labels, extra=arrays)
+
+
+class StreamedSource(Source):
+    """`base` preprocessed on every read: `streamed[i] = preprocessor(base[i])`, nothing held in
+    memory but the ids (and labels); what `prepared` returns for a split larger than
+    `data.in_memory_limit`. Same ids, labels and example fields as `materialize(base, ...)`."""
+
+    def __init__(self, base: Source, preprocessor: Preprocessor):
+        self.base, self.preprocessor = base, preprocessor
+        self.name = f"{base.name}+preprocessed"
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.preprocessor(self.base[index])
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.base.ids
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.base.labels
+
+    def fingerprint(self, sample: int = FINGERPRINT_SAMPLE) -> str:
+        """sha256 of the count, every id in order and the preprocessed fields of up to `sample`
+        evenly spaced rows (as `ArraySource.fingerprint`, reading only those rows)."""
+        digest = hashlib.sha256(str(len(self)).encode())
+        digest.update(np.ascontiguousarray(self.ids).tobytes())
+        rows = np.unique(np.linspace(0, len(self) - 1, min(sample, len(self))).astype(np.int64))
+        for row in rows:
+            example = self[int(row)]
+            for key in sorted(example):
+                digest.update(key.encode())
+                digest.update(np.ascontiguousarray(example[key]).tobytes())
+        return digest.hexdigest()
+
+    def take(self, indices: np.ndarray, name: str | None = None) -> StreamedSource:
+        """The rows at `indices` (in that order), still streamed."""
+        return StreamedSource(Subset(self.base, indices, name or "subset"), self.preprocessor)
+
+
+def prepared(source: Source, preprocessor: Preprocessor, in_memory_limit: int) -> Source:
+    """`source` preprocessed for the models: into memory (`materialize`) when it has at most
+    `in_memory_limit` examples (`data.in_memory_limit`), else streamed (`StreamedSource`)."""
+    if len(source) <= in_memory_limit:
+        return materialize(source, preprocessor)
+    logging.getLogger("alchemist_jax.data").info(
+        "%s: %d samples > data.in_memory_limit=%d: streamed, preprocessed per read",
+        source.name,
+        len(source),
+        in_memory_limit,
+    )
+    return StreamedSource(source, preprocessor)

@@ -200,3 +200,26 @@ def concatenate(name: str, parts: Sequence[ArraySource]) -> ArraySource:
         None if labels is None else np.concatenate(labels),
         None if origins is None else sum(origins, []),
     )
+
+
+class Subset(Source):
+    """The examples of `base` at `indices`, in that order."""
+
+    def __init__(self, base: Source, indices: np.ndarray, part: str):
+        self.base, self.indices = base, np.asarray(indices, np.int64)
+        self.name = f"{base.name}[{part}]"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.base[int(self.indices[self._check_index(index)])]
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.base.ids[self.indices]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        labels = self.base.labels
+        return None if labels is None else labels[self.indices]

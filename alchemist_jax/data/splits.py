@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +24,7 @@ from alchemist_jax.config import DataConfig
 from alchemist_jax.data import preprocess
 from alchemist_jax.data.corrupt import corrupt
 from alchemist_jax.data.loading import BUILTIN_SOURCES, load
-from alchemist_jax.data.sources import ArraySource, Source
+from alchemist_jax.data.sources import Source, Subset
 
 log = logging.getLogger("alchemist_jax.data")
 
@@ -97,17 +96,18 @@ def load_splits(config: DataConfig, report_dir: str | Path | None = None) -> Spl
 
 @dataclasses.dataclass
 class PreparedSplits:
-    """The pool and validation set preprocessed into memory (`preprocess.materialize`), and,
-    when defects were injected, the truth (`defects` per pool index, None = clean) and the
-    caption class of each pool sample (the label a swapped caption names), for AUROC."""
+    """The pool and validation set preprocessed for the models (`preprocess.prepared`: into
+    memory, or streamed when larger than `data.in_memory_limit`), and, when defects were
+    injected, the truth (`defects` per pool index, None = clean) and the caption class of each
+    pool sample (the label a swapped caption names), for AUROC."""
 
-    pool: ArraySource
-    validation: ArraySource
+    pool: Source
+    validation: Source
     defects: list[str | None] | None
     caption_classes: np.ndarray | None
 
     def fingerprint(self) -> dict[str, str]:
-        """What a resumed run must find again: `ArraySource.fingerprint` of both splits."""
+        """What a resumed run must find again: the `fingerprint` of both splits."""
         return {"pool": self.pool.fingerprint(), "validation": self.validation.fingerprint()}
 
 
@@ -116,8 +116,8 @@ def prepare_splits(config: DataConfig, report_dir: str | Path | None = None) -> 
     splits = load_splits(config, report_dir=report_dir)
     transform = preprocess.Preprocessor.for_config(config)
     return PreparedSplits(
-        preprocess.materialize(splits.train, transform),
-        preprocess.materialize(splits.validation, transform),
+        preprocess.prepared(splits.train, transform, config.in_memory_limit),
+        preprocess.prepared(splits.validation, transform, config.in_memory_limit),
         splits.defects,
         splits.caption_classes,
     )
@@ -181,29 +181,6 @@ def random_split(pool: Source, fraction: float, seed: int) -> tuple[Source, Sour
         Subset(pool, np.sort(order[held_out:]), "pool"),
         Subset(pool, np.sort(order[:held_out]), "validation"),
     )
-
-
-class Subset(Source):
-    """The examples of `base` at `indices`, in that order."""
-
-    def __init__(self, base: Source, indices: np.ndarray, part: str):
-        self.base, self.indices = base, np.asarray(indices, np.int64)
-        self.name = f"{base.name}[{part}]"
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.base[int(self.indices[self._check_index(index)])]
-
-    @property
-    def ids(self) -> np.ndarray:
-        return self.base.ids[self.indices]
-
-    @property
-    def labels(self) -> np.ndarray | None:
-        labels = self.base.labels
-        return None if labels is None else labels[self.indices]
 
 
 def _caption_classes(pool: Source, truth: pa.Table) -> np.ndarray | None:

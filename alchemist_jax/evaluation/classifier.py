@@ -36,8 +36,7 @@ from flax import nnx
 from alchemist_jax import config as config_lib
 from alchemist_jax.data import load_splits, load_test, pipeline, preprocess
 from alchemist_jax.data.cache import cache_dir
-from alchemist_jax.data.sources import ArraySource, Source
-from alchemist_jax.data.splits import Subset
+from alchemist_jax.data.sources import ArraySource, Source, Subset
 from alchemist_jax.runtime import numerics, preemption, progress
 from alchemist_jax.runtime.io import atomic_write_bytes
 

@@ -58,6 +58,9 @@ _SCORE_FIELDS = {
     "clip_score": ("clip_path",),
     "alignment": ("alignment_method", "alignment_references", "seed"),
 }
+# data.* fields that change how the pool is read, never what is read (left out of the
+# fingerprint: a pass streamed with threads writes the file an in-memory one writes).
+_DATA_ACCESS_FIELDS = ("read_threads", "in_memory_limit")
 # ... and those of each alignment method.
 _ALIGNMENT_FIELDS = {
     "contrastive": ("alignment_steps",),
@@ -74,15 +77,19 @@ def _trains_a_proxy(score_cfg: config_lib.ScoreConfig) -> bool:
 
 
 def config_fingerprint(cfg: config_lib.Config, rating_run: RatingRun | None = None) -> str:
-    """`io.fingerprint` of the config the scores depend on: `data`, the scorer and its
+    """`io.fingerprint` of the config the scores depend on: `data` (but how it is read), the
+    scorer and its
     `score.*` fields; `model` and `train` for the scorers with a proxy DiT; the rating run's
     `rater` and `rate` sections for the rater."""
     scorer = cfg.score.scorer
     fields = _SCORE_FIELDS.get(scorer, ())
     if scorer == "alignment":
         fields += _ALIGNMENT_FIELDS[cfg.score.alignment_method]
+    data = config_lib.to_dict(cfg.data)
+    for key in _DATA_ACCESS_FIELDS:
+        data.pop(key)
     parts: dict[str, Any] = {
-        "data": config_lib.to_dict(cfg.data),
+        "data": data,
         "score": {key: getattr(cfg.score, key) for key in ("scorer", *fields)},
     }
     if _trains_a_proxy(cfg.score):
@@ -137,13 +144,13 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
     rating_run = open_rating_run(rater_dir, cfg.data) if scorer == "rater" else None
     splits = load_splits(cfg.data)
     transform = preprocess.Preprocessor.for_config(cfg.data)
-    pool = preprocess.materialize(splits.train, transform)
+    pool = preprocess.prepared(splits.train, transform, cfg.data.in_memory_limit)
     metadata = ratings_metadata(cfg, pool, rating_run)
     seconds = 0.0
     scores = finished_scores(out, pool.ids, metadata)
     if scores is None:
         validation = (
-            preprocess.materialize(splits.validation, transform)
+            preprocess.prepared(splits.validation, transform, cfg.data.in_memory_limit)
             if scorer in ("loss", "alignment")
             else None
         )

@@ -35,8 +35,8 @@ import pyarrow as pa
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alchemist_jax.data.pipeline import padded_batches
-from alchemist_jax.data.sources import ArraySource
+from alchemist_jax.data.pipeline import numeric_fields, padded_batches, stack_examples
+from alchemist_jax.data.sources import ArraySource, Source
 from alchemist_jax.runtime import distributed, io, parallel, preemption, progress
 
 log = logging.getLogger("alchemist_jax.scoring")
@@ -66,7 +66,7 @@ def finished_scores(path: Path, ids: np.ndarray, metadata: dict[str, str]) -> np
 
 def score_pool(
     score_batch: ScoreBatch,
-    source: ArraySource,
+    source: Source,
     out: Path,
     *,
     batch_size: int,
@@ -83,8 +83,8 @@ def score_pool(
         `pipeline.eval_iterator` batches: the numeric fields of the examples, `id` int64 and
         `mask` bool; padding rows repeat the last real row with `id` -1 and `mask` False, and
         their scores are discarded.
-      source: the pool in memory (preprocessed: `preprocess.materialize`), scored in index
-        order.
+      source: the preprocessed pool (`preprocess.prepared`: in memory or streamed), scored in
+        index order.
       out: the ratings Parquet file: columns id int64, score float32, one row per example.
       batch_size: rows per call of `score_batch`.
       chunk_size: samples per chunk file (the unit of resuming), rounded up to a multiple of
@@ -204,13 +204,22 @@ def check_finite(scores: np.ndarray, ids: np.ndarray, scorer: str, path: Path) -
         )
 
 
-def pool_columns(source: ArraySource, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Rows start..stop-1 of the numeric columns of `source` (the fields that
-    `pipeline.numeric_fields` keeps of its examples), as array slices: reading examples one by
-    one (~130 us each through grain) costs more than the demo rater's forward pass (~50 us per
-    sample on 2 CPU cores; docs/BENCHMARKS.md)."""
-    columns = {"id": source.ids, "image": source.images, "label": source.labels, **source.extra}
-    return {key: column[start:stop] for key, column in columns.items() if column is not None}
+def pool_columns(source: Source, start: int, stop: int) -> dict[str, np.ndarray]:
+    """Rows start..stop-1 of the numeric fields of `source` (those `pipeline.numeric_fields`
+    keeps of its examples). From a pool in memory (`ArraySource`), array slices: reading
+    examples one by one (~130 us each through grain) costs more than the demo rater's forward
+    pass (~50 us per sample on 2 CPU cores; docs/BENCHMARKS.md). From a streamed pool, the rows
+    read and preprocessed now (only this chunk is held)."""
+    if isinstance(source, ArraySource):
+        columns = {
+            "id": source.ids,
+            "image": source.images,
+            "label": source.labels,
+            **source.extra,
+        }
+        return {key: column[start:stop] for key, column in columns.items() if column is not None}
+    stop = min(stop, len(source))
+    return stack_examples([numeric_fields(source[i]) for i in range(start, stop)])
 
 
 def _collect(pending: list, bar: Any) -> np.ndarray:
