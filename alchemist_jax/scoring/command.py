@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from alchemist_jax import config as config_lib
@@ -58,6 +59,9 @@ _SCORE_FIELDS = {
     "clip_score": ("clip_path",),
     "alignment": ("alignment_method", "alignment_references", "seed"),
 }
+# Scorers whose pass runs on several processes (`driver.score_pool`): their parameters, if
+# any, are read by every process onto its own devices.
+_MULTI_PROCESS_SCORERS = ("rater", *config_lib.HEURISTIC_SCORERS)
 # data.* fields that change how the pool is read, never what is read (left out of the
 # fingerprint: a pass streamed with threads writes the file an in-memory one writes).
 _DATA_ACCESS_FIELDS = ("read_threads", "in_memory_limit")
@@ -141,6 +145,12 @@ def run(cfg: config_lib.Config, out: Path, rater_dir: Path | None = None) -> dic
         )
     if scorer != "rater" and rater_dir is not None:
         raise ValueError(f"--rater is read by score.scorer=rater only, not by {scorer}")
+    if jax.process_count() > 1 and scorer not in _MULTI_PROCESS_SCORERS:
+        raise ValueError(
+            f"score.scorer={scorer} runs in one process only (its model is trained or loaded "
+            "per run, not per process); on several processes use one of "
+            + ", ".join(_MULTI_PROCESS_SCORERS)
+        )
     rating_run = open_rating_run(rater_dir, cfg.data) if scorer == "rater" else None
     splits = load_splits(cfg.data)
     transform = preprocess.Preprocessor.for_config(cfg.data)
