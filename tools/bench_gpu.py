@@ -4,7 +4,8 @@
     .venv/bin/python tools/bench_gpu.py --cpu    # the same, tiny, on the CPU (smoke test)
 
 Measures, on one device, for the DiT of `--preset` on 32x32x4 latents with precomputed 77x768
-caption embeddings (float32 compute: bf16 compute is not implemented yet):
+caption embeddings, computed in `--compute-dtype` (default bfloat16: `model.compute_dtype` and
+`rater.compute_dtype`, float32 weights and optimizer states; float32 with `--cpu`):
   train      downstream train-step throughput (samples/s) and model-FLOPs utilisation: the
              compiled step's FLOPs (XLA cost analysis) / time / the device's peak (`--peak-tflops`;
              default: the dense bf16 peak of a known card, none on CPU)
@@ -56,6 +57,12 @@ def inputs(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="tiny preset on the CPU")
+    parser.add_argument(
+        "--compute-dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="model.compute_dtype / rater.compute_dtype (default: bfloat16; float32 with --cpu)",
+    )
     parser.add_argument("--preset", default=None, help="default: base (tiny with --cpu)")
     parser.add_argument("--batch", type=int, default=None, help="default 64 (8 with --cpu)")
     parser.add_argument("--repeats", type=int, default=None, help="default 20 (3 with --cpu)")
@@ -65,6 +72,8 @@ def main() -> None:
     if args.cpu:
         jax.config.update("jax_platforms", "cpu")
     preset = args.preset or ("tiny" if args.cpu else "base")
+    dtype = args.compute_dtype or ("float32" if args.cpu else "bfloat16")
+    precision = [f"model.compute_dtype={dtype}", f"rater.compute_dtype={dtype}"]
     batch = args.batch or (8 if args.cpu else 64)
     repeats = args.repeats or (3 if args.cpu else 20)
     lines: list[str] = []
@@ -78,7 +87,7 @@ def main() -> None:
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     say(
         f"device: {kind} ({device.platform}), jax {jax.__version__}, preset {preset}, "
-        f"batch {batch}, float32"
+        f"batch {batch}, compute {dtype} (weights float32)"
     )
     mesh = parallel.make_mesh(None, [device])
     rng = np.random.default_rng(0)
@@ -86,7 +95,7 @@ def main() -> None:
     rows: list[tuple[str, str, str]] = []
 
     # ---- downstream train step ----------------------------------------------------------------
-    cfg = load_config(None, [f"model.preset={preset}", f"train.batch_size={batch}"])
+    cfg = load_config(None, [f"model.preset={preset}", f"train.batch_size={batch}", *precision])
     program = training.build_program(
         cfg, training.input_spec({k: v[0] for k, v in example.items()}), mesh, 1000, 0
     )
@@ -113,6 +122,7 @@ def main() -> None:
             None,
             [
                 f"model.preset={preset}",
+                *precision,
                 "rate.population=1",
                 f"rate.inner_steps={k}",
                 f"data.batch_size={batch}",

@@ -29,7 +29,7 @@ fi
   echo "== GPU-capable tests (the models, the meta-gradient engine, the jitted steps)"
   # float64 exactness tests run on the GPU too (x64 is enabled inside them).
   timeout 240 "$PYTHON" -m pytest -q -x -p no:cacheprovider \
-    tests/test_models.py tests/test_meta.py tests/test_parallel.py \
+    tests/test_models.py tests/test_model_precision.py tests/test_meta.py tests/test_parallel.py \
     tests/test_rate.py::test_meta_step_on_8_device_mesh_equals_1_device || echo "TESTS FAILED"
   echo "== benchmark"
   timeout 200 "$PYTHON" tools/bench_gpu.py --log "$LOG.table"
