@@ -15,11 +15,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from alchemist_jax import config as config_lib
 from alchemist_jax.data import load_splits, preprocess
 from alchemist_jax.data.sources import ArraySource
-from alchemist_jax.runtime import io
+from alchemist_jax.runtime import io, parallel
 from alchemist_jax.scoring.driver import ScoreBatch, chunk_folder, finished_scores, score_pool
 from alchemist_jax.scoring.heuristics import HEURISTICS
 from alchemist_jax.scoring.proxy import ScoringInputs, alignment_scorer, clip_scorer, proxy_scorer
@@ -35,7 +37,9 @@ def heuristic_scorer(name: str) -> Callable[[ScoringInputs], ScoreBatch]:
                 f"score.scorer={name} needs pixel images; the pool "
                 f"{inputs.pool.name} has none (precomputed latents)"
             )
-        score = HEURISTICS[name]
+        # Rows split over this process's devices, in and out (`driver.score_pool`).
+        rows = NamedSharding(parallel.local_mesh(), P(parallel.MESH_AXES))
+        score = jax.jit(HEURISTICS[name], in_shardings=rows, out_shardings=rows)
         return lambda batch: score(batch["image"])
 
     return factory
