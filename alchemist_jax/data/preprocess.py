@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -95,6 +96,24 @@ class Preprocessor:
         return out
 
 
+def preprocess_rows(
+    source: Source, indices: Sequence[int], preprocessor: Preprocessor
+) -> dict[str, np.ndarray]:
+    """The examples of `source` at `indices`, preprocessed and stacked: each field of
+    `preprocessor(example)` as an array with a leading axis len(indices). The captions are
+    tokenized together (4x faster than one by one)."""
+    examples = [source[i] for i in indices]
+    captions = [example.pop("caption") for example in examples if "caption" in example]
+    rows = [preprocessor(example) for example in examples]
+    if captions and "text_embedding" not in examples[0]:
+        if len(captions) != len(examples):
+            raise ValueError(f"{source.name}: some examples have no caption")
+        tokens, mask = preprocessor.tokenizer(captions)
+        for row, row_tokens, row_mask in zip(rows, tokens, mask):
+            row["tokens"], row["token_mask"] = row_tokens, row_mask
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
 def materialize(source: Source, preprocessor: Preprocessor, chunk: int = 4096) -> ArraySource:
     """Preprocesses every example of `source` once, into memory.
 
@@ -110,17 +129,9 @@ def materialize(source: Source, preprocessor: Preprocessor, chunk: int = 4096) -
     for start in progress.bar(
         range(0, len(source), chunk), desc=f"preprocessing {source.name}", unit="chunk", leave=False
     ):
-        examples = [source[i] for i in range(start, min(start + chunk, len(source)))]
-        captions = [example.pop("caption") for example in examples if "caption" in example]
-        rows = [preprocessor(example) for example in examples]
-        if captions and "text_embedding" not in examples[0]:
-            if len(captions) != len(examples):
-                raise ValueError(f"{source.name}: some examples have no caption")
-            tokens, mask = preprocessor.tokenizer(captions)
-            for row, row_tokens, row_mask in zip(rows, tokens, mask):
-                row["tokens"], row["token_mask"] = row_tokens, row_mask
-        for key in rows[0]:
-            fields.setdefault(key, []).append(np.stack([row[key] for row in rows]))
+        rows = preprocess_rows(source, range(start, min(start + chunk, len(source))), preprocessor)
+        for key, column in rows.items():
+            fields.setdefault(key, []).append(column)
     arrays = {key: np.concatenate(parts) for key, parts in fields.items()}
     ids, labels = arrays.pop("id"), arrays.pop("label", None)
     return ArraySource(f"{source.name}+preprocessed", ids, None, None, labels, extra=arrays)
@@ -161,6 +172,11 @@ class StreamedSource(Source):
                 digest.update(key.encode())
                 digest.update(np.ascontiguousarray(example[key]).tobytes())
         return digest.hexdigest()
+
+    def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Examples start..stop-1 preprocessed and stacked (`preprocess_rows`), e.g. a chunk
+        of the scoring pass."""
+        return preprocess_rows(self.base, range(start, min(stop, len(self))), self.preprocessor)
 
     def take(self, indices: np.ndarray, name: str | None = None) -> StreamedSource:
         """The rows at `indices` (in that order), still streamed."""

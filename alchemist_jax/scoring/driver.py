@@ -35,8 +35,9 @@ import pyarrow as pa
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alchemist_jax.data.pipeline import numeric_fields, padded_batches, stack_examples
-from alchemist_jax.data.sources import ArraySource, Source
+from alchemist_jax.data.pipeline import numeric_fields, padded_batches
+from alchemist_jax.data.preprocess import StreamedSource
+from alchemist_jax.data.sources import ArraySource
 from alchemist_jax.runtime import distributed, io, parallel, preemption, progress
 
 log = logging.getLogger("alchemist_jax.scoring")
@@ -66,7 +67,7 @@ def finished_scores(path: Path, ids: np.ndarray, metadata: dict[str, str]) -> np
 
 def score_pool(
     score_batch: ScoreBatch,
-    source: Source,
+    source: ArraySource | StreamedSource,
     out: Path,
     *,
     batch_size: int,
@@ -204,7 +205,9 @@ def check_finite(scores: np.ndarray, ids: np.ndarray, scorer: str, path: Path) -
         )
 
 
-def pool_columns(source: Source, start: int, stop: int) -> dict[str, np.ndarray]:
+def pool_columns(
+    source: ArraySource | StreamedSource, start: int, stop: int
+) -> dict[str, np.ndarray]:
     """Rows start..stop-1 of the numeric fields of `source` (those `pipeline.numeric_fields`
     keeps of its examples). From a pool in memory (`ArraySource`), array slices: reading
     examples one by one (~130 us each through grain) costs more than the demo rater's forward
@@ -218,8 +221,7 @@ def pool_columns(source: Source, start: int, stop: int) -> dict[str, np.ndarray]
             **source.extra,
         }
         return {key: column[start:stop] for key, column in columns.items() if column is not None}
-    stop = min(stop, len(source))
-    return stack_examples([numeric_fields(source[i]) for i in range(start, stop)])
+    return numeric_fields(source.rows(start, stop))
 
 
 def _collect(pending: list, bar: Any) -> np.ndarray:
