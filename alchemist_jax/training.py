@@ -214,7 +214,6 @@ def build_program(
 # ==============================================================================================
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
 def _fixed_draw_loss_sum(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -237,6 +236,20 @@ def _fixed_draw_loss_sum(
         return total + jnp.sum(jnp.where(mask, losses, 0.0))
 
     return jax.lax.fori_loop(0, draws, add_draw, jnp.zeros((), jnp.float32))
+
+
+@functools.lru_cache(maxsize=16)
+def _loss_sum_step(graphdef: nnx.GraphDef, model_key: tuple, rows: NamedSharding) -> Callable:
+    """`_fixed_draw_loss_sum` of `graphdef` jitted once with explicit shardings: the model's
+    (params, rest) as they lie (`model_key`, a `parallel.sharding_key`), the batch, id halves
+    and mask split by `rows`, the seed, draw count and the sum replicated."""
+    replicated = NamedSharding(rows.mesh, P())
+    params, rest = parallel.unkey_shardings(model_key)
+    return jax.jit(
+        functools.partial(_fixed_draw_loss_sum, graphdef),
+        in_shardings=(params, rest, rows, rows, rows, rows, replicated, replicated),
+        out_shardings=replicated,
+    )
 
 
 def validation_loss(
@@ -268,6 +281,9 @@ def validation_loss(
     mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else parallel.make_mesh()
     batch_sharding = NamedSharding(mesh, P(mesh.axis_names))
     (rows,) = parallel.local_block(batch_sharding, (batch_size,))
+    step = _loss_sum_step(
+        trained.graphdef, parallel.sharding_key((trained.params, trained.rest)), batch_sharding
+    )
     total = 0.0
     for batch in pipeline.eval_iterator(data, batch_size, rows=range(rows.start, rows.stop)):
         id_low, id_high = models.split_ids(batch["id"])
@@ -276,8 +292,7 @@ def validation_loss(
             {**model_inputs(batch), **local}, batch_sharding, (batch_size,)
         )
         total += float(
-            _fixed_draw_loss_sum(
-                trained.graphdef,
+            step(
                 trained.params,
                 trained.rest,
                 model_inputs(inputs),

@@ -126,19 +126,42 @@ def fcd(real_features: np.ndarray, fake_features: np.ndarray) -> float:
 # ==============================================================================================
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _sample(
     graphdef: nnx.GraphDef,
+    steps: int,
+    shape: tuple[int, int, int],
     params: nnx.State,
     rest: nnx.State,
     captions: dict,
     rng: jax.Array,
-    steps: int,
-    shape: tuple[int, int, int],
     guidance_scale: jax.Array,
 ) -> jax.Array:
     model = nnx.merge(graphdef, params, rest)
     return jnp.clip(models.sample(model, captions, rng, steps, guidance_scale, shape), -1.0, 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_step(
+    graphdef: nnx.GraphDef,
+    steps: int,
+    shape: tuple[int, int, int],
+    model_key: tuple,
+    rows: NamedSharding | None,
+):
+    """`_sample` jitted once per model, step count, shape and layout, with explicit shardings:
+    the model's (params, rest) as they lie (`model_key`, a `parallel.sharding_key`), the
+    caption rows and the images split by `rows`, the key and guidance scale replicated (None:
+    shardings follow the inputs, for arrays not on a mesh)."""
+    step = functools.partial(_sample, graphdef, steps, shape)
+    if rows is None:
+        return jax.jit(step)
+    replicated = NamedSharding(rows.mesh, P())
+    params, rest = parallel.unkey_shardings(model_key)
+    return jax.jit(
+        step,
+        in_shardings=(params, rest, rows, replicated, replicated),
+        out_shardings=rows,
+    )
 
 
 def generate(
@@ -163,16 +186,16 @@ def generate(
       (B, H, W, C) float32 in [-1, 1].
     """
     inputs = {k: v for k, v in captions.items() if k in parallel.CAPTION_INPUTS}
-    return _sample(
+    rows = getattr(jax.tree.leaves(inputs)[0], "sharding", None)
+    rows = rows if isinstance(rows, NamedSharding) else None
+    step = _sample_step(
         trained.graphdef,
-        trained.params,
-        trained.rest,
-        inputs,
-        rng,
         steps,
         tuple(shape),
-        jnp.float32(guidance_scale),
+        parallel.sharding_key((trained.params, trained.rest)) if rows is not None else None,
+        rows,
     )
+    return step(trained.params, trained.rest, inputs, rng, jnp.float32(guidance_scale))
 
 
 def eval_batch_size(size: int) -> int:

@@ -186,6 +186,19 @@ def logical_shardings(
     return jax.tree.map(sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def sharding_key(tree: Any) -> tuple:
+    """The shardings of the arrays of `tree` as a hashable (treedef, shardings) pair, to key a
+    cache of steps jitted for those shardings (`unkey_shardings` rebuilds the tree)."""
+    leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, tree))
+    return treedef, tuple(leaves)
+
+
+def unkey_shardings(key: tuple) -> Any:
+    """The tree of shardings of a `sharding_key`."""
+    treedef, leaves = key
+    return jax.tree.unflatten(treedef, leaves)
+
+
 def axes_of(name: str, mesh: jax.sharding.Mesh, rules: Any = None) -> tuple[str, ...]:
     """The mesh axes logical axis `name` maps to (those of `mesh`), e.g. the batch's."""
     return tuple(a for a in rules_table(rules).get(name, ()) if a in mesh.shape)
