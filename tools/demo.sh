@@ -10,7 +10,7 @@ OUT="${1:-$REPO_ROOT/runs/demo}"
 shift || true
 say "1/2 data summary and contact sheet of the built-in pool -> $OUT"
 "$VENV/bin/alchemist-jax" data-summary --config "$REPO_ROOT/configs/demo.yaml" --out "$OUT" "$@"
-say "2/2 pipeline: rate, score, select, train, evaluate, report (about 15 minutes on 2 CPU cores)"
+say "2/2 pipeline: rate, score, select, train, evaluate, report (about 10 minutes on 2 idle CPU cores)"
 "$VENV/bin/alchemist-jax" pipeline --config "$REPO_ROOT/configs/demo.yaml" --workdir "$OUT" "$@"
 if command -v chromium >/dev/null 2>&1; then
   "$REPO_ROOT/tools/screenshot_report.sh" "$OUT"
