@@ -349,11 +349,8 @@ class _Batches:
 
     def __init__(self, data: PreparedSplits, cfg: config_lib.Config, program: RatingProgram):
         rate_cfg, batch = cfg.rate, cfg.data.batch_size
-        self.population, self.batch, self.val_batch = (
-            rate_cfg.population,
-            batch,
-            rate_cfg.val_batch_size,
-        )
+        self.population, self.batch = rate_cfg.population, batch
+        self.val_batch = rate_cfg.val_batch_size
         self.program = program
         proxies, _, rows = parallel.local_block(program.train_sharding, (self.population, 1, batch))
         self.local_shape = (proxies.stop - proxies.start, rows.stop - rows.start)
@@ -368,7 +365,7 @@ class _Batches:
             data.validation,
             self.val_batch,
             seed=cfg.data.seed + 1,
-            rows=_local_rows(program.val_sharding, self.val_batch),
+            rows=parallel.local_rows(program.val_sharding, self.val_batch),
             read_threads=cfg.data.read_threads,
         )
 
@@ -396,19 +393,13 @@ class _Batches:
         self.validation.set_state(state["validation"])
 
 
-def _local_rows(sharding: NamedSharding, batch_size: int) -> np.ndarray:
-    """The rows of a (batch_size, ...) batch laid out by `sharding` that this process holds."""
-    (rows,) = parallel.local_block(sharding, (batch_size,))
-    return np.arange(rows.start, rows.stop)
-
-
 def score_source(
     program: RatingProgram, rater_params, source: Source, batch_size: int
 ) -> np.ndarray:
     """Batch-independent rater scores u (N,) float32 of every example of `source`, in order
     (every process reads its rows of each batch and gets every score)."""
     scores = np.empty(len(source), np.float32)
-    rows = _local_rows(program.val_sharding, batch_size)
+    rows = parallel.local_rows(program.val_sharding, batch_size)
     batches = pipeline.eval_iterator(source, batch_size, rows=rows)
     for number, batch in enumerate(batches):
         inputs = parallel.global_batch(model_inputs(batch), program.val_sharding, (batch_size,))

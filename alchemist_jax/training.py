@@ -280,12 +280,12 @@ def validation_loss(
     mesh = getattr(jax.tree.leaves(trained.params)[0].sharding, "mesh", None)
     mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else parallel.make_mesh()
     batch_sharding = NamedSharding(mesh, P(mesh.axis_names))
-    (rows,) = parallel.local_block(batch_sharding, (batch_size,))
+    rows = parallel.local_rows(batch_sharding, batch_size)
     step = _loss_sum_step(
         trained.graphdef, parallel.sharding_key((trained.params, trained.rest)), batch_sharding
     )
     total = 0.0
-    for batch in pipeline.eval_iterator(data, batch_size, rows=range(rows.start, rows.stop)):
+    for batch in pipeline.eval_iterator(data, batch_size, rows=rows):
         id_low, id_high = models.split_ids(batch["id"])
         local = {"id_low": id_low, "id_high": id_high, "mask": batch["mask"]}
         inputs = parallel.global_batch(
@@ -457,9 +457,8 @@ def train_model(
             RESUME_SECTIONS,
             resumable=checkpoints.latest_step(workdir / "checkpoints") is not None,
         )
-    # Each process reads its rows of every global batch (`parallel.local_block`).
-    (rows,) = parallel.local_block(program.batch_sharding, (batch_size,))
-    rows = np.arange(rows.start, rows.stop)
+    # Each process reads its rows of every global batch.
+    rows = parallel.local_rows(program.batch_sharding, batch_size)
     if sampling_weights is None:
         batches = pipeline.train_iterator(
             train_data, batch_size, seed=seed, rows=rows, read_threads=cfg.data.read_threads

@@ -112,6 +112,11 @@ def local_mesh() -> jax.sharding.Mesh:
     return make_mesh(None, jax.local_devices())
 
 
+def local_rows_sharding() -> NamedSharding:
+    """Leading axis (rows) split over this process's devices (`local_mesh`), the rest whole."""
+    return NamedSharding(local_mesh(), PartitionSpec(MESH_AXES))
+
+
 def rules_table(rules: Any = None) -> dict[str, tuple[str, ...]]:
     """Logical axis -> mesh axes, from a `config.ShardingRules` dataclass, a mapping, or None
     (`DEFAULT_RULES`)."""
@@ -266,6 +271,13 @@ def local_block(sharding: jax.sharding.Sharding, shape: Sequence[int]) -> tuple[
             )
         block.append(slice(start, stop))
     return tuple(block)
+
+
+def local_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray:
+    """The rows of a (batch_size, ...) batch laid out by `sharding` that this process holds
+    (`local_block` of its leading axis), e.g. the `rows` of `data.pipeline` iterators."""
+    (rows,) = local_block(sharding, (batch_size,))
+    return np.arange(rows.start, rows.stop)
 
 
 def block_rows(block: Sequence[slice], shape: Sequence[int]) -> np.ndarray:

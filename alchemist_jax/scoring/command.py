@@ -15,8 +15,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from alchemist_jax import config as config_lib
 from alchemist_jax.data import load_splits, preprocess
@@ -38,7 +36,7 @@ def heuristic_scorer(name: str) -> Callable[[ScoringInputs], ScoreBatch]:
                 f"{inputs.pool.name} has none (precomputed latents)"
             )
         # Rows split over this process's devices, in and out (`driver.score_pool`).
-        rows = NamedSharding(parallel.local_mesh(), P(parallel.MESH_AXES))
+        rows = parallel.local_rows_sharding()
         score = jax.jit(HEURISTICS[name], in_shardings=rows, out_shardings=rows)
         return lambda batch: score(batch["image"])
 
@@ -86,9 +84,8 @@ def _trains_a_proxy(score_cfg: config_lib.ScoreConfig) -> bool:
 
 def config_fingerprint(cfg: config_lib.Config, rating_run: RatingRun | None = None) -> str:
     """`io.fingerprint` of the config the scores depend on: `data` (but how it is read), the
-    scorer and its
-    `score.*` fields; `model` and `train` for the scorers with a proxy DiT; the rating run's
-    `rater` and `rate` sections for the rater."""
+    scorer and its `score.*` fields; `model` and `train` for the scorers with a proxy DiT; the
+    rating run's `rater` and `rate` sections for the rater."""
     scorer = cfg.score.scorer
     fields = _SCORE_FIELDS.get(scorer, ())
     if scorer == "alignment":

@@ -33,7 +33,6 @@ import jax
 import numpy as np
 import pyarrow as pa
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from alchemist_jax.data.pipeline import numeric_fields, padded_batches
 from alchemist_jax.data.preprocess import StreamedSource
@@ -135,7 +134,7 @@ def score_pool(
     )
     scorer = metadata.get("scorer", desc)
     process, processes = jax.process_index(), jax.process_count()
-    rows_sharding = NamedSharding(parallel.local_mesh(), P(parallel.MESH_AXES))
+    rows_sharding = parallel.local_rows_sharding()
     with preemption.guard() as stop:
         for index, start in enumerate(starts):
             if parts[index] is None and index % processes == process:

@@ -100,11 +100,10 @@ def rater_scorer(run: RatingRun, example: dict[str, np.ndarray]) -> ScoreBatch:
     graphdef, ema, rest = ema_rater(run, example)
     # The scoring pass's explicit layout: parameters replicated on this process's devices, the
     # batch rows and the scores split over them (`driver.score_pool`).
-    mesh = parallel.local_mesh()
-    rows = NamedSharding(mesh, P(parallel.MESH_AXES))
+    rows = parallel.local_rows_sharding()
     score = jax.jit(
         models.rater_score_fn(graphdef, rest),
-        in_shardings=(NamedSharding(mesh, P()), rows),
+        in_shardings=(NamedSharding(rows.mesh, P()), rows),
         out_shardings=rows,
     )
     return lambda b: score(ema, model_inputs(b))
