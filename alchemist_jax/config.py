@@ -187,6 +187,7 @@ class RateConfig:
 
     mode: Literal[MODES] = "unrolled"
     meta_loss: Literal[META_LOSSES] = "plain"  # the validation objective (META_LOSSES above)
+    gap_plain_weight: float = 0.0  # caption_gap: + this x the plain loss (true captions)
     steps: int = 1500  # meta-steps
     inner_steps: int = 4  # K, unrolled inner steps per meta-step (lookahead: 1)
     meta_every: int | None = None  # M >= K proxy steps per meta-step; None: M = K
@@ -712,6 +713,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "rate.population": AT_LEAST_1,
     "rate.reset_every": AT_LEAST_0,
     "rate.warm_start_steps": AT_LEAST_0,
+    "rate.gap_plain_weight": AT_LEAST_0,
     "rate.inner_lr": POSITIVE,
     "rate.inner_eps": POSITIVE,
     "rate.lookahead_lr": POSITIVE,
@@ -821,6 +823,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"rate.mode=lookahead needs rate.inner_steps=1 (got {r.inner_steps})")
     if r.mixed_mode and r.mode != "unrolled":
         raise ConfigError(f"rate.mixed_mode=true applies to rate.mode=unrolled only (got {r.mode})")
+    if r.gap_plain_weight and r.meta_loss != "caption_gap":
+        raise ConfigError(
+            f"rate.gap_plain_weight applies to rate.meta_loss=caption_gap only (got {r.meta_loss})"
+        )
     if r.meta_every is not None and r.meta_every < r.inner_steps:
         raise ConfigError(
             f"rate.meta_every ({r.meta_every}) must be >= rate.inner_steps ({r.inner_steps})"

@@ -51,7 +51,7 @@ log = logging.getLogger("alchemist_jax.rating")
 
 
 def meta_loss_fn(
-    name: str, proxy_graph, proxy_rest, model_cfg: config_lib.ModelConfig
+    name: str, proxy_graph, proxy_rest, plain_weight: float = 0.0
 ) -> Callable[..., jax.Array] | None:
     """The validation objective `(proxy_params, val_batch, rng) -> (B_v,)` of `rate.meta_loss`
     (`config.META_LOSSES`), for `meta.meta_gradient(val_loss_fn=...)`:
@@ -59,12 +59,15 @@ def meta_loss_fn(
         validation batch;
       caption_gap: `models.caption_gap_loss_fn` of the proxy loss without caption dropout (loss
         under the true captions minus under a derangement of the batch's captions, fixed per
-        meta-step key): twice the validation forward/backward work.
+        meta-step key, plus `plain_weight` times the loss under the true captions): twice the
+        validation forward/backward work.
     """
     if name == "plain":
         return None
     if name == "caption_gap":
-        return models.caption_gap_loss_fn(models.proxy_loss_fn(proxy_graph, proxy_rest, 0.0))
+        return models.caption_gap_loss_fn(
+            models.proxy_loss_fn(proxy_graph, proxy_rest, 0.0), plain_weight=plain_weight
+        )
     raise ValueError(f"unknown rate.meta_loss {name!r}: one of {', '.join(config_lib.META_LOSSES)}")
 
 
@@ -138,7 +141,9 @@ def build_program(
         cfg.rater, example_batch, key, cfg.data.max_text_length
     )
     loss_fn = models.proxy_loss_fn(proxy_graph, proxy_rest, cfg.model.caption_dropout)
-    val_loss_fn = meta_loss_fn(rate_cfg.meta_loss, proxy_graph, proxy_rest, cfg.model)
+    val_loss_fn = meta_loss_fn(
+        rate_cfg.meta_loss, proxy_graph, proxy_rest, rate_cfg.gap_plain_weight
+    )
     rater_fn = models.rater_weight_fn(rater_graph, rater_rest, cfg.rater.temperature)
     score_fn = models.rater_score_fn(rater_graph, rater_rest)
     inner_opt = meta.inner_optimizer(rate_cfg.inner_lr, rate_cfg.inner_eps)

@@ -122,6 +122,7 @@ def test_every_number_has_a_range():
         ("dedup.max_hamming=65", "config key 'dedup.max_hamming' must be in [0, 64], got 65"),
         ("train.warmup_steps=3000", "train.warmup_steps=3000 must be < train.steps=2000"),
         ("rate.mixed_mode=true", "rate.mixed_mode=true applies to rate.mode=unrolled only"),
+        ("rate.gap_plain_weight=1", "rate.gap_plain_weight applies to rate.meta_loss=caption_gap"),
         ("select.drop=0.6", "select.drop=0.6 leaves 0.4 of the pool to choose from"),
         ("select.weights=[1, -1]", "select.weights must be >= 0 with a positive sum"),
         ("pipeline.arms=[alchemy]", "config key 'pipeline.arms[0]' must be one of 'alchemist'"),

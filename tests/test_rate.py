@@ -189,10 +189,11 @@ def test_caption_gap_meta_loss_is_true_minus_shuffled_captions(tmp_path):
     graph, params, rest = models.init_proxy(
         cfg.model, batch, jax.random.key(0), cfg.data.max_text_length
     )
-    assert rating.meta_loss_fn("plain", graph, rest, cfg.model) is None  # meta's default
-    gap = rating.meta_loss_fn("caption_gap", graph, rest, cfg.model)
+    assert rating.meta_loss_fn("plain", graph, rest) is None  # meta's default
+    gap = rating.meta_loss_fn("caption_gap", graph, rest)
+    with_plain = rating.meta_loss_fn("caption_gap", graph, rest, plain_weight=0.5)
     with pytest.raises(ValueError, match="unknown rate.meta_loss 'cfg'"):
-        rating.meta_loss_fn("cfg", graph, rest, cfg.model)
+        rating.meta_loss_fn("cfg", graph, rest)
     key = jax.random.key(1)
     loss = models.proxy_loss_fn(graph, rest, 0.0)
     shuffled = models.shuffled_captions(batch, jax.random.fold_in(key, models._PERMUTATION_SALT))
@@ -202,6 +203,13 @@ def test_caption_gap_meta_loss_is_true_minus_shuffled_captions(tmp_path):
     np.testing.assert_allclose(
         gap(params, batch, key),
         loss(params, batch, key) - loss(params, shuffled, key),
+        rtol=0,
+        atol=1e-5,
+    )
+    # rate.gap_plain_weight adds that multiple of the loss under the true captions.
+    np.testing.assert_allclose(
+        with_plain(params, batch, key),
+        1.5 * loss(params, batch, key) - loss(params, shuffled, key),
         rtol=0,
         atol=1e-5,
     )

@@ -255,9 +255,12 @@ def shuffled_captions(batch: dict, rng: jax.Array, fields=CAPTION_FIELDS) -> dic
 
 
 def caption_gap_loss_fn(
-    loss_fn: Callable[[Params, dict, jax.Array], jax.Array], fields=CAPTION_FIELDS
+    loss_fn: Callable[[Params, dict, jax.Array], jax.Array],
+    fields=CAPTION_FIELDS,
+    plain_weight: float = 0.0,
 ) -> Callable[[Params, dict, jax.Array], jax.Array]:
-    """`gap_fn(params, batch, rng) -> (B,)`: ℓ_i(true captions) − ℓ_i(shuffled captions).
+    """`gap_fn(params, batch, rng) -> (B,)`: ℓ_i(true captions) − ℓ_i(shuffled captions), plus
+    `plain_weight` · ℓ_i(true captions).
 
     Both terms use the same `rng` (the same flow times, noise and caption dropout: a paired
     difference); the shuffle (`shuffled_captions`) uses fold_in(rng, salt), so it is fixed for a
@@ -266,12 +269,15 @@ def caption_gap_loss_fn(
     it rewards training samples that make the true caption predict the image better than a wrong
     one: image–text fit, which the plain validation loss does not see. Pass a `loss_fn` without
     caption dropout (a dropped row contributes 0). Costs two loss evaluations per call.
-    `fields`: the batch fields shuffled together (`shuffled_captions`).
+    `fields`: the batch fields shuffled together (`shuffled_captions`). `plain_weight` > 0 adds
+    the plain loss under the true captions (`rate.gap_plain_weight`), so the objective also keeps
+    the image-quality signal of the plain meta-loss; the cost is unchanged.
     """
 
     def gap_fn(params: Params, batch: dict, rng: jax.Array) -> jax.Array:
         shuffled = shuffled_captions(batch, jax.random.fold_in(rng, _PERMUTATION_SALT), fields)
-        return loss_fn(params, batch, rng) - loss_fn(params, shuffled, rng)
+        true = loss_fn(params, batch, rng)
+        return (1.0 + plain_weight) * true - loss_fn(params, shuffled, rng)
 
     return gap_fn
 
