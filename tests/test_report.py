@@ -143,6 +143,7 @@ def run_folder(tmp_path_factory):
             "params": {},
         }
         if arm == "alchemist":
+            summary["ratings"] = ["ratings/exact.parquet"]
             summary["rank_histogram"] = {
                 "edges": np.linspace(0, 1, 11).tolist(),
                 "counts": [20, 20, 20, 20, 20, 0, 0, 0, 0, 0],
@@ -528,3 +529,36 @@ def test_clusters_section_shows_sizes_members_keep_rates_and_weights(tmp_path):
         assert len(shown) == 3 and all(labels[ids == i][0] == label for i in shown)
     sizes = [int(row[1]) for row in table[1:]]
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_pruned_sheet_is_what_the_score_prunes_not_the_random_fill(tmp_path):
+    """The report's pruned samples: the filter's dropped lowest scores (everything ranked below
+    the lowest kept sample), not the samples its random fill happened to leave out."""
+    from alchemist_jax import selection
+    from alchemist_jax.report import analysis, run_folder
+
+    cfg = _write_config(tmp_path, ["data.corrupt.fraction=0.3"])
+    splits = data.load_splits(cfg.data)
+    pq.write_table(splits.truth, tmp_path / "defects.parquet")
+    ids = splits.train.ids
+    clean = np.array([d is None for d in splits.defects])
+    scores = np.random.default_rng(6).normal(size=len(ids)) + 4.0 * clean
+    (tmp_path / "ratings").mkdir()
+    pq.write_table(pa.table({"id": ids, "score": scores}), tmp_path / "ratings/exact.parquet")
+    ratings = {"ratings/exact.parquet": (ids, scores)}
+    chosen, summary = selection.select_for_source(cfg.select, ratings, splits.train)
+    selection.write_selection(
+        tmp_path / "selections" / "alchemist.parquet", chosen, {"arm": "alchemist", **summary}
+    )
+    run = run_folder.load_run(tmp_path)
+    ranked = analysis.arm_ranking(run, "alchemist", summary)
+    ascending = ranked.ids[np.argsort(ranked.scores, kind="stable")]
+    first_kept = int(np.flatnonzero(np.isin(ascending, chosen))[0])
+    pruned = analysis.pruned_by_score(run, "alchemist")
+    # filter: round(drop * N) lowest are always dropped; the random fill prunes the rest.
+    assert first_kept >= round(cfg.select.drop * len(ids))
+    assert sorted(pruned.tolist()) == sorted(ascending[:first_kept].tolist())
+    assert len(ids) - len(chosen) - len(pruned) >= 20  # random-fill losers, left out
+    assert np.mean(np.isin(pruned, ids[~clean])) >= 0.9  # this rater prunes defects
+    page = _Page(report.build(tmp_path).read_text())
+    assert "samples_pruned.png" in page.links

@@ -13,6 +13,7 @@ import numpy as np
 from alchemist_jax.evaluation.defects import credit_kept_copies, defect_auroc
 from alchemist_jax.report.results_table import format_mean_std, mean_std
 from alchemist_jax.report.run_folder import CLEAN, RunFolder, lookup, read_selection
+from alchemist_jax.runtime import io
 from alchemist_jax.runtime.stats import normalize_within_groups
 
 # The pipeline arms that add one component of the method at a time (pipeline.ARMS), in order.
@@ -45,7 +46,8 @@ class Sheets:
 
 def rating_sheets(run: RunFolder, name: str) -> Sheets:
     """The best, middle and worst SHEET_SIZE samples by ratings/`name` (z-scored within caption
-    class) and a random SHEET_SIZE of the pool samples selections/alchemist.parquet prunes."""
+    class) and a random SHEET_SIZE of the samples selections/alchemist.parquet prunes by its
+    score (`pruned_by_score`)."""
     ids, scores = run.ratings[name]
     where = f"ratings/{name}.parquet"
     position = {int(i): n for n, i in enumerate(run.pool.ids)}
@@ -67,18 +69,14 @@ def rating_sheets(run: RunFolder, name: str) -> Sheets:
         ("middle", order[middle : middle + SHEET_SIZE]),
         ("bottom", order[::-1][:SHEET_SIZE]),
     ]
-    selection_path = run.workdir / "selections" / "alchemist.parquet"
+    pruned = pruned_by_score(run, "alchemist")
     pruned_count = None
-    if selection_path.exists():
-        kept = set(read_selection(selection_path).tolist())
-        pruned = np.array([i for i in run.pool.ids if int(i) not in kept], np.int64)
+    if pruned is not None:
         rng = np.random.default_rng(run.cfg.data.seed)
         sample = np.sort(rng.choice(pruned, size=min(SHEET_SIZE, len(pruned)), replace=False))
         if len(sample):
             sheets.append(("pruned", sample))
         pruned_count = (len(sample), len(pruned))
-    else:
-        run.missing.append("selections/alchemist.parquet: no contact sheet of pruned samples")
     notes = {int(i): note(int(i)) for _, chosen in sheets for i in chosen}
     return Sheets(position, notes, sheets, pruned_count)
 
@@ -138,36 +136,70 @@ def component_table(
     return header, body
 
 
+def arm_ranking(run: RunFolder, arm: str, summary: dict):
+    """The `selection.RankingScores` arm's selection ranked by, recomputed from the ratings and
+    dedup files its summary names (run-relative); None, noted in run.missing, when one is
+    missing."""
+    from alchemist_jax import dedup, selection
+
+    files = [*summary.get("ratings", ()), *([summary["dedup"]] if summary.get("dedup") else [])]
+    absent = [name for name in files if not (run.workdir / name).exists()]
+    if absent or not summary.get("ratings"):
+        what = absent[0] if absent else f"selections/{arm}.json names no ratings"
+        run.missing.append(f"{what}: the ranking of arm {arm} is not known")
+        return None
+    ratings = {name: selection.read_ratings(run.workdir / name) for name in summary["ratings"]}
+    duplicates = (
+        None
+        if not summary.get("dedup")
+        else (summary["dedup"], dedup.read_groups(run.workdir / summary["dedup"]))
+    )
+    config = dataclasses.replace(run.cfg.select, weights=tuple(summary.get("weights", ())))
+    return selection.ranking_scores(config, ratings, run.pool, duplicates=duplicates)
+
+
+def pruned_by_score(run: RunFolder, arm: str) -> np.ndarray | None:
+    """Ids of the pool samples selections/`arm` prunes by its score: collapsed into a better
+    member of their duplicate group, or ranked below every sample the selection keeps from
+    their ranking group (for `filter`, the dropped lowest fraction; a random fill's losers are
+    not among them). None, noted in run.missing, without the selection or its ranking."""
+    path = run.workdir / "selections" / f"{arm}.parquet"
+    if not path.exists() or not path.with_suffix(".json").exists():
+        run.missing.append(f"selections/{arm}.parquet: no contact sheet of pruned samples")
+        return None
+    ranked = arm_ranking(run, arm, io.read_json(path.with_suffix(".json")))
+    if ranked is None:
+        return None
+    kept = np.isin(ranked.ids, read_selection(path))
+    groups = (
+        np.zeros(len(ranked.ids), np.int64)
+        if ranked.policy_groups is None
+        else np.asarray(ranked.policy_groups)
+    )
+    lowest_kept = np.full(groups.max() + 1, np.inf)
+    np.minimum.at(lowest_kept, groups[kept], ranked.scores[kept])
+    below = ranked.eligible & (ranked.scores < lowest_kept[groups])
+    return ranked.ids[~kept & (below | ~ranked.eligible)]
+
+
 def component_aurocs(run: RunFolder, summaries: dict[str, dict]) -> dict[str, dict[str, Any]]:
     """arm -> `defect_auroc` of the score its selection ranks by (collapsed duplicates 1e-6 of
     the score range below the lowest score), recomputed from its ratings and dedup files; {}
     when the pool or the defects are missing, no entry for an arm whose file is missing (both
     noted in run.missing)."""
-    from alchemist_jax import dedup, selection
-
     if run.pool is None or run.defects is None:
         run.missing.append("component AUROC: needs the pool of config.yaml and defects.parquet")
         return {}
     aurocs = {}
     for arm, summary in summaries.items():
-        files = [*summary["ratings"], *([summary["dedup"]] if summary.get("dedup") else [])]
-        absent = [name for name in files if not (run.workdir / name).exists()]
-        if absent:
-            run.missing.append(f"{absent[0]}: no component AUROC of arm {arm}")
+        ranked = arm_ranking(run, arm, summary)
+        if ranked is None:
             continue
-        ratings = {name: selection.read_ratings(run.workdir / name) for name in summary["ratings"]}
-        duplicates = (
-            None
-            if not summary.get("dedup")
-            else (summary["dedup"], dedup.read_groups(run.workdir / summary["dedup"]))
-        )
-        config = dataclasses.replace(run.cfg.select, weights=tuple(summary.get("weights", ())))
-        ranked = selection.ranking_scores(config, ratings, run.pool, duplicates=duplicates)
         low, high = ranked.scores.min(), ranked.scores.max()
         scores = np.where(ranked.eligible, ranked.scores, low - 1e-6 * ((high - low) or 1.0))
         where = f"selections/{arm}.json"
         kinds = [None if k == CLEAN else k for k in run.kinds(ranked.ids, where)]
-        if duplicates is not None:
+        if ranked.dedup is not None:
             kinds = credit_kept_copies(kinds, ranked.ids, ranked.eligible, run.copied_from)
         aurocs[arm] = defect_auroc(scores, kinds, run.groups(ranked.ids, where))
     return aurocs

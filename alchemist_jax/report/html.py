@@ -111,8 +111,9 @@ def _samples_section(run: RunFolder) -> str | None:
     if sheets.pruned is not None:
         shown, total = sheets.pruned
         pruned_text = (
-            f" Pruned: a random {shown} of the {total} pool samples "
-            "not in selections/alchemist.parquet."
+            f" Pruned: a random {shown} of the {total} pool samples that "
+            "selections/alchemist.parquet prunes by its score (collapsed duplicates, and samples "
+            "ranked below every kept one of their ranking group; not the losers of a random fill)."
         )
     scale = "z-score within caption class" if run.classes is not None else "z-score"
     parts = [
@@ -126,7 +127,7 @@ def _samples_section(run: RunFolder) -> str | None:
             [sheets.position[int(i)] for i in chosen],
             run.out / filename,
             # The pruned sheet is the headline selection's (selections/alchemist.parquet).
-            title="pruned by the alchemist selection"
+            title="pruned by the alchemist selection's score"
             if title == "pruned"
             else f"{title} samples by {name}",
             notes=[sheets.notes[int(i)] for i in chosen],
