@@ -56,7 +56,8 @@ RESULT_SECTIONS = (
 def rater_config(cfg: config_lib.Config, rater: str) -> config_lib.Config:
     """The config of rater `exact` (cfg as given) or `penalty` (mode penalty, with
     pipeline.penalty_steps meta-steps when set; `rate.mixed_mode`, a custom VJP of the unrolled
-    mode's inner steps, off: the penalty scheme differentiates no inner step)."""
+    mode's inner steps, off: the penalty scheme differentiates no inner step; no
+    `rate.warm_start_steps`: the released scheme starts its proxies from scratch)."""
     if rater == "exact":
         return cfg
     steps = cfg.pipeline.penalty_steps or cfg.rate.steps
@@ -66,6 +67,7 @@ def rater_config(cfg: config_lib.Config, rater: str) -> config_lib.Config:
             cfg.rate,
             mode="penalty",
             mixed_mode=False,
+            warm_start_steps=0,
             steps=steps,
             checkpoint_every=min(cfg.rate.checkpoint_every, steps),
         ),

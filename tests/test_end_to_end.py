@@ -127,3 +127,17 @@ def test_pipeline_config_errors(tmp_path):
         r"fuses 2 ratings \(exact, alignment\)",
     ):
         load_config("configs/demo.yaml", TINY + ["select.weights=[1.0, 2.0, 3.0]"])
+
+
+def test_penalty_rater_runs_the_released_scheme_from_the_exact_raters_config():
+    """The release arm's rater: mode penalty for pipeline.penalty_steps meta-steps, proxies from
+    scratch (no warm start) and no mixed mode, whatever the exact rater uses."""
+    cfg = load_config(
+        "configs/demo.yaml",
+        ["rate.warm_start_steps=2000", "rate.mixed_mode=true", "pipeline.penalty_steps=7"],
+    )
+    assert pipeline.rater_config(cfg, "exact") is cfg
+    penalty = pipeline.rater_config(cfg, "penalty").rate
+    assert (penalty.mode, penalty.steps, penalty.warm_start_steps) == ("penalty", 7, 0)
+    assert not penalty.mixed_mode and penalty.checkpoint_every == 7
+    assert penalty.inner_steps == cfg.rate.inner_steps and penalty.seed == cfg.rate.seed
