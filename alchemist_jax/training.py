@@ -253,7 +253,7 @@ def _loss_sum_step(graphdef: nnx.GraphDef, model_key: tuple, rows: NamedSharding
 
 
 def validation_loss(
-    trained: Trained, data: ArraySource, batch_size: int, seed: int, draws: int = 1
+    trained: Trained, data: Source, batch_size: int, seed: int, draws: int = 1
 ) -> float:
     """Mean flow-matching loss of `trained` over every example of `data` and `draws` fixed
     (t, noise) draws per example, with the caption (no dropout).
@@ -265,7 +265,7 @@ def validation_loss(
     Args:
       trained: the model, its arrays on the mesh of the config (as `train_model` and
         `load_trained` return them).
-      data: preprocessed examples (`preprocess.materialize`).
+      data: preprocessed examples (`preprocess.prepared`: in memory or streamed).
       batch_size: rows per jitted evaluation step; divisible by the device count.
       seed: key of the draws.
       draws: (t, noise) draws per example.

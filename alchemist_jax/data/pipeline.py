@@ -14,7 +14,7 @@ holds the examples at positions s * batch_size .. (s + 1) * batch_size - 1 of on
 reads only those examples and yields (len(rows), ...) arrays, which
 `runtime.parallel.global_batch` assembles into the global array
 (`jax.make_array_from_process_local_data`). So a run on 2 processes sees exactly the batches of
-a run on 1, and `runtime.parallel.process_rows` gives each process its rows from the step's
+a run on 1, and `runtime.parallel.local_rows` gives each process its rows from the step's
 sharding.
 
 `read_threads` (default 0) sets grain's prefetch threads; see `_read_options`.

@@ -22,7 +22,13 @@ import numpy as np
 from PIL import Image
 
 from alchemist_jax.config import DataConfig
-from alchemist_jax.data.sources import FINGERPRINT_SAMPLE, ArraySource, Source, Subset
+from alchemist_jax.data.sources import (
+    FINGERPRINT_SAMPLE,
+    ArraySource,
+    Source,
+    Subset,
+    fingerprint_rows,
+)
 from alchemist_jax.data.tokenizer import Tokenizer
 from alchemist_jax.runtime import progress
 
@@ -165,7 +171,7 @@ class StreamedSource(Source):
         evenly spaced rows (as `ArraySource.fingerprint`, reading only those rows)."""
         digest = hashlib.sha256(str(len(self)).encode())
         digest.update(np.ascontiguousarray(self.ids).tobytes())
-        rows = np.unique(np.linspace(0, len(self) - 1, min(sample, len(self))).astype(np.int64))
+        rows = fingerprint_rows(len(self), sample)
         for row in rows:
             example = self[int(row)]
             for key in sorted(example):

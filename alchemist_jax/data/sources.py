@@ -55,6 +55,12 @@ class Source:
         return f"<{type(self).__name__} {self.name!r}: {len(self)} examples>"
 
 
+def fingerprint_rows(count: int, sample: int = FINGERPRINT_SAMPLE) -> np.ndarray:
+    """The sorted positions (at most `sample`, evenly spaced over 0..count-1) whose contents a
+    source's `fingerprint` hashes."""
+    return np.unique(np.linspace(0, max(count - 1, 0), min(sample, count)).astype(np.int64))
+
+
 class ArraySource(Source):
     """A source held in memory as arrays, one row per example.
 
@@ -151,9 +157,7 @@ class ArraySource(Source):
         resumed run compares it to refuse data that changed under it)."""
         digest = hashlib.sha256(str(len(self)).encode())
         digest.update(np.ascontiguousarray(self._ids).tobytes())
-        rows = np.unique(
-            np.linspace(0, max(len(self) - 1, 0), min(sample, len(self))).astype(np.int64)
-        )
+        rows = fingerprint_rows(len(self), sample)
         columns = {"image": self._images, "label": self._labels, **self._extra}
         for key in sorted(k for k, v in columns.items() if v is not None):
             digest.update(key.encode())

@@ -138,8 +138,14 @@ def component_table(
 
 def arm_ranking(run: RunFolder, arm: str, summary: dict):
     """The `selection.RankingScores` arm's selection ranked by, recomputed from the ratings and
-    dedup files its summary names (run-relative); None, noted in run.missing, when one is
-    missing."""
+    dedup files its summary names (run-relative) once per run (`run.rankings`); None, noted in
+    run.missing, when one is missing."""
+    if arm not in run.rankings:
+        run.rankings[arm] = _recompute_ranking(run, arm, summary)
+    return run.rankings[arm]
+
+
+def _recompute_ranking(run: RunFolder, arm: str, summary: dict):
     from alchemist_jax import dedup, selection
 
     files = [*summary.get("ratings", ()), *([summary["dedup"]] if summary.get("dedup") else [])]

@@ -34,6 +34,8 @@ class RunFolder:
     defects: dict[int, str] | None = None  # pool id -> defect kind or CLEAN
     copied_from: dict[int, int] = dataclasses.field(default_factory=dict)  # exact duplicates
     ratings: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+    # arm -> the ranking its selection used (`analysis.arm_ranking`, None when unknown), once.
+    rankings: dict[str, Any] = dataclasses.field(default_factory=dict)
     missing: list[str] = dataclasses.field(default_factory=list)
 
     def relative(self, path: Path) -> str:

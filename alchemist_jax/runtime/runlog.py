@@ -7,9 +7,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 import numpy as np
 
+from alchemist_jax.runtime import distributed
 from alchemist_jax.runtime.io import atomic_save_figure, atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
@@ -23,7 +23,7 @@ class MetricsLog:
     def __init__(self, workdir: Path):
         self.path = Path(workdir) / METRICS_FILE
         self.writer = None
-        if jax.process_index() == 0:
+        if distributed.is_leader():
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(workdir) / "tensorboard"))
@@ -86,7 +86,7 @@ def forget_after(path: Path, step: int) -> None:
     """Drops the lines past `step` (written after the checkpoint a run resumes from), and a
     partial line a killed run may have left. Process 0's job in a multi-process run."""
     path = Path(path)
-    if jax.process_index() != 0 or not path.exists():
+    if not distributed.is_leader() or not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
@@ -108,7 +108,7 @@ def plot_curves(
     """One PNG with a panel per group of keys, each curve over the step. A key ending in "/"
     stands for every logged key with that prefix (e.g. "auroc/"); keys absent from the log are
     left out and empty panels dropped. Process 0's job in a multi-process run."""
-    if jax.process_index() != 0:
+    if not distributed.is_leader():
         return
     import matplotlib
 
