@@ -285,6 +285,43 @@ def test_keep_count_exact_after_collapsing_and_never_two_duplicates(policy):
         selection.select(scores, ids, policy=policy, keep=0.7, seed=3, eligible=eligible)
 
 
+def test_inclusion_probabilities_by_hand():
+    # filter, keep 1/2, drop 1/5 of ten: the 2 worst (ids 11, 19) are out, the share of 5 is
+    # drawn from the other 8: 5/8 each. topk: the best 5 exactly.
+    probabilities = selection.inclusion_probabilities(
+        HAND_SCORES, HAND_IDS, policy="filter", keep=0.5, drop=0.2
+    )
+    expected = np.full(10, 5 / 8)
+    expected[[1, 9]] = 0.0
+    np.testing.assert_array_equal(probabilities, expected)
+    top = selection.inclusion_probabilities(HAND_SCORES, HAND_IDS, policy="topk", keep=0.5)
+    np.testing.assert_array_equal(HAND_IDS[top == 1.0], [10, 12, 13, 15, 17])
+    with pytest.raises(ValueError, match="policy 'gsample' draws by weight; exact probabilities"):
+        selection.inclusion_probabilities(HAND_SCORES, HAND_IDS, policy="gsample", keep=0.5)
+
+
+@pytest.mark.parametrize("policy", sorted(policies.UNIFORM_CANDIDATES))
+def test_inclusion_probabilities_match_the_draws(policy):
+    # Uneven clusters, collapsed duplicates and shuffled ids: the exact probabilities sum to the
+    # budget, are 0 for the ineligible, and match the selection frequency over 300 seeds within
+    # 4.5 binomial standard deviations (max over 203 samples; sd <= 0.029 per sample).
+    scores, ids, groups = _pool(size=203)
+    eligible = selection.best_of_duplicates(
+        scores, ids, np.random.default_rng(1).integers(0, 180, size=203)
+    )
+    arguments = dict(policy=policy, keep=0.4, groups=groups, eligible=eligible, drop=0.3)
+    probabilities = selection.inclusion_probabilities(scores, ids, **arguments)
+    assert probabilities.sum() == pytest.approx(round(0.4 * 203), abs=1e-9)
+    assert not probabilities[~eligible].any()
+    seeds = 300
+    frequency = (
+        sum(np.isin(ids, selection.select(scores, ids, seed=s, **arguments)) for s in range(seeds))
+        / seeds
+    )
+    deviation = np.sqrt(probabilities * (1 - probabilities) / seeds)
+    assert (np.abs(frequency - probabilities) <= 4.5 * deviation + 1e-12).all()
+
+
 def test_policy_dispatch_covers_exactly_the_configured_policies():
     assert sorted(policies.POLICY_FUNCTIONS) == sorted(POLICIES)
     assert sorted(policies.POLICY_PARAMETERS) == sorted(POLICIES)

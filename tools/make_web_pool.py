@@ -8,8 +8,11 @@
 
 `measure` runs `alchemist-jax select` (the command line, so the pool is read as the manifest a
 user would give) once per `select.ranking` and prints, per ranking, the clean precision of the
-selection and the fraction of each family kept (truth: `truth.parquet` here, or the
-`defects.parquet` of a pipeline run: column `defect`, null = clean).
+selection, its expectation over the policy's random draw and the expected fraction of each family
+kept (exact, `selection.inclusion_for_source`; truth: `truth.parquet` here, or the
+`defects.parquet` of a pipeline run: column `defect`, null = clean). Compare rankings by the
+expectation: the `filter` policy's uniform fill moves one draw's clean share by a standard
+deviation of 0.004-0.008 on these pools (docs/RESULTS.md), as much as rankings differ.
 
 Images come from the built-in sources (MNIST digits and Animal-MNIST silhouettes, `train` split
 for the pool, `validation` for the clean validation set, `test` for the test set); captions are
@@ -180,14 +183,23 @@ def measure(args: argparse.Namespace) -> None:
     import subprocess
     import sys
 
+    from alchemist_jax.config import load_config
+    from alchemist_jax.data import load_splits
+    from alchemist_jax.dedup import read_groups
+    from alchemist_jax.selection import inclusion_for_source, read_ratings
+
     truth = read_truth(args.truth)
     families = sorted(set(truth.values()) - {"clean"})
     totals = {f: sum(1 for v in truth.values() if v == f) for f in ["clean", *families]}
+    ratings = {str(path): read_ratings(path) for path in args.ratings}
+    duplicates = None if args.dedup is None else (str(args.dedup), read_groups(args.dedup))
+    pool = None
     args.out.mkdir(parents=True, exist_ok=True)
-    header = ["ranking", "clean precision", "weights", *(f"kept {f}" for f in totals)]
+    header = ["ranking", "clean precision", "expected", "weights", *(f"kept {f}" for f in totals)]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name in args.rankings:
         out = args.out / f"{name}.parquet"
+        overrides = [f"select.ranking={name}", *args.overrides]
         command = [
             str(Path(sys.executable).with_name("alchemist-jax")),
             "select",
@@ -198,16 +210,22 @@ def measure(args: argparse.Namespace) -> None:
             *(["--dedup", str(args.dedup)] if args.dedup else []),
             "--out",
             str(out),
-            f"select.ranking={name}",
-            *args.overrides,
+            *overrides,
         ]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         chosen = [truth[i] for i in pq.read_table(out).column("id").to_pylist()]
         summary = json.loads(out.with_suffix(".json").read_text())
-        kept = [f"{chosen.count(f) / totals[f]:.3f}" for f in totals]
+        cfg = load_config(args.config, overrides)
+        pool = pool or load_splits(cfg.data).train  # the overrides' data section is shared
+        ids, probabilities = inclusion_for_source(cfg.select, ratings, pool, duplicates=duplicates)
+        family = np.array([truth[int(i)] for i in ids])
+        kept = [f"{probabilities[family == f].sum() / totals[f]:.3f}" for f in totals]
+        expected = probabilities[family == "clean"].sum() / probabilities.sum()
         weights = "/".join(f"{w:.2f}" for w in summary["weights"])
         precision = chosen.count("clean") / len(chosen)
-        print(f"| {name} | {precision:.4f} | {weights} | " + " | ".join(kept) + " |")
+        print(
+            f"| {name} | {precision:.4f} | {expected:.4f} | {weights} | " + " | ".join(kept) + " |"
+        )
 
 
 def main() -> None:

@@ -10,8 +10,8 @@
 
 One job per module:
 
-  policies  the selection policies (pure): `select`, `resolve_params`, `allocate`,
-            `cdf_acceptance`; the policy dispatch keyed by `config.POLICIES`
+  policies  the selection policies (pure): `select`, `inclusion_probabilities`, `resolve_params`,
+            `allocate`, `cdf_acceptance`; the policy dispatch keyed by `config.POLICIES`
   fusion    several scorers -> one fused score, label-free reliability weights
             (`reliability_weights`), collapse of duplicates, the summary (pure)
   ranking   how much of each cluster's score offset is style: `shrunk_offsets` (empirical
@@ -19,8 +19,8 @@ One job per module:
   clusters  the ranking clusters of the pool (label / caption / k-means over normalised caption
             vectors with a minimum size; `tfidf`, `kmeans`); the dispatch keyed by
             `config.GROUPINGS`
-  command   ratings and dedup files joined on the pool (`ranking_scores`, `select_for_source`),
-            `read_ratings`, `write_selection` and the command `run`
+  command   ratings and dedup files joined on the pool (`ranking_scores`, `select_for_source`,
+            `inclusion_for_source`), `read_ratings`, `write_selection` and the command `run`
 
 Ranks and within-group normalisation come from `runtime.stats`, file reading, id joins and
 atomic writes from `runtime.io`. Every name other modules use is re-exported here.
@@ -32,6 +32,7 @@ from alchemist_jax.selection.command import (
     PARQUET_METADATA_KEY,
     RECIPE_KEYS,
     RankingScores,
+    inclusion_for_source,
     ranking_scores,
     read_ratings,
     run,
@@ -51,6 +52,7 @@ from alchemist_jax.selection.policies import (
     POLICY_PARAMETERS,
     allocate,
     cdf_acceptance,
+    inclusion_probabilities,
     resolve_params,
     select,
 )
@@ -69,6 +71,8 @@ __all__ = [
     "cdf_acceptance",
     "cluster_groups",
     "fuse",
+    "inclusion_for_source",
+    "inclusion_probabilities",
     "kmeans",
     "rank_normalize",
     "rank_percentiles",

@@ -49,7 +49,13 @@ from alchemist_jax.selection.fusion import (
     reliability_weights,
     summarize,
 )
-from alchemist_jax.selection.policies import POLICY_PARAMETERS, check_finite, resolve_params, select
+from alchemist_jax.selection.policies import (
+    POLICY_PARAMETERS,
+    check_finite,
+    inclusion_probabilities,
+    resolve_params,
+    select,
+)
 from alchemist_jax.selection.ranking import Offsets, robust_z, shrunk_offsets
 
 PARQUET_METADATA_KEY = b"alchemist_jax.selection"
@@ -191,11 +197,7 @@ def select_for_source(
       ValueError: see `ranking_scores`; also bad policy parameters or a keep larger than the
         eligible part of the pool.
     """
-    params = resolve_params(
-        config.policy,
-        config.keep,
-        **{name: getattr(config, name) for name in POLICY_PARAMETERS[config.policy]},
-    )
+    params = _policy_params(config)
     ranked = ranking_scores(config, ratings, source, duplicates=duplicates)
     selected = select(
         ranked.scores,
@@ -230,6 +232,39 @@ def select_for_source(
         **summary,
         "clusters": describe_clusters(ranked, selected, source),
     }
+
+
+def inclusion_for_source(
+    config: SelectConfig,
+    ratings: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    source: Source,
+    *,
+    duplicates: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the pool's ids int64 (N,), each one's exact probability of being selected float64 (N,))
+    by `select_for_source` with the same arguments, over the policy's random draw
+    (`policies.inclusion_probabilities`: policies that draw uniformly from a ranked set, such as
+    the default `filter`). Raises as `select_for_source`, and for other policies."""
+    ranked = ranking_scores(config, ratings, source, duplicates=duplicates)
+    probabilities = inclusion_probabilities(
+        ranked.scores,
+        ranked.ids,
+        policy=config.policy,
+        keep=config.keep,
+        groups=ranked.policy_groups,
+        eligible=ranked.eligible,
+        **_policy_params(config),
+    )
+    return ranked.ids, probabilities
+
+
+def _policy_params(config: SelectConfig) -> dict[str, Any]:
+    """The policy's parameters from the `select` section, defaults filled in and validated."""
+    return resolve_params(
+        config.policy,
+        config.keep,
+        **{name: getattr(config, name) for name in POLICY_PARAMETERS[config.policy]},
+    )
 
 
 def describe_clusters(

@@ -36,7 +36,9 @@ the order of the input rows.
 
 A new policy is a per-group function `(scores (n,), share, rng, **params) -> positions` added to
 `POLICY_FUNCTIONS`, its parameters to `POLICY_PARAMETERS`, and its name to `config.POLICIES`
-(tests check that the three agree).
+(tests check that the three agree). A policy that draws its share uniformly from a set the ranking
+fixes is instead that set's function in `UNIFORM_CANDIDATES`; `inclusion_probabilities` then gives
+each sample's exact chance of selection (what a ranking is worth, without the luck of one draw).
 """
 
 from __future__ import annotations
@@ -156,24 +158,9 @@ def select(
         scores, an empty pool, a keep that rounds to no sample or asks for more samples than
         are eligible.
     """
-    scores, ids, groups = _check_inputs(scores, ids, groups)
-    eligible = np.ones(len(ids), bool) if eligible is None else np.asarray(eligible, bool)
-    if eligible.shape != ids.shape:
-        raise ValueError(f"eligible {eligible.shape} must have the shape of ids {ids.shape}")
     resolved = resolve_params(policy, keep, **params)
-    total = round(keep * len(ids))
-    if total == 0:
-        raise ValueError(f"select.keep={keep} of {len(ids)} samples keeps no sample")
-    if total > eligible.sum():
-        raise ValueError(
-            f"select.keep={keep} asks for {total} samples but only "
-            f"{int(eligible.sum())} of {len(ids)} are eligible (the others are "
-            "duplicates of a better-scored sample)"
-        )
-    by_id = np.argsort(ids, kind="stable")  # canonical order: results ignore the row order
-    scores, ids, groups, eligible = scores[by_id], ids[by_id], groups[by_id], eligible[by_id]
-    members_of = [members[eligible[members]] for members in group_members(groups)]
-    shares = allocate(total, np.array([len(m) for m in members_of]))
+    scores, ids, groups, eligible, total = _check_inputs(scores, ids, groups, eligible, keep)
+    members_of, shares = _group_shares(groups, eligible, total)
     chosen = [
         ids[
             members[
@@ -185,6 +172,56 @@ def select(
         for position, (members, share) in enumerate(zip(members_of, shares))
     ]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def inclusion_probabilities(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    *,
+    policy: str,
+    keep: float,
+    groups: np.ndarray | None = None,
+    eligible: np.ndarray | None = None,
+    **params: Any,
+) -> np.ndarray:
+    """Each sample's probability of being selected by `select` with the same arguments, over
+    its random draw (exact; the seed does not matter). Measures what a ranking is worth without
+    the luck of one draw: e.g. the expected clean share of the selection is
+    (probabilities · clean) / probabilities.sum().
+
+    Defined for the policies that draw their share uniformly from a set fixed by the ranking
+    (`UNIFORM_CANDIDATES`: filter, topk, bottomk, random, block): share / |set| for the set's
+    members, 0 elsewhere. Arguments as in `select`.
+
+    Returns:
+      float64 (N,) in [0, 1], in the order of `ids`, summing to round(keep * N).
+    Raises:
+      ValueError: a policy outside UNIFORM_CANDIDATES (named), or what `select` raises.
+    """
+    if policy not in UNIFORM_CANDIDATES:
+        raise ValueError(
+            f"inclusion_probabilities: policy {policy!r} draws by weight; exact probabilities "
+            f"exist for {', '.join(UNIFORM_CANDIDATES)} (average `select` over seeds otherwise)"
+        )
+    resolved = resolve_params(policy, keep, **params)
+    by_id = np.argsort(np.asarray(ids), kind="stable")
+    scores, _, groups, eligible, total = _check_inputs(scores, ids, groups, eligible, keep)
+    in_id_order = np.zeros(len(scores))
+    members_of, shares = _group_shares(groups, eligible, total)
+    for members, share in zip(members_of, shares):
+        candidates = members[UNIFORM_CANDIDATES[policy](scores[members], int(share), **resolved)]
+        in_id_order[candidates] = share / max(len(candidates), 1)
+    probabilities = np.empty(len(scores))
+    probabilities[by_id] = in_id_order
+    return probabilities
+
+
+def _group_shares(
+    groups: np.ndarray, eligible: np.ndarray, total: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """(each group's eligible positions, its share of `total`: `allocate` by eligible size)."""
+    members_of = [members[eligible[members]] for members in group_members(groups)]
+    return members_of, allocate(total, np.array([len(m) for m in members_of]))
 
 
 def cdf_acceptance(scores: np.ndarray, expected: int, temperature: float) -> np.ndarray:
@@ -220,7 +257,11 @@ def check_finite(scores: np.ndarray, what: str) -> None:
         )
 
 
-def _check_inputs(scores, ids, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check_inputs(
+    scores, ids, groups, eligible, keep
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(scores, ids, groups, eligible) checked and put in id order (results ignore the row
+    order), with the total round(keep * N)."""
     scores = np.asarray(scores, np.float64)
     ids = np.asarray(ids)
     if scores.ndim != 1 or ids.ndim != 1 or len(scores) != len(ids):
@@ -231,12 +272,23 @@ def _check_inputs(scores, ids, groups) -> tuple[np.ndarray, np.ndarray, np.ndarr
         raise ValueError(f"ids must be integers, got {ids.dtype}")
     check_unique_ids(ids, "ids")
     check_finite(scores, "scores")
-    if groups is None:
-        groups = np.zeros(len(ids), np.int64)
-    groups = np.asarray(groups)
+    groups = np.zeros(len(ids), np.int64) if groups is None else np.asarray(groups)
     if groups.shape != ids.shape:
         raise ValueError(f"groups {groups.shape} must have the shape of ids {ids.shape}")
-    return scores, ids.astype(np.int64), groups
+    eligible = np.ones(len(ids), bool) if eligible is None else np.asarray(eligible, bool)
+    if eligible.shape != ids.shape:
+        raise ValueError(f"eligible {eligible.shape} must have the shape of ids {ids.shape}")
+    total = round(keep * len(ids))
+    if total == 0:
+        raise ValueError(f"select.keep={keep} of {len(ids)} samples keeps no sample")
+    if total > eligible.sum():
+        raise ValueError(
+            f"select.keep={keep} asks for {total} samples but only "
+            f"{int(eligible.sum())} of {len(ids)} are eligible (the others are "
+            "duplicates of a better-scored sample)"
+        )
+    by_id = np.argsort(ids, kind="stable")
+    return scores[by_id], ids[by_id].astype(np.int64), groups[by_id], eligible[by_id], total
 
 
 def _best_first(scores: np.ndarray) -> np.ndarray:
@@ -253,10 +305,9 @@ def _gumbel_top_k(log_weights: np.ndarray, count: int, rng: np.random.Generator)
 # Per-group policies: (scores (n,), share, rng, **params) -> positions (into the group) chosen.
 
 
-def _filter(scores, share, rng, *, drop):
-    ranking = _best_first(scores)
+def _filter_candidates(scores, share, *, drop):
     dropped = min(round(drop * len(scores)), len(scores) - share)
-    return rng.choice(ranking[: len(scores) - dropped], size=share, replace=False)
+    return _best_first(scores)[: len(scores) - dropped]
 
 
 def _gaussian(scores, share, rng, *, mu, sigma, head=0.0):
@@ -268,21 +319,32 @@ def _gaussian(scores, share, rng, *, mu, sigma, head=0.0):
     return ranking[skipped:][_gumbel_top_k(log_weights, share, rng)]
 
 
-def _topk(scores, share, rng):
+def _topk_candidates(scores, share):
     return _best_first(scores)[:share]
 
 
-def _bottomk(scores, share, rng):
+def _bottomk_candidates(scores, share):
     return _best_first(scores)[len(scores) - share :]
 
 
-def _random(scores, share, rng):
-    return rng.choice(len(scores), size=share, replace=False)
+def _random_candidates(scores, share):
+    return np.arange(len(scores))
 
 
-def _block(scores, share, rng, *, start):
+def _block_candidates(scores, share, *, start):
     first = min(round(start * len(scores)), len(scores) - share)
     return _best_first(scores)[first : first + share]
+
+
+def _uniform_draw(candidates: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """The per-group policy that draws its share uniformly from `candidates(scores, share,
+    **params)` (all of them when there are exactly `share`)."""
+
+    def draw(scores, share, rng, **params):
+        chosen = candidates(scores, share, **params)
+        return chosen if len(chosen) == share else rng.choice(chosen, size=share, replace=False)
+
+    return draw
 
 
 def _threshold(scores, share, rng, *, threshold):
@@ -301,15 +363,21 @@ def _cdf_accept(scores, share, rng, *, temperature):
     return np.flatnonzero(rng.random(len(scores)) < cdf_acceptance(scores, share, temperature))
 
 
+# Policies that draw their share uniformly from a set fixed by the ranking:
+# (scores (n,), share, **params) -> positions of that set (`inclusion_probabilities`).
+UNIFORM_CANDIDATES: dict[str, Callable[..., np.ndarray]] = {
+    "filter": _filter_candidates,
+    "topk": _topk_candidates,
+    "bottomk": _bottomk_candidates,
+    "random": _random_candidates,
+    "block": _block_candidates,
+}
+
 # Keyed by the names of `config.POLICIES` (a test checks that they agree).
 POLICY_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
-    "filter": _filter,
+    **{name: _uniform_draw(candidates) for name, candidates in UNIFORM_CANDIDATES.items()},
     "shift_gsample": _gaussian,
     "gsample": _gaussian,
-    "topk": _topk,
-    "bottomk": _bottomk,
-    "random": _random,
-    "block": _block,
     "threshold": _threshold,
     "weighted": _weighted,
     "cdf_accept": _cdf_accept,
