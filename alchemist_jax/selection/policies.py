@@ -204,8 +204,8 @@ def inclusion_probabilities(
             f"exist for {', '.join(UNIFORM_CANDIDATES)} (average `select` over seeds otherwise)"
         )
     resolved = resolve_params(policy, keep, **params)
-    by_id = np.argsort(np.asarray(ids), kind="stable")
     scores, _, groups, eligible, total = _check_inputs(scores, ids, groups, eligible, keep)
+    by_id = np.argsort(np.asarray(ids), kind="stable")  # the order _check_inputs put them in
     in_id_order = np.zeros(len(scores))
     members_of, shares = _group_shares(groups, eligible, total)
     for members, share in zip(members_of, shares):
