@@ -200,14 +200,7 @@ def select_for_source(
     params = _policy_params(config)
     ranked = ranking_scores(config, ratings, source, duplicates=duplicates)
     selected = select(
-        ranked.scores,
-        ranked.ids,
-        policy=config.policy,
-        keep=config.keep,
-        seed=config.seed,
-        groups=ranked.policy_groups,
-        eligible=ranked.eligible,
-        **params,
+        ranked.scores, ranked.ids, seed=config.seed, **_policy_arguments(config, ranked)
     )
     summary = summarize(
         ranked.scores,
@@ -247,15 +240,21 @@ def inclusion_for_source(
     the default `filter`). Raises as `select_for_source`, and for other policies."""
     ranked = ranking_scores(config, ratings, source, duplicates=duplicates)
     probabilities = inclusion_probabilities(
-        ranked.scores,
-        ranked.ids,
-        policy=config.policy,
-        keep=config.keep,
-        groups=ranked.policy_groups,
-        eligible=ranked.eligible,
-        **_policy_params(config),
+        ranked.scores, ranked.ids, **_policy_arguments(config, ranked)
     )
     return ranked.ids, probabilities
+
+
+def _policy_arguments(config: SelectConfig, ranked: RankingScores) -> dict[str, Any]:
+    """What `select` and `inclusion_probabilities` take besides scores, ids and seed: the
+    policy, keep, its parameters, and the ranking's policy groups and eligible samples."""
+    return {
+        "policy": config.policy,
+        "keep": config.keep,
+        "groups": ranked.policy_groups,
+        "eligible": ranked.eligible,
+        **_policy_params(config),
+    }
 
 
 def _policy_params(config: SelectConfig) -> dict[str, Any]:
