@@ -252,7 +252,10 @@ def test_command_fuses_files_collapses_duplicates_and_records_its_inputs(tmp_pat
     assert recipe["dedup"] == str(dedup)
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["duplicates_collapsed"] == 20
-    assert "2 ratings files, 20 duplicates collapsed" in capsys.readouterr().out
+    assert (
+        f"2 ratings files, given weights {paths[0].name} 0.67 / {paths[1].name} 0.33, "
+        "20 duplicates collapsed"
+    ) in capsys.readouterr().out
 
     with pytest.raises(ValueError, match=re.escape(f"ratings file {paths[0]} is given twice")):
         selection.run(cfg, [paths[0], paths[0]], tmp_path / "x.parquet")

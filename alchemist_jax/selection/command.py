@@ -370,10 +370,16 @@ def run(
     collapsed = (
         f", {summary['duplicates_collapsed']} duplicates collapsed" if dedup is not None else ""
     )
+    fused = ""
+    if len(paths) > 1:
+        origin = "given" if cfg.select.weights else cfg.select.fusion
+        total = sum(summary["weights"])
+        shares = (f"{path.name} {w / total:.2f}" for path, w in zip(paths, summary["weights"]))
+        fused = f", {origin} weights {' / '.join(shares)}"
     print(
         f"selected {summary['count']} of {summary['pool_size']} samples "
         f"({summary['policy']}, keep {summary['keep']}, {len(paths)} ratings "
-        f"file{'s' * (len(paths) > 1)}{collapsed}) in {len(rates)} clusters by "
+        f"file{'s' * (len(paths) > 1)}{fused}{collapsed}) in {len(rates)} clusters by "
         f"{summary['group_by']}: keep rate per cluster {min(rates):.3f}-{max(rates):.3f}; "
         f"wrote {out}"
     )
