@@ -24,8 +24,33 @@ def test_shrinkage_by_hand():
     b = tau2 / (tau2 + 0.5)
     assert offsets.removed[0] == pytest.approx(b * (1.5 - 3))
     assert adjusted[0] == pytest.approx(0.0 - b * (1.5 - 3))
-    np.testing.assert_allclose(offsets.shrinkage, tau2 / (tau2 + 1 / 3))
+    np.testing.assert_allclose(offsets.shrinkage, b)  # a member's B: two others
     np.testing.assert_allclose(offsets.means, [-2.0, 2.0])
+    # What a cluster reports as removed is what its members lost on average.
+    np.testing.assert_allclose(
+        offsets.cluster_removed, [offsets.removed[:3].mean(), offsets.removed[3:].mean()]
+    )
+
+
+def test_extreme_scores_keep_their_order_and_a_cluster_of_one_reports_nothing_removed():
+    # Scores far beyond 10 robust z units: one cluster removes nothing, so `shrunk` ranks as
+    # `global` does and keeps the 10 best, not the 10 that tie at a clipped value.
+    rng = np.random.default_rng(4)
+    scores = np.r_[rng.normal(size=85), np.arange(20.0, 35.0)]  # ids 85..99 are the best
+    ids = np.arange(100)
+    source = ArraySource("p", ids, None, None)
+    for name in ("global", "shrunk"):
+        config = SelectConfig(policy="topk", keep=0.1, group_by="none", ranking=name)
+        chosen, _ = selection.select_for_source(config, {"r": (ids, scores)}, source)
+        np.testing.assert_array_equal(chosen, np.arange(90, 100), err_msg=name)
+    # A -1e9 score is just very low in the estimates: the other clusters' offsets stay finite.
+    groups = np.r_[np.zeros(50, np.int64), np.ones(50, np.int64), 2]
+    values = np.r_[rng.normal(size=50), rng.normal(size=50) + 1.0, 5.0]
+    values[0] = -1e9
+    adjusted, offsets = ranking.shrunk_offsets(values, groups)
+    assert np.abs(offsets.means[:2]).max() < 10.0 and np.argmin(adjusted) == 0
+    assert offsets.removed[-1] == 0.0 and offsets.cluster_removed[2] == 0.0
+    assert offsets.shrinkage[2] == 0.0  # a cluster of one: B = 0
 
 
 def test_a_cluster_of_one_keeps_its_own_score_and_a_large_cluster_loses_its_offset():

@@ -34,8 +34,8 @@ import dataclasses
 import numpy as np
 
 STYLE_CAP = 3.0  # largest style offset removed, in units of tau (the spread of style offsets)
+ESTIMATE_CLIP = 10.0  # scores count as at most +-this in the offsets' estimates (robust z units)
 _MAD_TO_SD = 1.4826  # MAD of a normal sample -> its standard deviation
-_Z_CLIP = 10.0  # robust z-scores are clipped to +-this (a -1e9 score is just "very low")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,8 @@ class Offsets:
 
     removed: float (N,) the offset subtracted from each sample's score.
     sizes: int (G,); means: float (G,) each cluster's mean minus the centre c; shrinkage: (G,)
-    B = tau² / (tau² + sigma² / n_g) of the whole cluster; cluster_removed: (G,) the offset
-    removed from the cluster as a whole (clip(B · mean, ±cap·tau)).
+    B = tau² / (tau² + sigma² / (n_g − 1)) of a member (0 for a cluster of one);
+    cluster_removed: (G,) the mean of its members' `removed` (what the cluster lost on average).
     center, tau, sigma: c, the style spread and the within-cluster spread (score units).
     """
 
@@ -60,9 +60,10 @@ class Offsets:
 
 
 def robust_z(scores: np.ndarray) -> np.ndarray:
-    """(s − median) / (1.4826 · MAD) (N,), clipped to ±10; the std when the MAD is 0, and zeros
-    when the scores are constant. Scorers speak on different scales (logits, log-probabilities,
-    cosines); this puts them on one without letting a few extreme scores set the scale."""
+    """(s − median) / (1.4826 · MAD) (N,); the std when the MAD is 0, and zeros when the scores
+    are constant. Scorers speak on different scales (logits, log-probabilities, cosines); this
+    puts them on one without letting a few extreme scores set the scale. Not clipped: the order
+    of extreme scores is kept (`shrunk_offsets` bounds their weight in its estimates)."""
     scores = np.asarray(scores, np.float64)
     centered = scores - np.median(scores)
     scale = _MAD_TO_SD * np.median(np.abs(centered))
@@ -70,7 +71,7 @@ def robust_z(scores: np.ndarray) -> np.ndarray:
         scale = centered.std()
     if not scale > 0:
         return np.zeros_like(scores)
-    return np.clip(centered / scale, -_Z_CLIP, _Z_CLIP)
+    return centered / scale
 
 
 def shrunk_offsets(
@@ -79,20 +80,23 @@ def shrunk_offsets(
     """The scores with each cluster's style offset removed (see the module docstring).
 
     Args:
-      scores: float (N,), higher = better (on a common scale, e.g. `robust_z`).
+      scores: float (N,), higher = better, on a robust z scale (`robust_z`): the offsets are
+        estimated from the scores clipped to ±ESTIMATE_CLIP (a −1e9 score is just "very low"
+        there) and subtracted from the scores themselves, so their order within a cluster stays.
       groups: int (N,) cluster of each sample with values 0..G-1, or None (one cluster).
       cap: the largest offset removed, in units of tau.
     Returns:
       (adjusted float (N,) = scores − removed, `Offsets`).
     """
     scores = np.asarray(scores, np.float64)
+    estimated = np.clip(scores, -ESTIMATE_CLIP, ESTIMATE_CLIP)
     groups = np.zeros(len(scores), np.int64) if groups is None else np.asarray(groups, np.int64)
     count = int(groups.max(initial=-1)) + 1
     sizes = np.bincount(groups, minlength=count).astype(np.int64)
-    sums = np.bincount(groups, weights=scores, minlength=count)
+    sums = np.bincount(groups, weights=estimated, minlength=count)
     present = sizes > 0
     means = np.where(present, sums / np.maximum(sizes, 1), 0.0)
-    residual = scores - means[groups]
+    residual = estimated - means[groups]
     degrees = len(scores) - int(present.sum())
     sigma2 = float((residual**2).sum() / degrees) if degrees > 0 else 0.0
     center = float(np.median(means[present])) if present.any() else 0.0
@@ -102,21 +106,24 @@ def shrunk_offsets(
         tau2 = max(0.0, spread**2 - float(np.median(sigma2 / sizes[present])))
     tau = float(np.sqrt(tau2))
     others = sizes[groups] - 1  # members of the sample's cluster besides itself
-    loo_mean = np.where(others > 0, (sums[groups] - scores) / np.maximum(others, 1), center)
-    shrink = np.where(
-        others > 0, tau2 / np.maximum(tau2 + sigma2 / np.maximum(others, 1), 1e-300), 0.0
-    )
-    removed = np.clip(shrink * (loo_mean - center), -cap * tau, cap * tau)
-    cluster_shrink = np.where(
-        present, tau2 / np.maximum(tau2 + sigma2 / np.maximum(sizes, 1), 1e-300), 0.0
-    )
+    loo_mean = np.where(others > 0, (sums[groups] - estimated) / np.maximum(others, 1), center)
+    member_shrink = _shrinkage(tau2, sigma2, sizes - 1)
+    removed = np.clip(member_shrink[groups] * (loo_mean - center), -cap * tau, cap * tau)
     return scores - removed, Offsets(
         removed=removed,
         sizes=sizes,
         means=means - center,
-        shrinkage=cluster_shrink,
-        cluster_removed=np.clip(cluster_shrink * (means - center), -cap * tau, cap * tau),
+        shrinkage=member_shrink,
+        cluster_removed=np.bincount(groups, weights=removed, minlength=count)
+        / np.maximum(sizes, 1),
         center=center,
         tau=tau,
         sigma=float(np.sqrt(sigma2)),
+    )
+
+
+def _shrinkage(tau2: float, sigma2: float, others: np.ndarray) -> np.ndarray:
+    """B = tau² / (tau² + sigma² / others) per cluster (G,), 0 where a member has no others."""
+    return np.where(
+        others > 0, tau2 / np.maximum(tau2 + sigma2 / np.maximum(others, 1), 1e-300), 0.0
     )
