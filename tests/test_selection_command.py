@@ -260,5 +260,21 @@ def test_command_fuses_files_collapses_duplicates_and_records_its_inputs(tmp_pat
     with pytest.raises(ValueError, match=re.escape(f"ratings file {paths[0]} is given twice")):
         selection.run(cfg, [paths[0], paths[0]], tmp_path / "x.parquet")
     pq.write_table(pa.table({"id": pool_ids, "cluster": pool_ids}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match="bad.parquet is not a dedup file: no column group"):
+    with pytest.raises(
+        ValueError,
+        match=r"bad.parquet has no column 'group' \(columns: id, cluster\); write one with",
+    ):
         selection.run(cfg, paths, tmp_path / "x.parquet", dedup=tmp_path / "bad.parquet")
+    # Null or fractional duplicate groups are refused, not merged into one group or truncated.
+    holes = pa.array([None] * 20 + list(range(180)), pa.int64())
+    pq.write_table(pa.table({"id": pool_ids, "group": holes}), tmp_path / "nulls.parquet")
+    with pytest.raises(ValueError, match="nulls.parquet: column 'group' has 20 null values"):
+        selection.run(cfg, paths, tmp_path / "x.parquet", dedup=tmp_path / "nulls.parquet")
+    halves = pa.array(np.arange(200) / 2, pa.float64())
+    pq.write_table(pa.table({"id": pool_ids, "group": halves}), tmp_path / "halves.parquet")
+    with pytest.raises(ValueError, match="halves.parquet: column 'group' has type double"):
+        selection.run(cfg, paths, tmp_path / "x.parquet", dedup=tmp_path / "halves.parquet")
+    # The summary's name can not take the selection's place.
+    with pytest.raises(ValueError, match="the summary is written beside the selection"):
+        selection.run(cfg, paths, tmp_path / "sel.json")
+    assert not (tmp_path / "sel.json").exists()

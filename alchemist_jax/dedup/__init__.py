@@ -200,15 +200,16 @@ def read_groups(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The (ids, groups) of a dedup.parquet, (N,) int64 each, in the file's (pool) order.
 
     Raises:
-      ValueError: the file is unreadable or lacks the `id` / `group` columns (names the file).
+      ValueError: the file is unreadable, lacks the `id` / `group` columns, or they hold nulls
+        or other than integers (names the file and column).
     """
-    table = io.read_parquet(path, what="dedup file")
-    missing = {"id", "group"} - set(table.column_names)
-    if missing:
-        raise ValueError(
-            f"{path} is not a dedup file: no column {', '.join(sorted(missing))} "
-            "(write one with `alchemist-jax dedup`)"
-        )
+    table = io.read_parquet(
+        path,
+        ("id", "group"),
+        what="dedup file",
+        types={"id": pa.types.is_integer, "group": pa.types.is_integer},
+        hint="write one with `alchemist-jax dedup`",
+    )
     return (
         table.column("id").to_numpy().astype(np.int64),
         table.column("group").to_numpy().astype(np.int64),

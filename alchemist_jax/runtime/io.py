@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +65,26 @@ def read_json(path: Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
-def read_parquet(path: Path, columns: Sequence[str] = (), *, what: str = ""):
+def read_parquet(
+    path: Path,
+    columns: Sequence[str] = (),
+    *,
+    what: str = "",
+    types: Mapping[str, Callable[[Any], bool]] | None = None,
+    hint: str = "",
+):
     """The pyarrow table of a Parquet file that has every one of `columns` without nulls.
 
     Args:
       path: the file.
       columns: names that must be present and hold no null values.
       what: how the message calls the file, e.g. "ratings file" (default: just the path).
+      types: column name -> a `pyarrow.types` predicate its type must pass (e.g.
+        `pa.types.is_integer`).
+      hint: appended to the message of a missing column (e.g. how to write such a file).
     Raises:
-      ValueError: an unreadable file, a missing column or null values (names the file and
-        column).
+      ValueError: an unreadable file, a missing column, null values or a column of another
+        type (names the file and column).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -88,12 +98,15 @@ def read_parquet(path: Path, columns: Sequence[str] = (), *, what: str = ""):
         if column not in table.column_names:
             raise ValueError(
                 f"{name} has no column {column!r} (columns: "
-                f"{', '.join(table.column_names) or 'none'})"
+                f"{', '.join(table.column_names) or 'none'}){f'; {hint}' if hint else ''}"
             )
         if table.column(column).null_count:
             raise ValueError(
                 f"{name}: column {column!r} has {table.column(column).null_count} null values"
             )
+    for column, accepts in (types or {}).items():
+        if not accepts(table.column(column).type):
+            raise ValueError(f"{name}: column {column!r} has type {table.column(column).type}")
     return table
 
 

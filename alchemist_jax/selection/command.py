@@ -318,22 +318,33 @@ def read_ratings(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Raises:
       ValueError: a missing or unreadable file, a missing or non-numeric column, null values.
     """
-    table = read_parquet(path, ("id", "score"), what="ratings file")
-    columns = {}
-    for name, kind in (("id", pa.types.is_integer), ("score", pa.types.is_floating)):
-        column = table.column(name)
-        if not kind(column.type):
-            raise ValueError(f"ratings file {path}: column {name!r} has type {column.type}")
-        columns[name] = column.to_numpy()
-    return columns["id"].astype(np.int64), columns["score"].astype(np.float64)
+    table = read_parquet(
+        path,
+        ("id", "score"),
+        what="ratings file",
+        types={"id": pa.types.is_integer, "score": pa.types.is_floating},
+    )
+    return (
+        table.column("id").to_numpy().astype(np.int64),
+        table.column("score").to_numpy().astype(np.float64),
+    )
 
 
 def write_selection(out: Path, selected: np.ndarray, summary: dict[str, Any]) -> None:
     """Writes `out` (Parquet, column `id` int64; the recipe — policy, keep, grouping,
     parameters and the inputs: ratings files, weights, dedup file — as JSON in the file
     metadata, those of them the summary has) and the summary as `out.with_suffix('.json')`,
-    both atomically."""
+    both atomically.
+
+    Raises:
+      ValueError: `out` ends in .json, the summary's own name.
+    """
     out = Path(out)
+    if out.suffix == ".json":
+        raise ValueError(
+            f"select --out {out}: the summary is written beside the selection as <out>.json; "
+            "give the selection another name, e.g. .parquet"
+        )
     recipe = {key: summary[key] for key in RECIPE_KEYS if key in summary}
     table = pa.table({"id": pa.array(np.asarray(selected, np.int64), pa.int64())})
     table = table.replace_schema_metadata({PARQUET_METADATA_KEY: json.dumps(recipe)})
