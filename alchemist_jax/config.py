@@ -679,9 +679,23 @@ SHARE = _range(0, 1, low_open=True)  # (0, 1]
 
 MESH_SIZE = (lambda value: value == -1 or value >= 1, ">= 1, or -1 (the remaining devices)")
 
-# Dotted key -> allowed range. Every number of the schema is here but seeds (any integer) and lists
-# (checked by `validate`); None values (unset optional keys) are not checked.
+_SEEDED = (  # sections with a `seed`
+    "data",
+    "data.shapes",
+    "data.corrupt",
+    "rate",
+    "score",
+    "select",
+    "dedup",
+    "train",
+    "evaluate",
+)
+
+# Dotted key -> allowed range. Every number of the schema is here but lists (checked by
+# `validate`); None values (unset optional keys) are not checked. Seeds are >= 0: numpy's
+# generators refuse negative ones.
 RANGES: dict[str, tuple[Any, str]] = {
+    **{f"{section}.seed": AT_LEAST_0 for section in _SEEDED},
     "data.validation_fraction": PROPER_FRACTION,
     "data.resolution": _range(4),
     "data.max_text_length": _range(2),
@@ -865,6 +879,8 @@ def validate(config: Config) -> None:
     pipe = config.pipeline
     if not pipe.arms or not pipe.seeds:
         raise ConfigError("pipeline.arms and pipeline.seeds must not be empty")
+    if min(pipe.seeds) < 0:
+        raise ConfigError(f"pipeline.seeds must be >= 0, got {list(pipe.seeds)}")
     for name in pipe.arms:
         fused = ARMS[name].ratings
         if sel.weights and len(fused) > 1 and len(sel.weights) != len(fused):

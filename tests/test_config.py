@@ -102,8 +102,8 @@ def _numeric_keys(cls, prefix=""):
 def test_every_number_has_a_range():
     from alchemist_jax.config import RANGES, Config
 
-    # Seeds take any integer; every other number is range-checked at load time.
-    numbers = {k for k in _numeric_keys(Config) if not k.endswith("seed")}
+    # Every number is range-checked at load time.
+    numbers = set(_numeric_keys(Config))
     assert numbers - set(RANGES) == set(), "numbers without a range in config.RANGES"
     assert set(RANGES) - numbers == set(), "RANGES names keys that are not numbers"
     # Every shipped config passes.
@@ -119,6 +119,8 @@ def test_every_number_has_a_range():
         ("rate.inner_lr=-1e-3", "config key 'rate.inner_lr' must be > 0, got -0.001"),
         ("train.learning_rate=.nan", "config key 'train.learning_rate' must be > 0, got nan"),
         ("select.keep=0", "config key 'select.keep' must be in (0, 1], got 0.0"),
+        ("select.seed=-1", "config key 'select.seed' must be >= 0, got -1"),
+        ("pipeline.seeds=[0,-2]", "pipeline.seeds must be >= 0, got [0, -2]"),
         ("dedup.max_hamming=65", "config key 'dedup.max_hamming' must be in [0, 64], got 65"),
         ("train.warmup_steps=3000", "train.warmup_steps=3000 must be < train.steps=2000"),
         ("rate.mixed_mode=true", "rate.mixed_mode=true applies to rate.mode=unrolled only"),
