@@ -356,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         nargs="+",
         required=True,
-        help="one or more ratings.parquet; several are fused (rank percentiles "
-        "within clusters, weighted by select.weights)",
+        help="one or more ratings.parquet; several are fused (a weighted geometric mean of "
+        "rank percentiles: select.weights, else select.fusion's weights)",
     )
     select.add_argument(
         "--dedup",

@@ -97,6 +97,7 @@ def test_run_end_to_end_and_bad_ratings(tmp_path, capsys):
         "policy": "filter",
         "keep": 0.3,
         "group_by": "label",
+        "kmeans": None,
         "ranking": "within",
         "params": {"drop": 0.25, "seed": 0},
         "ratings": [str(ratings)],
@@ -259,6 +260,9 @@ def test_command_fuses_files_collapses_duplicates_and_records_its_inputs(tmp_pat
 
     with pytest.raises(ValueError, match=re.escape(f"ratings file {paths[0]} is given twice")):
         selection.run(cfg, [paths[0], paths[0]], tmp_path / "x.parquet")
+    respelled = paths[0].parent / "." / paths[0].name  # the same file under another spelling
+    with pytest.raises(ValueError, match="is given twice"):
+        selection.run(cfg, [paths[0], respelled], tmp_path / "x.parquet")
     pq.write_table(pa.table({"id": pool_ids, "cluster": pool_ids}), tmp_path / "bad.parquet")
     with pytest.raises(
         ValueError,
@@ -278,3 +282,25 @@ def test_command_fuses_files_collapses_duplicates_and_records_its_inputs(tmp_pat
     with pytest.raises(ValueError, match="the summary is written beside the selection"):
         selection.run(cfg, paths, tmp_path / "sel.json")
     assert not (tmp_path / "sel.json").exists()
+
+
+def test_recipe_of_kmeans_and_weights_that_fall_back_to_equal(tmp_path, capsys):
+    captions = [f"{'a cat on a mat' if n % 2 else 'a dog in a park'} {n}" for n in range(60)]
+    ids = np.arange(60)
+    source = ArraySource("web", ids, None, captions)
+    config = SelectConfig(group_by="kmeans", clusters=3, min_cluster_size=5, keep=0.5)
+    _, summary = selection.select_for_source(config, {"r": (ids, ids * 1.0)}, source)
+    assert summary["group_by"] == "kmeans"
+    assert summary["kmeans"] == {"clusters": 3, "min_cluster_size": 5}
+    # Two files of constant scores: no reliability anywhere, so equal weights, said as such.
+    cfg = load_config("configs/demo.yaml", TINY)
+    pool_ids = load_splits(cfg.data).train.ids
+    paths = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    for path in paths:
+        _write_ratings(path, pool_ids, np.ones(len(pool_ids)))
+    summary = selection.run(cfg, paths, tmp_path / "sel.parquet")
+    assert summary["reliability"] == {str(paths[0]): 0.0, str(paths[1]): 0.0}
+    assert (
+        "equal (no scorer separates a low tail) weights a.parquet 0.50 / b.parquet 0.50"
+        in capsys.readouterr().out
+    )

@@ -60,7 +60,17 @@ from alchemist_jax.selection.ranking import Offsets, robust_z, shrunk_offsets
 
 PARQUET_METADATA_KEY = b"alchemist_jax.selection"
 # The summary keys a selection file records in its metadata: how it was made and from what.
-RECIPE_KEYS = ("policy", "keep", "group_by", "ranking", "params", "ratings", "weights", "dedup")
+RECIPE_KEYS = (
+    "policy",
+    "keep",
+    "group_by",
+    "kmeans",
+    "ranking",
+    "params",
+    "ratings",
+    "weights",
+    "dedup",
+)
 CLUSTER_EXAMPLES = 3  # members shown per cluster in the summary (best, middle, worst)
 MAX_SUMMARY_CLUSTERS = 200  # the largest clusters described in the summary
 
@@ -191,8 +201,10 @@ def select_for_source(
       ratings, source, duplicates: see `ranking_scores`.
     Returns:
       (selected ids int64 ascending, the summary: `summarize`'s dict of the ranked scores plus
-      "policy", "keep", "group_by" — the grouping used, `auto` resolved —, "ratings",
-      "weights", "dedup" and "duplicates_collapsed", the number of samples made ineligible).
+      "policy", "keep", "group_by" — the grouping used, `auto` resolved —, "kmeans" — its
+      clusters and min_cluster_size when that grouping is kmeans, else None —, "ranking",
+      "ratings", "weights", "reliability", "dedup", "duplicates_collapsed" (the number of
+      samples made ineligible) and "clusters" (`describe_clusters`)).
     Raises:
       ValueError: see `ranking_scores`; also bad policy parameters or a keep larger than the
         eligible part of the pool.
@@ -214,6 +226,9 @@ def select_for_source(
         "policy": config.policy,
         "keep": config.keep,
         "group_by": ranked.grouping,
+        "kmeans": {"clusters": config.clusters, "min_cluster_size": config.min_cluster_size}
+        if ranked.grouping == "kmeans"
+        else None,
         "ranking": ranked.ranking,
         "ratings": ranked.ratings,
         "weights": ranked.weights,
@@ -363,7 +378,8 @@ def run(
     paths = [Path(ratings)] if isinstance(ratings, (str, Path)) else [Path(p) for p in ratings]
     if not paths:
         raise ValueError("select needs at least one ratings file")
-    repeated = [p for n, p in enumerate(paths) if p in paths[:n]]
+    resolved = [path.resolve() for path in paths]
+    repeated = [p for n, p in enumerate(paths) if resolved[n] in resolved[:n]]
     if repeated:
         raise ValueError(
             f"ratings file {repeated[0]} is given twice; use select.weights to weigh a file more"
@@ -384,6 +400,8 @@ def run(
     fused = ""
     if len(paths) > 1:
         origin = "given" if cfg.select.weights else cfg.select.fusion
+        if summary["reliability"] is not None and not any(summary["reliability"].values()):
+            origin = "equal (no scorer separates a low tail)"
         total = sum(summary["weights"])
         shares = (f"{path.name} {w / total:.2f}" for path, w in zip(paths, summary["weights"]))
         fused = f", {origin} weights {' / '.join(shares)}"
