@@ -448,8 +448,20 @@ def _configure_logging() -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The parsed arguments; config overrides (key.sub=value) may also come after the options
+    (argparse alone takes positionals only before them, or right after a list option)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     _configure_logging()
     from alchemist_jax.data.cache import DataUnavailableError
     from alchemist_jax.runtime.preemption import EXIT_PREEMPTED, Preempted

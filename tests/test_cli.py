@@ -108,3 +108,15 @@ def test_prepare_then_load_round_trip(tmp_path, capsys):
     # A second run refuses to overwrite, with one line.
     assert cli.main(["prepare", "--source", "pool", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_the_options(capsys):
+    argv = ["select", "--config", "configs/demo.yaml", "select.seed=1", "--ratings", "r.parquet"]
+    args = cli._parse(cli.build_parser(), [*argv, "--out", "s.parquet", "select.keep=0.25"])
+    assert args.overrides == ["select.seed=1", "select.keep=0.25"]
+    assert args.out.name == "s.parquet"
+    for stray in (["--bogus"], ["stray"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli._parse(cli.build_parser(), [*argv, "--out", "s.parquet", *stray])
+        assert exit_info.value.code == 2
+        assert f"unrecognized arguments: {stray[0]}" in capsys.readouterr().err
