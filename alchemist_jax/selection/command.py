@@ -212,7 +212,7 @@ def select_for_source(
     params = _policy_params(config)
     ranked = ranking_scores(config, ratings, source, duplicates=duplicates)
     selected = select(
-        ranked.scores, ranked.ids, seed=config.seed, **_policy_arguments(config, ranked)
+        ranked.scores, ranked.ids, seed=config.seed, **_policy_arguments(config, ranked, params)
     )
     summary = summarize(
         ranked.scores,
@@ -253,22 +253,26 @@ def inclusion_for_source(
     by `select_for_source` with the same arguments, over the policy's random draw
     (`policies.inclusion_probabilities`: policies that draw uniformly from a ranked set, such as
     the default `filter`). Raises as `select_for_source`, and for other policies."""
+    params = _policy_params(config)
     ranked = ranking_scores(config, ratings, source, duplicates=duplicates)
     probabilities = inclusion_probabilities(
-        ranked.scores, ranked.ids, **_policy_arguments(config, ranked)
+        ranked.scores, ranked.ids, **_policy_arguments(config, ranked, params)
     )
     return ranked.ids, probabilities
 
 
-def _policy_arguments(config: SelectConfig, ranked: RankingScores) -> dict[str, Any]:
+def _policy_arguments(
+    config: SelectConfig, ranked: RankingScores, params: dict[str, Any]
+) -> dict[str, Any]:
     """What `select` and `inclusion_probabilities` take besides scores, ids and seed: the
-    policy, keep, its parameters, and the ranking's policy groups and eligible samples."""
+    policy, keep, its `params` (`_policy_params`), and the ranking's policy groups and eligible
+    samples."""
     return {
         "policy": config.policy,
         "keep": config.keep,
         "groups": ranked.policy_groups,
         "eligible": ranked.eligible,
-        **_policy_params(config),
+        **params,
     }
 
 

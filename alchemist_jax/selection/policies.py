@@ -159,7 +159,7 @@ def select(
         are eligible.
     """
     resolved = resolve_params(policy, keep, **params)
-    scores, ids, groups, eligible, total = _check_inputs(scores, ids, groups, eligible, keep)
+    _, scores, ids, groups, eligible, total = _check_inputs(scores, ids, groups, eligible, keep)
     members_of, shares = _group_shares(groups, eligible, total)
     chosen = [
         ids[
@@ -204,8 +204,7 @@ def inclusion_probabilities(
             f"exist for {', '.join(UNIFORM_CANDIDATES)} (average `select` over seeds otherwise)"
         )
     resolved = resolve_params(policy, keep, **params)
-    scores, _, groups, eligible, total = _check_inputs(scores, ids, groups, eligible, keep)
-    by_id = np.argsort(np.asarray(ids), kind="stable")  # the order _check_inputs put them in
+    by_id, scores, _, groups, eligible, total = _check_inputs(scores, ids, groups, eligible, keep)
     in_id_order = np.zeros(len(scores))
     members_of, shares = _group_shares(groups, eligible, total)
     for members, share in zip(members_of, shares):
@@ -259,9 +258,10 @@ def check_finite(scores: np.ndarray, what: str) -> None:
 
 def _check_inputs(
     scores, ids, groups, eligible, keep
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """(scores, ids, groups, eligible) checked and put in id order (results ignore the row
-    order), with the total round(keep * N)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(by_id, scores, ids, groups, eligible, total): the inputs checked and put in id order
+    (results ignore the row order; by_id the permutation that did it), with the total
+    round(keep * N)."""
     scores = np.asarray(scores, np.float64)
     ids = np.asarray(ids)
     if scores.ndim != 1 or ids.ndim != 1 or len(scores) != len(ids):
@@ -288,7 +288,7 @@ def _check_inputs(
             "duplicates of a better-scored sample)"
         )
     by_id = np.argsort(ids, kind="stable")
-    return scores[by_id], ids[by_id].astype(np.int64), groups[by_id], eligible[by_id], total
+    return by_id, scores[by_id], ids[by_id].astype(np.int64), groups[by_id], eligible[by_id], total
 
 
 def _best_first(scores: np.ndarray) -> np.ndarray:

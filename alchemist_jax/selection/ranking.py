@@ -107,7 +107,9 @@ def shrunk_offsets(
     tau = float(np.sqrt(tau2))
     others = sizes[groups] - 1  # members of the sample's cluster besides itself
     loo_mean = np.where(others > 0, (sums[groups] - estimated) / np.maximum(others, 1), center)
-    member_shrink = _shrinkage(tau2, sigma2, sizes - 1)
+    member_shrink = np.where(  # B of a member: its cluster's other members
+        sizes > 1, tau2 / np.maximum(tau2 + sigma2 / np.maximum(sizes - 1, 1), 1e-300), 0.0
+    )
     removed = np.clip(member_shrink[groups] * (loo_mean - center), -cap * tau, cap * tau)
     return scores - removed, Offsets(
         removed=removed,
@@ -119,11 +121,4 @@ def shrunk_offsets(
         center=center,
         tau=tau,
         sigma=float(np.sqrt(sigma2)),
-    )
-
-
-def _shrinkage(tau2: float, sigma2: float, others: np.ndarray) -> np.ndarray:
-    """B = tau² / (tau² + sigma² / others) per cluster (G,), 0 where a member has no others."""
-    return np.where(
-        others > 0, tau2 / np.maximum(tau2 + sigma2 / np.maximum(others, 1), 1e-300), 0.0
     )
